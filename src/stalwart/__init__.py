@@ -1,0 +1,67 @@
+"""stalwart: PyTorch training as durable tasks.
+
+Declare what a task needs, let it fail, and resume from the newest state that survived. The public
+names below are imported lazily (PEP 562), so ``import stalwart`` stays fast and never imports torch,
+fsspec or the Kubernetes client.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ._version import __version__
+
+_EXPORTS: dict[str, str] = {
+    # configuration
+    "Resources": "stalwart.resources",
+    "Device": "stalwart.accelerators",
+    "GPU": "stalwart.accelerators",
+    "TPU": "stalwart.accelerators",
+    "Neuron": "stalwart.accelerators",
+    "AMD_GPU": "stalwart.accelerators",
+    "HABANA_GAUDI": "stalwart.accelerators",
+    "RetryStrategy": "stalwart.retry",
+    "Backoff": "stalwart.retry",
+    "NonRetryableError": "stalwart.retry",
+    "TaskEnvironment": "stalwart.environment",
+    "Task": "stalwart.environment",
+    # running
+    "ctx": "stalwart.context",
+    "TaskContext": "stalwart.context",
+    "run": "stalwart.runtime.runner",
+    "with_runcontext": "stalwart.runtime.runner",
+    "Run": "stalwart.runtime.runner",
+    "RunFailedError": "stalwart.runtime.runner",
+    # checkpoints
+    "Checkpoint": "stalwart.checkpoint.task",
+    "CheckpointInfo": "stalwart.checkpoint.task",
+    "CorruptCheckpointError": "stalwart.checkpoint.task",
+    "latest_checkpoint": "stalwart.checkpoint.latest",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'stalwart' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:
+    from .accelerators import AMD_GPU, GPU, HABANA_GAUDI, TPU, Device, Neuron
+    from .checkpoint.latest import latest_checkpoint
+    from .checkpoint.task import Checkpoint, CheckpointInfo, CorruptCheckpointError
+    from .context import TaskContext, ctx
+    from .environment import Task, TaskEnvironment
+    from .resources import Resources
+    from .retry import Backoff, NonRetryableError, RetryStrategy
+    from .runtime.runner import Run, RunFailedError, run, with_runcontext

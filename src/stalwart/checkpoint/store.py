@@ -1,0 +1,143 @@
+"""A durable store: a prefix on any fsspec filesystem, with data-first, commit-marker-last writes.
+
+Object stores have no rename (DESIGN decision 7), so a checkpoint is a set of data objects plus a
+small commit marker written after them; readers look only at prefixes whose marker exists. On a local
+filesystem the marker is written to a temporary name, fsynced and renamed, so it is atomic there too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = ["DurableStore", "HashingWriter"]
+
+CHUNK = 8 * 2**20
+
+
+class HashingWriter:
+    """A write-only file object that hashes and counts what passes through it."""
+
+    def __init__(self, raw: IO[bytes], on_bytes: Callable[[int], None] | None = None) -> None:
+        self.raw = raw
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+        self._on_bytes = on_bytes
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self.raw.write(view)
+        self.sha256.update(view)
+        self.size += len(view)
+        if self._on_bytes:
+            self._on_bytes(len(view))
+        return len(view)
+
+    def writable(self) -> bool:
+        return True
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+
+class DurableStore:
+    """Read and write objects under one fsspec URL (``file://``, ``s3://``, ``gs://``, ``memory://``...)."""
+
+    def __init__(self, url: str, storage_options: dict | None = None) -> None:
+        if not isinstance(url, str) or not url:
+            raise ValueError(
+                f"store URL {url!r} is not accepted; use an fsspec URL such as 's3://bucket/prefix'"
+            )
+        import fsspec
+
+        try:
+            self.fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        except (ImportError, ValueError) as exc:
+            raise ValueError(f"cannot open checkpoint store {url!r}: {exc}") from exc
+        self.url = url
+        self.root = root.rstrip("/") or "/"
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        self.local = "file" in protocols or "local" in protocols
+
+    def path(self, *parts: str) -> str:
+        for part in parts:
+            if not part or part.startswith("/") or ".." in part.split("/"):
+                raise ValueError(f"object name {part!r} would leave the store's prefix")
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    # writes
+
+    @contextlib.contextmanager
+    def open_write(self, name: str, on_bytes: Callable[[int], None] | None = None) -> Iterator[HashingWriter]:
+        """Write one data object; its size and sha256 are on the writer when the block ends."""
+        path = self.path(name)
+        if self.local:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "wb", buffering=0) as raw:
+                writer = HashingWriter(raw, on_bytes)
+                yield writer
+                os.fsync(raw.fileno())
+        else:
+            with self.fs.open(path, "wb") as raw:
+                writer = HashingWriter(raw, on_bytes)
+                yield writer
+
+    def commit(self, name: str, data: bytes) -> None:
+        """Write a commit marker atomically: whole or absent, never partial."""
+        path = self.path(name)
+        if self.local:
+            target = Path(path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+            _fsync_dir(target.parent)
+        else:
+            self.fs.pipe_file(path, data)
+
+    def remove(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm(self.path(name), recursive=True)
+
+    # reads
+
+    def read_bytes(self, name: str) -> bytes:
+        return self.fs.cat_file(self.path(name))
+
+    @contextlib.contextmanager
+    def open_read(self, name: str) -> Iterator[IO[bytes]]:
+        with self.fs.open(self.path(name), "rb") as fh:
+            yield fh
+
+    def children(self, prefix: str = "") -> list[str]:
+        """Names of the entries directly under ``prefix`` (fresh listing, no cache)."""
+        base = self.path(prefix) if prefix else self.root
+        self.fs.invalidate_cache(base)
+        try:
+            entries = self.fs.ls(base, detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(entry.rstrip("/").rsplit("/", 1)[-1] for entry in entries)
+
+    def glob(self, pattern: str) -> list[str]:
+        """Names (relative to the store's root) of objects matching ``pattern`` (fresh listing)."""
+        self.fs.invalidate_cache(self.root)
+        root = self.root.rstrip("/") + "/"
+        found = self.fs.glob(root + pattern)
+        return sorted(p[len(root) :] for p in found if p.startswith(root))
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

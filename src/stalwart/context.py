@@ -1,0 +1,111 @@
+"""``ctx()``: what the running task knows about itself (run id, attempt, ranks, checkpoint)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from . import config
+
+if TYPE_CHECKING:
+    from .checkpoint.task import Checkpoint
+
+__all__ = ["TaskContext", "ctx"]
+
+
+def _int_env(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    try:
+        return int(raw) if raw not in (None, "") else default
+    except ValueError:
+        return default
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    """The context of one attempt of one run.
+
+    Everything comes from environment variables the runner sets, so it is the same in the attempt
+    process, in its torch elastic workers and in a Kubernetes pod.
+    """
+
+    run_id: str | None
+    attempt: int
+    max_attempts: int
+    task_name: str | None
+    checkpoint_uri: str | None
+    checkpoint_path: Path | None
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def in_task(self) -> bool:
+        """True inside an attempt started by ``stalwart.run`` (or a pod of a stalwart task)."""
+        return self.run_id is not None
+
+    @property
+    def is_last_attempt(self) -> bool:
+        return self.attempt + 1 >= self.max_attempts
+
+    @cached_property
+    def checkpoint(self) -> Checkpoint:
+        """The task checkpoint of this run: ``load_sync()`` returns what earlier attempts saved."""
+        if self.run_id is None or self.checkpoint_uri is None:
+            raise RuntimeError(
+                "ctx().checkpoint exists only inside a task run by stalwart.run(task, ...) or "
+                "`stalwart run FILE.py TASK`; outside a run, construct stalwart.Checkpoint(uri, attempt=...)"
+            )
+        from .checkpoint.task import Checkpoint
+
+        return Checkpoint(
+            self.checkpoint_uri,
+            attempt=self.attempt,
+            path=self.checkpoint_path,
+            storage_options=config.storage_options_from_env(),
+        )
+
+
+_VARIABLES = (
+    config.RUN_ID_ENV,
+    config.ATTEMPT_ENV,
+    config.MAX_ATTEMPTS_ENV,
+    config.TASK_ENV,
+    config.CHECKPOINT_URI_ENV,
+    config.CHECKPOINT_PATH_ENV,
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+)
+_current: tuple[tuple, TaskContext] | None = None
+
+
+def ctx() -> TaskContext:
+    """The current task context; outside a run, ``run_id`` is None and ``in_task`` is False.
+
+    The same object comes back while the environment is unchanged, so ``ctx().checkpoint`` is one
+    Checkpoint for the whole attempt.
+    """
+    global _current
+    key = tuple(os.environ.get(name) for name in _VARIABLES)
+    if _current is None or _current[0] != key:
+        _current = (key, _build())
+    return _current[1]
+
+
+def _build() -> TaskContext:
+    path = os.environ.get(config.CHECKPOINT_PATH_ENV)
+    return TaskContext(
+        run_id=os.environ.get(config.RUN_ID_ENV) or None,
+        attempt=_int_env(config.ATTEMPT_ENV, 0),
+        max_attempts=_int_env(config.MAX_ATTEMPTS_ENV, 1),
+        task_name=os.environ.get(config.TASK_ENV) or None,
+        checkpoint_uri=os.environ.get(config.CHECKPOINT_URI_ENV) or None,
+        checkpoint_path=Path(path) if path else None,
+        rank=_int_env("RANK", 0),
+        local_rank=_int_env("LOCAL_RANK", 0),
+        world_size=_int_env("WORLD_SIZE", 1),
+    )

@@ -1,0 +1,175 @@
+"""``TaskEnvironment`` and the ``@env.task`` decorator: what a task needs, declared next to its code."""
+
+from __future__ import annotations
+
+import inspect
+import re
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Generic, ParamSpec, TypeVar
+
+from .resources import Resources
+from .retry import RetryStrategy, as_retry_strategy
+
+__all__ = ["Task", "TaskEnvironment"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_NAME = re.compile(r"^[a-z0-9]([a-z0-9_.-]{0,61}[a-z0-9])?$", re.IGNORECASE)
+
+
+def _check_name(field_name: str, value: object) -> str:
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise ValueError(
+            f"{field_name}={value!r} is not accepted; use 1-63 letters, digits, '-', '_' or '.', "
+            "starting and ending with a letter or digit, e.g. 'train'"
+        )
+    return value
+
+
+def _check_env_vars(value: Mapping[str, str] | None) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ValueError(f"env_vars={value!r} is not accepted; use a dict of str to str")
+    for key, val in value.items():
+        if not isinstance(key, str) or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key):
+            raise ValueError(
+                f"env_vars key {key!r} is not accepted; use a variable name like 'OMP_NUM_THREADS'"
+            )
+        if not isinstance(val, str):
+            raise ValueError(f"env_vars[{key!r}]={val!r} is not accepted; values must be strings")
+    return dict(value)
+
+
+def _check_resources(value: object) -> Resources | None:
+    if value is not None and not isinstance(value, Resources):
+        raise ValueError(f"resources={value!r} is not accepted; use stalwart.Resources(...) or None")
+    return value
+
+
+def _check_store(value: object) -> str | None:
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ValueError(
+            f"checkpoint_store={value!r} is not accepted; use an fsspec URL such as 's3://bucket/prefix' "
+            "or 'file:///data/ckpt', or None for the default under STALWART_HOME"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class TaskEnvironment:
+    """Settings shared by a group of tasks: name, resources, environment variables, checkpoint store.
+
+    A task inherits them and can override each one in ``env.task(...)`` or ``task.override(...)``.
+    """
+
+    name: str
+    resources: Resources | None = None
+    env_vars: Mapping[str, str] | None = None
+    retries: int | RetryStrategy = 0
+    checkpoint_store: str | None = None
+    image: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_name("TaskEnvironment.name", self.name)
+        _check_resources(self.resources)
+        object.__setattr__(self, "env_vars", _check_env_vars(self.env_vars))
+        object.__setattr__(self, "retries", as_retry_strategy(self.retries))
+        _check_store(self.checkpoint_store)
+        if self.image is not None and (not isinstance(self.image, str) or not self.image):
+            raise ValueError(f"image={self.image!r} is not accepted; use a container image name or None")
+
+    def task(
+        self,
+        func: Callable[P, R] | None = None,
+        *,
+        name: str | None = None,
+        retries: int | RetryStrategy | None = None,
+        resources: Resources | None = None,
+        env_vars: Mapping[str, str] | None = None,
+        checkpoint_store: str | None = None,
+    ) -> Any:
+        """Declare a task; usable as ``@env.task`` or ``@env.task(retries=3, ...)``.
+
+        Arguments given here override the environment's for this task (env_vars are merged).
+        """
+
+        def wrap(fn: Callable[P, R]) -> Task[P, R]:
+            if not callable(fn) or not inspect.isfunction(fn):
+                raise TypeError(f"@env.task decorates a function; got {fn!r}")
+            return Task(
+                func=fn,
+                environment=self,
+                name=_check_name("task name", name or fn.__name__.strip("_") or "task"),
+                retries=self.retries if retries is None else as_retry_strategy(retries),
+                resources=_check_resources(resources) if resources is not None else self.resources,
+                env_vars={**self.env_vars, **_check_env_vars(env_vars)},
+                checkpoint_store=_check_store(checkpoint_store) or self.checkpoint_store,
+            )
+
+        return wrap(func) if func is not None else wrap
+
+
+@dataclass(frozen=True)
+class Task(Generic[P, R]):
+    """A function plus what it needs to run durably. Calling it runs the function here and now.
+
+    ``stalwart.run(task, ...)`` runs it instead as attempts in fresh processes, with retries.
+    """
+
+    func: Callable[P, R]
+    environment: TaskEnvironment
+    name: str
+    retries: RetryStrategy
+    resources: Resources | None
+    env_vars: Mapping[str, str] = field(default_factory=dict)
+    checkpoint_store: str | None = None
+
+    def __post_init__(self) -> None:
+        # Look like the function (name, docs, module) to help(), IDEs and pickling by reference.
+        for attr in ("__module__", "__name__", "__qualname__", "__doc__"):
+            object.__setattr__(self, attr, getattr(self.func, attr, None))
+        object.__setattr__(self, "__wrapped__", self.func)
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self.func(*args, **kwargs)
+
+    def override(
+        self,
+        *,
+        retries: int | RetryStrategy | None = None,
+        resources: Resources | None = None,
+        env_vars: Mapping[str, str] | None = None,
+        checkpoint_store: str | None = None,
+    ) -> Task[P, R]:
+        """A copy of this task with some settings replaced (env_vars are merged)."""
+        changes: dict[str, Any] = {}
+        if retries is not None:
+            changes["retries"] = as_retry_strategy(retries)
+        if resources is not None:
+            changes["resources"] = _check_resources(resources)
+        if env_vars is not None:
+            changes["env_vars"] = {**self.env_vars, **_check_env_vars(env_vars)}
+        if checkpoint_store is not None:
+            changes["checkpoint_store"] = _check_store(checkpoint_store)
+        return replace(self, **changes)
+
+    @property
+    def signature(self) -> inspect.Signature:
+        return inspect.signature(self.func)
+
+    def reference(self) -> tuple[str, str, str | None]:
+        """(module, qualified name, file) by which a fresh process imports this task's function."""
+        module = self.func.__module__
+        qualname = self.func.__qualname__
+        if "<locals>" in qualname or "<lambda>" in qualname:
+            raise ValueError(
+                f"task {self.name!r} is defined inside a function ({qualname}); a fresh process can only "
+                "import tasks defined at the top level of a module"
+            )
+        mod = sys.modules.get(module)
+        file = getattr(mod, "__file__", None)
+        return module, qualname, file

@@ -1,0 +1,1 @@
+"""Kubernetes manifests for stalwart tasks (pure dicts; the kubernetes client is imported only to submit)."""

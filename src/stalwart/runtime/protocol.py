@@ -1,0 +1,63 @@
+"""What the runner and an attempt process exchange: a spec file in, a result file out.
+
+Both are pickles written atomically (temporary file, then rename), so a reader sees a whole file or
+none, even when the attempt dies by SIGKILL in the middle of writing its result.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SPEC_FILE = "spec.pkl"
+RESULT_FILE = "result.pkl"
+STDOUT_FILE = "stdout.log"
+STDERR_FILE = "stderr.log"
+
+# A script run as ``python train.py`` is ``__main__`` in the runner and ``__mp_main__`` in the attempt
+# process (the name multiprocessing uses), so both names must resolve to the same module.
+MAIN_ALIASES = {"__mp_main__": "__main__"}
+
+
+@dataclass(frozen=True)
+class AttemptSpec:
+    module: str
+    qualname: str
+    file: str | None
+    sys_path: list[str]
+    inputs: bytes  # pickled (args, kwargs), unpickled after the task's module is imported
+
+
+@dataclass(frozen=True)
+class AttemptResult:
+    ok: bool
+    output: Any = None
+    error_type: str | None = None
+    error_message: str | None = None
+    traceback: str | None = None
+    exception: bytes | None = None  # the pickled exception, when it round-trips
+    retryable: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+def write_atomic(path: Path, payload: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(payload)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+class _Unpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        return super().find_class(MAIN_ALIASES.get(module, module), name)
+
+
+def loads(data: bytes) -> Any:
+    """``pickle.loads`` that maps the attempt's ``__mp_main__`` back to the runner's ``__main__``."""
+    return _Unpickler(io.BytesIO(data)).load()

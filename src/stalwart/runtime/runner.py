@@ -1,0 +1,410 @@
+"""``stalwart.run``: each attempt of a task in a fresh process, retried, recorded.
+
+A fresh process per attempt is what makes a segfault, ``kill -9`` or an OOM kill retryable like an
+exception (DESIGN decision 6). The runner passes the inputs in a spec file, the run's identity in
+environment variables, and reads the output or the exception back from a result file.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import logging
+import os
+import pickle
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from .. import config
+from ..environment import Task
+from ..retry import RetryStrategy
+from .protocol import (
+    RESULT_FILE,
+    SPEC_FILE,
+    STDERR_FILE,
+    STDOUT_FILE,
+    AttemptResult,
+    AttemptSpec,
+    loads,
+    write_atomic,
+)
+from .store import AttemptRecord, RunStore
+from .worker import IMPORTING_ENV
+
+__all__ = ["Run", "RunFailedError", "RunOptions", "run", "with_runcontext"]
+
+log = logging.getLogger("stalwart.runtime")
+
+_RUN_ID = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+@dataclass(frozen=True)
+class Run:
+    """A finished run: its id, output and attempts."""
+
+    id: str
+    task: str
+    status: str
+    output: Any
+    attempts: tuple[AttemptRecord, ...]
+    checkpoint_uri: str
+    home: Path
+
+
+class RunFailedError(RuntimeError):
+    """Every attempt of a run failed (or one failed with NonRetryableError).
+
+    ``__cause__`` is the task's own exception when it could be carried over, with the task's
+    traceback in the message; ``run`` holds the record of the failed run.
+    """
+
+    def __init__(self, message: str, run: Run, traceback: str | None = None) -> None:
+        super().__init__(message)
+        self.run = run
+        self.traceback = traceback
+
+
+class RemoteTraceback(Exception):
+    """Carries the traceback text of an exception raised in an attempt process."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    ok: bool
+    status: str
+    description: str | None
+    exit_code: int | None
+    result: AttemptResult | None
+
+    @property
+    def retryable(self) -> bool:
+        return self.result is None or self.result.retryable
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Per-run settings; ``with_runcontext(...).run(task, ...)`` uses them.
+
+    - ``run_id``: name the run; an existing run id resumes that run (its checkpoints, next attempt number).
+    - ``checkpoint_store``: fsspec URL under which the run's task checkpoints live.
+    - ``storage_options``: fsspec options for that store (e.g. ``{"endpoint_url": ...}`` for S3).
+    - ``home``: directory of run records and logs (default ``$STALWART_HOME`` or ``~/.stalwart``).
+    - ``echo``: copy each attempt's stdout/stderr to this process's while it runs.
+    """
+
+    run_id: str | None = None
+    checkpoint_store: str | None = None
+    storage_options: dict | None = None
+    home: str | os.PathLike | None = None
+    echo: bool = True
+
+    def __post_init__(self) -> None:
+        if self.run_id is not None and (not isinstance(self.run_id, str) or not _RUN_ID.match(self.run_id)):
+            raise ValueError(
+                f"run_id={self.run_id!r} is not accepted; use 1-63 lowercase letters, digits and '-', "
+                "starting and ending with a letter or digit"
+            )
+        if self.checkpoint_store is not None and (
+            not isinstance(self.checkpoint_store, str) or not self.checkpoint_store
+        ):
+            raise ValueError(
+                f"checkpoint_store={self.checkpoint_store!r} is not accepted; use an fsspec URL such as "
+                "'s3://bucket/prefix' or 'file:///data/ckpt'"
+            )
+        if self.storage_options is not None and not isinstance(self.storage_options, dict):
+            raise ValueError(f"storage_options={self.storage_options!r} is not accepted; use a dict or None")
+
+    def run(self, task: Task, /, *args: Any, **inputs: Any) -> Run:
+        """Run ``task`` with these inputs; return the Run or raise RunFailedError."""
+        return _Runner(self, task, args, inputs).run()
+
+
+def with_runcontext(
+    *,
+    run_id: str | None = None,
+    checkpoint_store: str | None = None,
+    storage_options: dict | None = None,
+    home: str | os.PathLike | None = None,
+    echo: bool = True,
+) -> RunOptions:
+    """Settings for the next run: ``stalwart.with_runcontext(run_id="exp-1").run(train, epochs=5)``."""
+    return RunOptions(run_id, checkpoint_store, storage_options, home, echo)
+
+
+def run(task: Task, /, *args: Any, **inputs: Any) -> Run:
+    """Run ``task`` locally: each attempt in a fresh process, retried as the task declares.
+
+    Returns the Run (``run.output`` is the task's return value); raises RunFailedError, with the
+    task's traceback, when the retries are spent.
+    """
+    return RunOptions().run(task, *args, **inputs)
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40] or "run"
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        hint = " (the kernel's OOM killer sends SIGKILL too)" if -code == signal.SIGKILL else ""
+        return f"killed by {name}{hint}"
+    return f"exited with code {code} without reporting a result"
+
+
+class _Tail(threading.Thread):
+    """Copies what an attempt writes to its log file to our stream, as it is written."""
+
+    def __init__(self, path: Path, stream: TextIO, done: threading.Event) -> None:
+        super().__init__(daemon=True)
+        self.path, self.stream, self.done = path, stream, done
+
+    def run(self) -> None:
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        with open(self.path, "rb") as fh:
+            while True:
+                finished = self.done.is_set()
+                chunk = fh.read(65536)
+                if chunk:
+                    self._write(decoder.decode(chunk))
+                elif finished:
+                    self._write(decoder.decode(b"", final=True))
+                    return
+                else:
+                    self.done.wait(0.05)
+
+    def _write(self, text: str) -> None:
+        if text:
+            try:
+                self.stream.write(text)
+                self.stream.flush()
+            except (OSError, ValueError):
+                pass  # our own stream closed: the log file still has everything
+
+
+class _Runner:
+    def __init__(self, options: RunOptions, task: Task, args: tuple, inputs: dict) -> None:
+        if not isinstance(task, Task):
+            raise TypeError(f"stalwart.run needs a task declared with @env.task; got {task!r}")
+        if os.environ.get(IMPORTING_ENV):
+            raise RuntimeError(
+                "stalwart.run() was called while an attempt process imported the task's module; "
+                'put the call under `if __name__ == "__main__":` so it runs only in the launching process'
+            )
+        try:
+            task.signature.bind(*args, **inputs)
+        except TypeError as exc:
+            raise TypeError(
+                f"inputs of task {task.name!r} do not fit {task.name}{task.signature}: {exc}"
+            ) from None
+        try:
+            self.inputs_payload = pickle.dumps((args, inputs))
+        except Exception as exc:
+            raise ValueError(f"the inputs of task {task.name!r} cannot be pickled: {exc}") from exc
+        self.options, self.task, self.args, self.inputs = options, task, args, inputs
+        self.module, self.qualname, self.file = task.reference()
+        self.home = Path(options.home).expanduser() if options.home else config.home()
+        self.store = RunStore(self.home / "runs.db")
+
+    def run(self) -> Run:
+        retries = self.task.retries
+        run_id, checkpoint_uri, first = self._open_run(retries)
+        outcome: _Outcome | None = None
+        for retry in range(retries.max_attempts):
+            number = first + retry
+            if retry:
+                delay = retries.delay(retry)
+                log.warning(
+                    "run %s: attempt %d %s; retrying in %.1f s (attempt %d of %d)",
+                    run_id,
+                    number - 1,
+                    outcome.description if outcome else "failed",
+                    delay,
+                    retry + 1,
+                    retries.max_attempts,
+                )
+                if delay:
+                    self.store.add_event(run_id, number, "backoff", f"{delay:.3f} s")
+                    time.sleep(delay)
+            outcome = self._attempt(run_id, number, checkpoint_uri, first + retries.max_attempts)
+            if outcome.ok:
+                self.store.finish_run(run_id, "succeeded")
+                return self._record(run_id, "succeeded", outcome.result.output if outcome.result else None)
+            if not outcome.retryable:
+                log.warning("run %s: attempt %d raised a NonRetryableError; not retrying", run_id, number)
+                break
+        assert outcome is not None
+        self.store.finish_run(run_id, "failed", outcome.description)
+        raise self._failure(run_id, outcome)
+
+    def _open_run(self, retries: RetryStrategy) -> tuple[str, str, int]:
+        run_id = self.options.run_id
+        existing = self.store.get_run(run_id) if run_id else None
+        if existing is not None:
+            if existing.task != self.task.name:
+                raise ValueError(
+                    f"run {run_id!r} belongs to task {existing.task!r}, not {self.task.name!r}; "
+                    "choose another run_id"
+                )
+            if existing.status == "running":
+                log.warning("run %s is marked running; resuming it (its runner is presumed dead)", run_id)
+            previous = self.store.attempts(run_id)
+            first = previous[-1].number + 1 if previous else 0
+            self.store.reopen_run(run_id, retries.max_attempts)
+            return run_id, existing.checkpoint_uri or self._checkpoint_uri(run_id), first
+        run_id = run_id or f"{_slug(self.task.name)}-{secrets.token_hex(4)}"
+        checkpoint_uri = self._checkpoint_uri(run_id)
+        shown = {
+            name: repr(value)[:200]
+            for name, value in self.task.signature.bind(*self.args, **self.inputs).arguments.items()
+        }
+        self.store.create_run(run_id, self.task.name, retries.max_attempts, checkpoint_uri, shown)
+        return run_id, checkpoint_uri, 0
+
+    def _checkpoint_uri(self, run_id: str) -> str:
+        base = self.options.checkpoint_store or self.task.checkpoint_store
+        if base is None:
+            base = (
+                os.environ.get(config.CHECKPOINT_STORE_ENV) or (self.home / "checkpoints").resolve().as_uri()
+            )
+        return f"{base.rstrip('/')}/{run_id}"
+
+    def _environment(
+        self, run_id: str, number: int, checkpoint_uri: str, attempt_dir: Path, max_attempts: int
+    ) -> dict[str, str]:
+        """The attempt's environment: the task's env_vars, plus the run's identity for ctx()."""
+        env = {**os.environ, **self.task.env_vars}
+        package_root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        env.update(
+            {
+                "PYTHONUNBUFFERED": "1",
+                config.HOME_ENV: str(self.home),
+                config.RUN_ID_ENV: run_id,
+                config.ATTEMPT_ENV: str(number),
+                config.MAX_ATTEMPTS_ENV: str(max_attempts),
+                config.TASK_ENV: self.task.name,
+                config.CHECKPOINT_URI_ENV: checkpoint_uri,
+                config.CHECKPOINT_PATH_ENV: str(attempt_dir / "checkpoint"),
+            }
+        )
+        if self.options.storage_options is not None:
+            import json
+
+            env[config.STORAGE_OPTIONS_ENV] = json.dumps(self.options.storage_options)
+        return env
+
+    def _attempt(self, run_id: str, number: int, checkpoint_uri: str, attempt_limit: int) -> _Outcome:
+        attempt_dir = self.home / "runs" / run_id / f"attempt-{number}"
+        attempt_dir.mkdir(parents=True, exist_ok=True)
+        spec = AttemptSpec(self.module, self.qualname, self.file, list(sys.path), self.inputs_payload)
+        write_atomic(attempt_dir / SPEC_FILE, pickle.dumps(spec))
+        env = self._environment(run_id, number, checkpoint_uri, attempt_dir, attempt_limit)
+        done = threading.Event()
+        with open(attempt_dir / STDOUT_FILE, "wb") as out, open(attempt_dir / STDERR_FILE, "wb") as err:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "stalwart.runtime.worker", str(attempt_dir)],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                env=env,
+                start_new_session=True,
+            )
+        self.store.start_attempt(run_id, number, proc.pid, str(attempt_dir))
+        tails = []
+        if self.options.echo:
+            tails = [
+                _Tail(attempt_dir / STDOUT_FILE, sys.stdout, done),
+                _Tail(attempt_dir / STDERR_FILE, sys.stderr, done),
+            ]
+            for tail in tails:
+                tail.start()
+        try:
+            code = proc.wait()
+        except BaseException:
+            _kill_group(proc)
+            self.store.finish_attempt(run_id, number, "aborted", None, "the runner was interrupted")
+            self.store.finish_run(run_id, "aborted", "the runner was interrupted")
+            raise
+        finally:
+            done.set()
+            for tail in tails:
+                tail.join(timeout=5)
+        _kill_group(proc)  # workers the attempt started must not outlive it
+        outcome = self._outcome(attempt_dir, code)
+        self.store.finish_attempt(run_id, number, outcome.status, code, outcome.description)
+        return outcome
+
+    @staticmethod
+    def _outcome(attempt_dir: Path, code: int) -> _Outcome:
+        result: AttemptResult | None = None
+        result_path = attempt_dir / RESULT_FILE
+        if result_path.exists():
+            try:
+                result = loads(result_path.read_bytes())
+            except Exception as exc:
+                return _Outcome(False, "failed", f"its result could not be read: {exc}", code, None)
+        if result is not None and result.ok and code == 0:
+            return _Outcome(True, "succeeded", None, code, result)
+        if result is not None and not result.ok:
+            return _Outcome(
+                False, "failed", f"raised {result.error_type}: {result.error_message}", code, result
+            )
+        return _Outcome(False, "killed" if code < 0 else "exited", _describe_exit(code), code, None)
+
+    def _record(self, run_id: str, status: str, output: Any) -> Run:
+        record = self.store.get_run(run_id)
+        return Run(
+            id=run_id,
+            task=self.task.name,
+            status=status,
+            output=output,
+            attempts=tuple(self.store.attempts(run_id)),
+            checkpoint_uri=record.checkpoint_uri if record and record.checkpoint_uri else "",
+            home=self.home,
+        )
+
+    def _failure(self, run_id: str, outcome: _Outcome) -> RunFailedError:
+        run = self._record(run_id, "failed", None)
+        count = len(run.attempts)
+        message = (
+            f"run {run_id} of task {self.task.name!r} failed after {count} attempt{'s' * (count != 1)}: "
+            f"the last {outcome.description}"
+        )
+        result = outcome.result
+        if result is not None and result.traceback:
+            message += f"\n\nTraceback of the task in its attempt process:\n{result.traceback.rstrip()}"
+        logs = run.attempts[-1].log_dir if run.attempts else None
+        if logs:
+            message += f"\n(attempt logs: {logs})"
+        error = RunFailedError(message, run, result.traceback if result else None)
+        if result is not None and result.exception is not None:
+            try:
+                cause = loads(result.exception)
+            except Exception:
+                cause = None
+            if isinstance(cause, BaseException):
+                cause.__cause__ = RemoteTraceback(result.traceback)
+                error.__cause__ = cause
+        return error
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    if proc.poll() is None:
+        proc.wait()

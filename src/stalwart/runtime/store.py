@@ -1,0 +1,223 @@
+"""Run records in SQLite: runs, their attempts, and events, under the stalwart home directory.
+
+Short-lived connections in WAL mode, so the runner, the CLI and other runners can read and write the
+same file at once.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["AttemptRecord", "EventRecord", "RunRecord", "RunStore"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    task TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created REAL NOT NULL,
+    ended REAL,
+    max_attempts INTEGER NOT NULL,
+    checkpoint_uri TEXT,
+    inputs TEXT,
+    error TEXT
+);
+CREATE TABLE IF NOT EXISTS attempts (
+    run_id TEXT NOT NULL REFERENCES runs(id),
+    number INTEGER NOT NULL,
+    pid INTEGER,
+    started REAL NOT NULL,
+    ended REAL,
+    status TEXT NOT NULL,
+    exit_code INTEGER,
+    error TEXT,
+    log_dir TEXT,
+    PRIMARY KEY (run_id, number)
+);
+CREATE TABLE IF NOT EXISTS events (
+    run_id TEXT NOT NULL,
+    attempt INTEGER,
+    time REAL NOT NULL,
+    kind TEXT NOT NULL,
+    message TEXT
+);
+CREATE INDEX IF NOT EXISTS events_by_run ON events(run_id, time);
+CREATE INDEX IF NOT EXISTS runs_by_created ON runs(created);
+"""
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    id: str
+    task: str
+    status: str
+    created: float
+    ended: float | None
+    max_attempts: int
+    checkpoint_uri: str | None
+    inputs: dict
+    error: str | None
+
+    @property
+    def duration(self) -> float | None:
+        return None if self.ended is None else self.ended - self.created
+
+
+@dataclass(frozen=True)
+class AttemptRecord:
+    run_id: str
+    number: int
+    pid: int | None
+    started: float
+    ended: float | None
+    status: str
+    exit_code: int | None
+    error: str | None
+    log_dir: str | None
+
+    @property
+    def duration(self) -> float | None:
+        return None if self.ended is None else self.ended - self.started
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    run_id: str
+    attempt: int | None
+    time: float
+    kind: str
+    message: str | None
+
+
+class RunStore:
+    """The SQLite file of run records (``<home>/runs.db``)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as db:
+            db.executescript(_SCHEMA)
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self.path, timeout=30)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA busy_timeout=30000")
+            with db:
+                yield db
+        finally:
+            db.close()
+
+    # writes
+
+    def create_run(
+        self, run_id: str, task: str, max_attempts: int, checkpoint_uri: str | None, inputs: dict
+    ) -> None:
+        with self._connect() as db:
+            db.execute(
+                "INSERT INTO runs (id, task, status, created, max_attempts, checkpoint_uri, inputs) "
+                "VALUES (?, ?, 'running', ?, ?, ?, ?)",
+                (run_id, task, time.time(), max_attempts, checkpoint_uri, json.dumps(inputs)),
+            )
+        self.add_event(run_id, None, "run_started", f"task {task}, at most {max_attempts} attempts")
+
+    def reopen_run(self, run_id: str, max_attempts: int) -> None:
+        with self._connect() as db:
+            db.execute(
+                "UPDATE runs SET status='running', ended=NULL, error=NULL, max_attempts=? WHERE id=?",
+                (max_attempts, run_id),
+            )
+        self.add_event(run_id, None, "run_resumed", f"at most {max_attempts} more attempts")
+
+    def finish_run(self, run_id: str, status: str, error: str | None = None) -> None:
+        with self._connect() as db:
+            db.execute(
+                "UPDATE runs SET status=?, ended=?, error=? WHERE id=?", (status, time.time(), error, run_id)
+            )
+        self.add_event(run_id, None, f"run_{status}", error)
+
+    def start_attempt(self, run_id: str, number: int, pid: int, log_dir: str) -> None:
+        with self._connect() as db:
+            db.execute(
+                "INSERT INTO attempts (run_id, number, pid, started, status, log_dir) "
+                "VALUES (?, ?, ?, ?, 'running', ?)",
+                (run_id, number, pid, time.time(), log_dir),
+            )
+        self.add_event(run_id, number, "attempt_started", f"pid {pid}")
+
+    def finish_attempt(
+        self, run_id: str, number: int, status: str, exit_code: int | None, error: str | None
+    ) -> None:
+        with self._connect() as db:
+            db.execute(
+                "UPDATE attempts SET status=?, ended=?, exit_code=?, error=? WHERE run_id=? AND number=?",
+                (status, time.time(), exit_code, error, run_id, number),
+            )
+        self.add_event(run_id, number, f"attempt_{status}", error)
+
+    def add_event(self, run_id: str, attempt: int | None, kind: str, message: str | None = None) -> None:
+        with self._connect() as db:
+            db.execute(
+                "INSERT INTO events (run_id, attempt, time, kind, message) VALUES (?, ?, ?, ?, ?)",
+                (run_id, attempt, time.time(), kind, message),
+            )
+
+    # reads
+
+    def get_run(self, run_id: str) -> RunRecord | None:
+        with self._connect() as db:
+            row = db.execute(
+                "SELECT id, task, status, created, ended, max_attempts, checkpoint_uri, inputs, error "
+                "FROM runs WHERE id=?",
+                (run_id,),
+            ).fetchone()
+        return _run(row) if row else None
+
+    def find_runs(self, prefix: str) -> list[RunRecord]:
+        """Runs whose id starts with ``prefix`` (so the CLI accepts a unique prefix)."""
+        escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT id, task, status, created, ended, max_attempts, checkpoint_uri, inputs, error "
+                "FROM runs WHERE id LIKE ? ESCAPE '\\' ORDER BY created DESC",
+                (escaped + "%",),
+            ).fetchall()
+        return [_run(r) for r in rows]
+
+    def list_runs(self, limit: int = 20) -> list[RunRecord]:
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT id, task, status, created, ended, max_attempts, checkpoint_uri, inputs, error "
+                "FROM runs ORDER BY created DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [_run(r) for r in rows]
+
+    def attempts(self, run_id: str) -> list[AttemptRecord]:
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT run_id, number, pid, started, ended, status, exit_code, error, log_dir "
+                "FROM attempts WHERE run_id=? ORDER BY number",
+                (run_id,),
+            ).fetchall()
+        return [AttemptRecord(*r) for r in rows]
+
+    def events(self, run_id: str) -> list[EventRecord]:
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT run_id, attempt, time, kind, message FROM events WHERE run_id=? ORDER BY time, rowid",
+                (run_id,),
+            ).fetchall()
+        return [EventRecord(*r) for r in rows]
+
+
+def _run(row: tuple) -> RunRecord:
+    *head, inputs, error = row
+    return RunRecord(*head, inputs=json.loads(inputs) if inputs else {}, error=error)

@@ -1,0 +1,136 @@
+"""The attempt process: ``python -m stalwart.runtime.worker ATTEMPT_DIR``.
+
+It imports the task's module the way multiprocessing's spawn does (a script as ``__mp_main__``, so its
+``if __name__ == "__main__":`` block does not run again), calls the function, and writes the result
+or the exception with its traceback. Exit code 0 means success, 1 an exception in the task; anything
+else (a signal, an OOM kill) the runner sees from the exit status alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import importlib.util
+import inspect
+import os
+import pickle
+import signal
+import sys
+import traceback
+import types
+from pathlib import Path
+from typing import Any
+
+from ..retry import NonRetryableError
+from .protocol import RESULT_FILE, SPEC_FILE, AttemptResult, AttemptSpec, write_atomic
+
+IMPORTING_ENV = "STALWART_IMPORTING_TASK_MODULE"
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when the runner dies, so no attempt outlives its run."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the runner died before prctl took effect
+        os._exit(70)
+
+
+def _import_main(file: str) -> types.ModuleType:
+    spec = importlib.util.spec_from_file_location("__mp_main__", file)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import the task's script {file}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["__mp_main__"] = module
+    sys.modules["__main__"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _resolve(spec: AttemptSpec) -> Any:
+    os.environ[IMPORTING_ENV] = "1"  # stalwart.run() at import time would start runs recursively
+    try:
+        if spec.module == "__main__":
+            if not spec.file:
+                raise ImportError("the task was defined in __main__ without a file (interactive session?)")
+            module = _import_main(spec.file)
+        else:
+            try:
+                module = importlib.import_module(spec.module)
+            except ImportError:
+                if not spec.file:
+                    raise
+                loader_spec = importlib.util.spec_from_file_location(spec.module, spec.file)
+                if loader_spec is None or loader_spec.loader is None:
+                    raise
+                module = importlib.util.module_from_spec(loader_spec)
+                sys.modules[spec.module] = module
+                loader_spec.loader.exec_module(module)
+    finally:
+        os.environ.pop(IMPORTING_ENV, None)
+    target: Any = module
+    for part in spec.qualname.split("."):
+        target = getattr(target, part)
+    return getattr(target, "func", target)  # a Task, or the plain function it wraps
+
+
+def _failure(exc: BaseException) -> AttemptResult:
+    try:
+        pickled: bytes | None = pickle.dumps(exc)
+        pickle.loads(pickled)
+    except Exception:
+        pickled = None
+    return AttemptResult(
+        ok=False,
+        error_type=f"{type(exc).__module__}.{type(exc).__qualname__}",
+        error_message=str(exc),
+        traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+        exception=pickled,
+        retryable=not isinstance(exc, NonRetryableError),
+    )
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m stalwart.runtime.worker ATTEMPT_DIR", file=sys.stderr)
+        return 2
+    _die_with_parent()
+    attempt_dir = Path(argv[0])
+    spec: AttemptSpec = pickle.loads((attempt_dir / SPEC_FILE).read_bytes())
+    for entry in reversed(spec.sys_path):
+        if entry not in sys.path:
+            sys.path.insert(0, entry)
+    try:
+        func = _resolve(spec)
+        args, kwargs = pickle.loads(spec.inputs)
+        output = func(*args, **kwargs)
+        if inspect.iscoroutine(output):
+            output = asyncio.run(output)
+        result = AttemptResult(ok=True, output=output)
+        try:
+            payload = pickle.dumps(result)
+        except Exception as exc:
+            raise NonRetryableError(
+                f"the task returned a {type(output).__name__} that cannot be pickled: {exc}"
+            ) from exc
+    except BaseException as exc:  # every failure, SystemExit included, is reported to the runner
+        if isinstance(exc, SystemExit) and exc.code in (0, None):
+            exc = RuntimeError("the task called sys.exit(0) instead of returning")
+        result = _failure(exc)
+        payload = pickle.dumps(result)
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    write_atomic(attempt_dir / RESULT_FILE, payload)
+    return 0 if result.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
