@@ -40,7 +40,31 @@ _EXPORTS: dict[str, str] = {
     "latest_checkpoint": "stalwart.checkpoint.latest",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = [  # spelled out for linters and IDEs; a test checks it matches _EXPORTS
+    "AMD_GPU",
+    "GPU",
+    "HABANA_GAUDI",
+    "TPU",
+    "Backoff",
+    "Checkpoint",
+    "CheckpointInfo",
+    "CorruptCheckpointError",
+    "Device",
+    "Neuron",
+    "NonRetryableError",
+    "Resources",
+    "RetryStrategy",
+    "Run",
+    "RunFailedError",
+    "Task",
+    "TaskContext",
+    "TaskEnvironment",
+    "__version__",
+    "ctx",
+    "latest_checkpoint",
+    "run",
+    "with_runcontext",
+]
 
 
 def __getattr__(name: str) -> Any:

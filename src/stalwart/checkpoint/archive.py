@@ -1,0 +1,345 @@
+"""Tar archives for directory checkpoints.
+
+A checkpoint that is a directory (for example a sharded state dict) is shipped to object storage as one
+uncompressed PAX tar: a single object is atomic to upload and cheap to list. Checkpoints may come back from
+shared buckets, so extraction treats the archive as untrusted and validates every member *before* writing
+anything: a refused archive leaves the destination untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import posixpath
+import re
+import secrets
+import stat
+import tarfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import BinaryIO
+
+__all__ = ["UnsafeArchiveError", "pack_directory", "safe_extract"]
+
+# Same bound as Linux's MAXSYMLINKS: deeper chains are treated as loops.
+_MAX_SYMLINK_HOPS = 40
+# Only permission bits survive; setuid/setgid/sticky are dropped on extraction.
+_MODE_MASK = 0o777
+# PEP 706 extraction filters: Python 3.12+, and backported to security releases of 3.8-3.11.
+_HAS_DATA_FILTER = hasattr(tarfile, "data_filter")
+_WINDOWS_DRIVE = re.compile(r"[A-Za-z]:[\\/]")
+
+
+class UnsafeArchiveError(ValueError):
+    """An archive member would write outside the destination or create something that is not plain data."""
+
+    def __init__(self, member: str, reason: str) -> None:
+        super().__init__(f"refusing to extract archive member {member!r}: {reason}")
+        self.member = member
+        self.reason = reason
+
+
+# --------------------------------------------------------------------------------------------------------
+# Shared path logic: a symlink resolver over a virtual tree, so packing and extraction agree on "inside".
+# --------------------------------------------------------------------------------------------------------
+
+
+def _resolve_inside(
+    parts: list[str], links: Mapping[str, str], disk_root: Path | None = None
+) -> list[str] | None:
+    """Resolve ``parts`` (relative to the tree root) the way the kernel would, following ``links``.
+
+    ``links`` maps relative POSIX paths to symlink targets; when ``disk_root`` is given, symlinks that already
+    exist there are followed too. Returns the resolved components, or None if resolution leaves the root,
+    hits an absolute target, or loops.
+    """
+    stack: list[str] = []
+    pending = list(parts)
+    hops = 0
+    while pending:
+        comp = pending.pop(0)
+        if comp in ("", "."):
+            continue
+        if comp == "..":
+            if not stack:
+                return None
+            stack.pop()
+            continue
+        stack.append(comp)
+        key = "/".join(stack)
+        target = links.get(key)
+        if target is None and disk_root is not None and os.path.islink(disk_root / key):
+            target = os.readlink(disk_root / key)
+        if target is None:
+            continue
+        hops += 1
+        if hops > _MAX_SYMLINK_HOPS or _is_absolute(target):
+            return None
+        stack.pop()
+        pending[:0] = target.split("/")
+    return stack
+
+
+def _is_absolute(name: str) -> bool:
+    # Reject POSIX roots and Windows drive/UNC forms alike: archives travel between machines.
+    return name.startswith(("/", "\\")) or os.path.isabs(name) or _WINDOWS_DRIVE.match(name) is not None
+
+
+def _lexically_inside(parent: list[str], target: str) -> bool:
+    norm = posixpath.normpath(posixpath.join(*parent, target) if parent else target)
+    return norm != ".." and not norm.startswith("../")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Packing
+# --------------------------------------------------------------------------------------------------------
+
+
+def _walk_sorted(root: Path, rel: str = "") -> Iterator[tuple[str, os.DirEntry[str]]]:
+    """Pre-order walk (directory before its contents), entries sorted by name, symlinks not followed."""
+    with os.scandir(root / rel if rel else root) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    for entry in entries:
+        relname = f"{rel}/{entry.name}" if rel else entry.name
+        yield relname, entry
+        if entry.is_dir(follow_symlinks=False):
+            yield from _walk_sorted(root, relname)
+
+
+def pack_directory(src: Path, dest: Path | BinaryIO) -> int:
+    """Write the contents of ``src`` to ``dest`` as an uncompressed PAX tar and return its size in bytes.
+
+    ``dest`` is a path, or a writable binary file object that receives the archive as a stream (how a
+    checkpoint uploads a directory without a temporary copy).
+
+    Members are named relative to ``src`` and written in sorted pre-order with ownership normalised, so the
+    same tree always gives the same member list. Symlinks are kept only if they resolve inside ``src``;
+    anything that :func:`safe_extract` would refuse (escaping symlinks, devices, FIFOs, sockets) raises
+    ValueError here instead of producing an archive that cannot be restored. File data is streamed, and the
+    archive is written to a temporary file that replaces ``dest`` only once complete.
+    """
+    src = Path(src)
+    writer = None if isinstance(dest, (str, os.PathLike)) else dest
+    if not src.is_dir():
+        raise NotADirectoryError(f"pack_directory: source {src} is not a directory")
+    if writer is None:
+        dest = Path(dest)  # type: ignore[arg-type]
+        src_real, dest_real = src.resolve(), dest.resolve()
+        if dest_real == src_real or src_real in dest_real.parents:
+            raise ValueError(f"pack_directory: destination {dest} is inside the source directory {src}")
+
+    # Collect and validate everything first so a bad tree fails before any byte is written.
+    entries = list(_walk_sorted(src))
+    links = {rel: os.readlink(entry.path) for rel, entry in entries if entry.is_symlink()}
+    for rel, entry in entries:
+        mode = entry.stat(follow_symlinks=False).st_mode
+        if stat.S_ISLNK(mode):
+            target = links[rel]
+            parent = rel.split("/")[:-1]
+            if (
+                _is_absolute(target)
+                or not _lexically_inside(parent, target)
+                or _resolve_inside([*parent, *target.split("/")], links) is None
+            ):
+                raise ValueError(
+                    f"pack_directory: symlink {src / rel} -> {target!r} points outside {src}; "
+                    "only relative links that stay inside the directory can be archived"
+                )
+        elif not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise ValueError(
+                f"pack_directory: {src / rel} is not a regular file, directory or symlink "
+                f"(mode {stat.filemode(mode)}); it cannot be archived"
+            )
+
+    if writer is not None:
+        counted = _CountingWriter(writer)
+        with tarfile.open(fileobj=counted, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
+            _add_entries(tar, src, entries)
+        return counted.size
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as raw:
+            with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+                _add_entries(tar, src, entries)
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return dest.stat().st_size
+
+
+class _CountingWriter:
+    """Counts the bytes tarfile's stream mode writes into a caller's file object."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self.raw, self.size = raw, 0
+
+    def write(self, data: bytes) -> int:
+        self.raw.write(data)
+        self.size += len(data)
+        return len(data)
+
+
+def _add_entries(tar: tarfile.TarFile, src: Path, entries: list[tuple[str, os.DirEntry[str]]]) -> None:
+    for rel, entry in entries:
+        info = tar.gettarinfo(entry.path, arcname=rel)
+        if info is None:  # pragma: no cover - type changed since validation (e.g. now a socket)
+            raise ValueError(f"pack_directory: {src / rel} cannot be archived")
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        if info.isreg():
+            with open(entry.path, "rb") as fh:
+                tar.addfile(info, fh)
+        else:
+            tar.addfile(info)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Extraction
+# --------------------------------------------------------------------------------------------------------
+
+
+class _NoChownTarFile(tarfile.TarFile):
+    """Never restore ownership from the archive, even when running as root."""
+
+    def chown(self, *args: object, **kwargs: object) -> None:
+        return None
+
+
+def _member_parts(member: tarfile.TarInfo) -> list[str]:
+    name = member.name
+    if "\x00" in name or "\x00" in member.linkname:
+        raise UnsafeArchiveError(name, "NUL byte in member name or link target")
+    if _is_absolute(name):
+        raise UnsafeArchiveError(name, "absolute path")
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise UnsafeArchiveError(name, "path contains a '..' component")
+    if not parts and not member.isdir():
+        raise UnsafeArchiveError(name, "empty member name")
+    return parts
+
+
+def _member_kind(member: tarfile.TarInfo) -> str:
+    if member.ischr() or member.isblk():
+        raise UnsafeArchiveError(member.name, "device file")
+    if member.isfifo():
+        raise UnsafeArchiveError(member.name, "FIFO")
+    if member.isdir():
+        return "dir"
+    if member.issym():
+        return "symlink"
+    if member.islnk():
+        return "hardlink"
+    if member.isreg():
+        return "file"
+    raise UnsafeArchiveError(member.name, f"unsupported member type {member.type!r}")
+
+
+def _validate(members: list[tarfile.TarInfo], dest: Path) -> list[tarfile.TarInfo]:
+    """Check every member against ``dest``; return sanitised copies ready for extraction."""
+    parsed: list[tuple[tarfile.TarInfo, list[str], str]] = []
+    kinds: dict[str, str] = {}
+    links: dict[str, str] = {}
+    for member in members:
+        parts = _member_parts(member)
+        kind = _member_kind(member)
+        key = "/".join(parts)
+        if key in kinds and not (kind == "dir" and kinds[key] == "dir"):
+            raise UnsafeArchiveError(member.name, "duplicate member name")
+        kinds[key] = kind
+        if kind == "symlink":
+            links[key] = member.linkname
+        parsed.append((member, parts, kind))
+
+    seen_files: set[str] = set()
+    sanitised = []
+    for member, parts, kind in parsed:
+        name = member.name
+        key = "/".join(parts)
+        for i in range(1, len(parts)):
+            prefix = "/".join(parts[:i])
+            if prefix in links or os.path.islink(dest / prefix):
+                raise UnsafeArchiveError(name, f"path goes through the symlink {prefix!r}")
+            if kinds.get(prefix, "dir") != "dir":
+                raise UnsafeArchiveError(name, f"parent {prefix!r} is not a directory in the archive")
+        on_disk = dest / key if parts else dest
+        if parts and os.path.islink(on_disk):
+            raise UnsafeArchiveError(name, f"would replace the existing symlink {on_disk}")
+        if kind == "dir" and on_disk.exists() and not on_disk.is_dir():
+            raise UnsafeArchiveError(name, f"{on_disk} exists and is not a directory")
+        if kind != "dir" and on_disk.is_dir():
+            raise UnsafeArchiveError(name, f"{on_disk} exists and is a directory")
+
+        if kind == "symlink":
+            target = member.linkname
+            if not target:
+                raise UnsafeArchiveError(name, "symlink with an empty target")
+            if _is_absolute(target):
+                raise UnsafeArchiveError(name, f"symlink to absolute path {target!r}")
+            parent = parts[:-1]
+            if (
+                not _lexically_inside(parent, target)
+                or _resolve_inside([*parent, *target.split("/")], links, dest) is None
+            ):
+                raise UnsafeArchiveError(name, f"symlink target {target!r} resolves outside the destination")
+        elif kind == "hardlink":
+            target = member.linkname
+            if _is_absolute(target):
+                raise UnsafeArchiveError(name, f"hardlink to absolute path {target!r}")
+            target_parts = [p for p in target.split("/") if p not in ("", ".")]
+            if ".." in target_parts:
+                raise UnsafeArchiveError(name, f"hardlink target {target!r} contains a '..' component")
+            if "/".join(target_parts) not in seen_files:
+                raise UnsafeArchiveError(
+                    name, f"hardlink target {target!r} is not a regular file earlier in the archive"
+                )
+        if kind == "file":
+            seen_files.add(key)
+
+        if _HAS_DATA_FILTER:
+            # Belt and braces: the stdlib's own policy must agree before anything is written.
+            try:
+                tarfile.data_filter(member, str(dest))
+            except tarfile.FilterError as exc:
+                raise UnsafeArchiveError(name, f"rejected by tarfile's data filter: {exc}") from exc
+
+        clean = copy.copy(member)
+        clean.mode = member.mode & _MODE_MASK
+        clean.uid = clean.gid = 0
+        clean.uname = clean.gname = ""
+        sanitised.append(clean)
+    return sanitised
+
+
+def _data_filter_keep_mode(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo:
+    """The stdlib 'data' filter, but keeping the (already sanitised) permission bits it would widen/drop."""
+    filtered = tarfile.data_filter(member, path)
+    if member.issym():
+        return filtered
+    return filtered.replace(mode=member.mode, deep=False)
+
+
+def safe_extract(archive: Path, dest: Path) -> None:
+    """Extract ``archive`` into ``dest`` (created if missing), refusing anything that is not plain data.
+
+    Every member is validated before the first write, so a refused archive extracts nothing. Refused with
+    :class:`UnsafeArchiveError`: absolute names, ``..`` components, members reached through a symlink,
+    symlinks or hardlinks resolving outside ``dest``, devices and FIFOs. File modes (minus setuid, setgid and
+    sticky bits) and mtimes are preserved; ownership is not restored. Where the stdlib provides it, the
+    'data' extraction filter runs as an additional check (keeping the validated modes).
+    """
+    archive = Path(archive)
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    dest = dest.resolve()
+    with _NoChownTarFile.open(archive, mode="r:*", errorlevel=2) as tar:
+        members = _validate(tar.getmembers(), dest)
+        if _HAS_DATA_FILTER:
+            tar.extractall(dest, members=members, filter=_data_filter_keep_mode)
+        else:  # Python builds without the PEP 706 backport: our checks above are the only ones.
+            tar.extractall(dest, members=members)
