@@ -159,7 +159,11 @@ class Task(Generic[P, R]):
 
     @property
     def signature(self) -> inspect.Signature:
-        return inspect.signature(self.func)
+        """The function's signature, string annotations resolved where possible."""
+        try:
+            return inspect.signature(self.func, eval_str=True)
+        except Exception:
+            return inspect.signature(self.func)
 
     def reference(self) -> tuple[str, str, str | None]:
         """(module, qualified name, file) by which a fresh process imports this task's function."""

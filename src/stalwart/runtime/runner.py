@@ -25,7 +25,7 @@ from typing import Any, TextIO
 
 from .. import config
 from ..environment import Task
-from ..retry import RetryStrategy
+from ..retry import NonRetryableError, RetryStrategy
 from .protocol import (
     RESULT_FILE,
     SPEC_FILE,
@@ -201,7 +201,7 @@ class _Runner:
         if not isinstance(task, Task):
             raise TypeError(f"stalwart.run needs a task declared with @env.task; got {task!r}")
         if os.environ.get(IMPORTING_ENV):
-            raise RuntimeError(
+            raise NonRetryableError(
                 "stalwart.run() was called while an attempt process imported the task's module; "
                 'put the call under `if __name__ == "__main__":` so it runs only in the launching process'
             )

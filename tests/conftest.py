@@ -1,0 +1,66 @@
+"""Shared fixtures: an isolated stalwart home per test and a real S3 API (moto server) on loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture
+def stalwart_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh STALWART_HOME (run records, logs, default checkpoint store) for one test."""
+    home = tmp_path / "stalwart-home"
+    monkeypatch.setenv("STALWART_HOME", str(home))
+    monkeypatch.delenv("STALWART_CHECKPOINT_STORE", raising=False)
+    monkeypatch.delenv("STALWART_STORAGE_OPTIONS", raising=False)
+    monkeypatch.setenv("STALWART_NO_PROGRESS", "1")
+    return home
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A moto S3 server on 127.0.0.1 for the whole session (as s3fs's own tests run it)."""
+    pytest.importorskip("s3fs")
+    from moto.server import ThreadedMotoServer
+
+    saved = {
+        k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+    }
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1"
+    )
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint: str) -> tuple[str, dict]:
+    """A new empty bucket: (``s3://bucket``, storage_options for fsspec)."""
+    import s3fs
+
+    options = {"endpoint_url": s3_endpoint, "key": "testing", "secret": "testing"}
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}, key="testing", secret="testing")
+    bucket = f"stalwart-{uuid.uuid4().hex[:12]}"
+    fs.mkdir(bucket)
+    return f"s3://{bucket}", options

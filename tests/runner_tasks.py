@@ -1,0 +1,114 @@
+"""Tasks the runner tests start in fresh processes (they import this module by name)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import stalwart as sw
+
+env = sw.TaskEnvironment(name="runner-tests", env_vars={"FROM_ENV": "environment"})
+
+
+@dataclass
+class Point:
+    x: int
+    y: int
+
+
+@env.task
+def add(a: int, b: int = 1) -> int:
+    return a + b
+
+
+@env.task
+def scale(point: Point, factor: int) -> Point:
+    return Point(point.x * factor, point.y * factor)
+
+
+@env.task(retries=2)
+def always_fails(message: str) -> None:
+    raise ValueError(f"{message} on attempt {sw.ctx().attempt}")
+
+
+@env.task(retries=5)
+def refuses(message: str) -> None:
+    raise sw.NonRetryableError(message)
+
+
+@env.task(retries=3)
+def killed_first(value: int) -> dict:
+    context = sw.ctx()
+    print(f"stdout of attempt {context.attempt}")
+    print(f"stderr of attempt {context.attempt}", file=sys.stderr)
+    if context.attempt == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return {"value": value, "attempt": context.attempt, "run_id": context.run_id, "task": context.task_name}
+
+
+@env.task(retries=1)
+def exits_badly() -> int:
+    os._exit(3)
+
+
+@env.task(retries=1)
+def exits_cleanly() -> int:
+    sys.exit(0)
+
+
+@env.task(retries=sw.RetryStrategy(count=2, backoff=sw.Backoff(base=0.4, factor=2.0, cap=0.6)))
+def fails_twice() -> int:
+    if sw.ctx().attempt < 2:
+        raise RuntimeError("not yet")
+    return sw.ctx().attempt
+
+
+@env.task(env_vars={"FROM_TASK": "task"})
+def environment() -> dict:
+    return {key: os.environ.get(key) for key in ("FROM_ENV", "FROM_TASK", "FROM_OVERRIDE")}
+
+
+@env.task
+def calls_another(a: int) -> int:
+    return add(a, b=10) * 2  # a task called inside a task is a plain function call
+
+
+@env.task(retries=1)
+def resumable(total: int) -> int:
+    """Counts to ``total``, one step per attempt, keeping its count in the task checkpoint."""
+    cp = sw.ctx().checkpoint
+    previous = cp.load_object()
+    count = (previous or {"count": 0})["count"] + 1
+    cp.save_sync({"count": count, "attempt": sw.ctx().attempt})
+    if count < total:
+        raise RuntimeError(f"count {count} of {total}")
+    return count
+
+
+@env.task
+def leaves_a_child(marker: str) -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    with open(marker, "w") as fh:
+        fh.write(str(child.pid))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@env.task
+def sleeps(marker: str) -> None:
+    with open(marker, "w") as fh:
+        fh.write(str(os.getpid()))
+    time.sleep(120)
+
+
+class Unpicklable:
+    def __reduce__(self):
+        raise TypeError("no pickling")
+
+
+@env.task
+def returns_unpicklable() -> object:
+    return Unpicklable()
