@@ -168,6 +168,8 @@ class Task(Generic[P, R]):
     def reference(self) -> tuple[str, str, str | None]:
         """(module, qualified name, file) by which a fresh process imports this task's function."""
         module = self.func.__module__
+        if module == "__mp_main__":  # a script loaded the way multiprocessing's spawn (and our CLI) does
+            module = "__main__"
         qualname = self.func.__qualname__
         if "<locals>" in qualname or "<lambda>" in qualname:
             raise ValueError(

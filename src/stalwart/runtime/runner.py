@@ -39,7 +39,7 @@ from .protocol import (
 from .store import AttemptRecord, RunStore
 from .worker import IMPORTING_ENV
 
-__all__ = ["Run", "RunFailedError", "RunOptions", "run", "with_runcontext"]
+__all__ = ["Run", "RunFailedError", "RunOptions", "new_run_id", "run", "with_runcontext"]
 
 log = logging.getLogger("stalwart.runtime")
 
@@ -151,8 +151,10 @@ def run(task: Task, /, *args: Any, **inputs: Any) -> Run:
     return RunOptions().run(task, *args, **inputs)
 
 
-def _slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40] or "run"
+def new_run_id(task_name: str) -> str:
+    """A fresh run id: the task's name as a slug plus 8 random hex digits (a valid Kubernetes name)."""
+    slug = re.sub(r"[^a-z0-9]+", "-", task_name.lower()).strip("-")[:40].strip("-") or "run"
+    return f"{slug}-{secrets.token_hex(4)}"
 
 
 def _describe_exit(code: int) -> str:
@@ -266,7 +268,7 @@ class _Runner:
             first = previous[-1].number + 1 if previous else 0
             self.store.reopen_run(run_id, retries.max_attempts)
             return run_id, existing.checkpoint_uri or self._checkpoint_uri(run_id), first
-        run_id = run_id or f"{_slug(self.task.name)}-{secrets.token_hex(4)}"
+        run_id = run_id or new_run_id(self.task.name)
         checkpoint_uri = self._checkpoint_uri(run_id)
         shown = {
             name: repr(value)[:200]
