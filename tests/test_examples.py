@@ -1,0 +1,47 @@
+"""The demo and the README's tour run as a user would run them."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from stalwart.runtime.store import RunStore
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args: list[str], home: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "STALWART_HOME": str(home)}
+    return subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
+
+
+def test_quickstart_is_killed_and_resumes(tmp_path: Path) -> None:
+    proc = _run([sys.executable, str(ROOT / "examples" / "quickstart.py")], tmp_path / "home", tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "attempt 0: simulating a crash (SIGKILL)" in proc.stdout
+    assert "attempt 1: resumed from the checkpoint of epoch 4" in proc.stdout
+    assert "attempt 1: epoch 4/8" not in proc.stdout  # nothing before the checkpoint is redone
+    run_id = re.search(r"^run (\S+): succeeded", proc.stdout, re.M).group(1)
+    attempts = RunStore(tmp_path / "home" / "runs.db").attempts(run_id)
+    assert [a.status for a in attempts] == ["killed", "succeeded"]
+
+
+def test_readme_tour_runs_as_written(tmp_path: Path) -> None:
+    readme = (ROOT / "README.md").read_text()
+    tour = readme.split("## Tour", 1)[1]
+    code = re.search(r"```python\n(.*?)```", tour, re.S).group(1)
+    (tmp_path / "tour.py").write_text(code)
+    proc = _run([sys.executable, "tour.py"], tmp_path / "home", tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "5 ['killed', 'succeeded']"
+    cli = _run(
+        [sys.executable, "-m", "stalwart.cli", "run", "tour.py", "count", "--to", "4"],
+        tmp_path / "home",
+        tmp_path,
+    )
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+    runs = RunStore(tmp_path / "home" / "runs.db").list_runs()
+    assert len(runs) == 2 and all(r.status == "succeeded" for r in runs)
