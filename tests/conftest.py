@@ -19,6 +19,7 @@ def stalwart_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.delenv("STALWART_CHECKPOINT_STORE", raising=False)
     monkeypatch.delenv("STALWART_STORAGE_OPTIONS", raising=False)
     monkeypatch.setenv("STALWART_NO_PROGRESS", "1")
+    monkeypatch.setenv("STALWART_FLASH_ROOT", str(tmp_path / "flash"))
     return home
 
 

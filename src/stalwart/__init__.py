@@ -38,6 +38,10 @@ _EXPORTS: dict[str, str] = {
     "CheckpointInfo": "stalwart.checkpoint.task",
     "CorruptCheckpointError": "stalwart.checkpoint.task",
     "latest_checkpoint": "stalwart.checkpoint.latest",
+    # the memory-first tier
+    "FlashCheckpointer": "stalwart.flash.checkpointer",
+    "FlashStorageWriter": "stalwart.flash.dcp",
+    "FlashStorageReader": "stalwart.flash.dcp",
 }
 
 __all__ = [  # spelled out for linters and IDEs; a test checks it matches _EXPORTS
@@ -50,6 +54,9 @@ __all__ = [  # spelled out for linters and IDEs; a test checks it matches _EXPOR
     "CheckpointInfo",
     "CorruptCheckpointError",
     "Device",
+    "FlashCheckpointer",
+    "FlashStorageReader",
+    "FlashStorageWriter",
     "Neuron",
     "NonRetryableError",
     "Resources",
@@ -86,6 +93,8 @@ if TYPE_CHECKING:
     from .checkpoint.task import Checkpoint, CheckpointInfo, CorruptCheckpointError
     from .context import TaskContext, ctx
     from .environment import Task, TaskEnvironment
+    from .flash.checkpointer import FlashCheckpointer
+    from .flash.dcp import FlashStorageReader, FlashStorageWriter
     from .resources import Resources
     from .retry import Backoff, NonRetryableError, RetryStrategy
     from .runtime.runner import Run, RunFailedError, run, with_runcontext

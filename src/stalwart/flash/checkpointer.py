@@ -1,0 +1,192 @@
+"""FlashCheckpointer: when to save to the flash tier, where, and how to come back.
+
+::
+
+    flash = sw.FlashCheckpointer("job-123", durable="s3://bucket/job-123", every_n_steps=5,
+                                 durable_every_n_steps=100)
+    step = flash.restore(state)                 # newest complete state: tmpfs, then durable; or None
+    for step in range(step or 0, total):
+        train_one_step()
+        flash.maybe_save(step + 1, state)       # async: blocks only for the copy
+
+Steps count completed training steps: ``restore`` returns the step a save recorded, which is where
+training resumes. Inside a stalwart task the job id defaults to the run id (so a retried attempt on the
+same machine finds the flash state of the attempt that died) and the durable store defaults to the
+run's checkpoint store.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import MutableMapping
+from pathlib import Path
+from typing import Any
+
+from .. import config
+from ..context import ctx
+from .durable import DurableTier
+from .engine import FlashEngine
+from .layout import FlashLayout, check_job_id
+from .objects import DEFAULT_CHUNK
+
+__all__ = ["FlashCheckpointer"]
+
+log = logging.getLogger("stalwart.flash")
+
+
+def _positive(name: str, value: object, *, optional: bool = False) -> int | None:
+    if optional and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        extra = " or None" if optional else ""
+        raise ValueError(f"{name}={value!r} is not accepted; use an int >= 1{extra}")
+    return value
+
+
+class FlashCheckpointer:
+    """Memory-first checkpoints for a training loop, with a durable copy every so often."""
+
+    def __init__(
+        self,
+        job_id: str | None = None,
+        root: str | os.PathLike | None = None,
+        durable: str | os.PathLike | None = None,
+        every_n_steps: int = 1,
+        durable_every_n_steps: int | None = None,
+        keep: int = 2,
+        async_save: bool = True,
+        *,
+        storage_options: dict | None = None,
+        durable_keep: int = 2,
+        rank: int | None = None,
+        world_size: int | None = None,
+        process_group: Any = None,
+        threads: int | None = None,
+        chunk_size: int = DEFAULT_CHUNK,
+    ) -> None:
+        context = ctx()
+        if job_id is None:
+            if not context.in_task:
+                raise ValueError(
+                    "job_id is required outside a stalwart task; use a name unique to the job and the same "
+                    "across its restarts, e.g. FlashCheckpointer('job-123')"
+                )
+            job_id = context.run_id
+        self.job_id = check_job_id(job_id)
+        if root is not None and not isinstance(root, (str, os.PathLike)):
+            raise ValueError(
+                f"root={root!r} is not accepted; use a directory path (ideally on tmpfs) or None"
+            )
+        self.every_n_steps = _positive("every_n_steps", every_n_steps)
+        self.durable_every_n_steps = _positive("durable_every_n_steps", durable_every_n_steps, optional=True)
+        if self.durable_every_n_steps and self.durable_every_n_steps % self.every_n_steps:
+            raise ValueError(
+                f"durable_every_n_steps={durable_every_n_steps} is not a multiple of "
+                f"every_n_steps={every_n_steps}; a durable copy is taken of a flash save, so use a multiple"
+            )
+        self.keep = _positive("keep", keep)
+        if not isinstance(async_save, bool):
+            raise ValueError(f"async_save={async_save!r} is not accepted; use True or False")
+        self.async_save = async_save
+        if durable is None and context.in_task and context.checkpoint_uri:
+            durable = f"{context.checkpoint_uri.rstrip('/')}/flash"
+            storage_options = storage_options or config.storage_options_from_env()
+        if isinstance(durable, Path):
+            durable = durable.resolve().as_uri()
+        if durable is not None and (not isinstance(durable, str) or not durable):
+            raise ValueError(f"durable={durable!r} is not accepted; use an fsspec URL or path, or None")
+        if self.durable_every_n_steps and durable is None:
+            raise ValueError("durable_every_n_steps needs durable= (an fsspec URL such as 's3://bucket/job')")
+        self.durable_url = durable
+        self._durable_args = (storage_options, _positive("durable_keep", durable_keep))
+        self.layout = FlashLayout(root, self.job_id)
+        self._rank, self._world_size, self._process_group = rank, world_size, process_group
+        self._threads, self._chunk_size = threads, chunk_size
+        self._engine: FlashEngine | None = None
+        self.last_saved_step: int | None = None
+
+    @property
+    def job_dir(self) -> Path:
+        return self.layout.job_dir
+
+    @property
+    def engine(self) -> FlashEngine:
+        """The engine, created at first use, once torch.distributed (if used) is initialised."""
+        if self._engine is None:
+            rank, world_size = self._rank, self._world_size
+            if rank is None or world_size is None:
+                import torch.distributed as dist
+
+                if dist.is_available() and dist.is_initialized():
+                    rank = dist.get_rank(self._process_group) if rank is None else rank
+                    world_size = (
+                        dist.get_world_size(self._process_group) if world_size is None else world_size
+                    )
+                else:
+                    rank, world_size = rank or 0, world_size or 1
+            durable = None
+            if self.durable_url is not None:
+                options, keep = self._durable_args
+                durable = DurableTier(self.durable_url, options, keep=keep)
+            self._engine = FlashEngine(
+                self.layout,
+                rank=rank,
+                world_size=world_size,
+                keep=self.keep,
+                durable=durable,
+                chunk_size=self._chunk_size,
+                threads=self._threads,
+                process_group=self._process_group,
+            )
+        return self._engine
+
+    def restore(self, state_dict: MutableMapping[str, Any]) -> int | None:
+        """Load the newest complete state into ``state_dict`` in place; return its step, or None.
+
+        ``restored_from`` then says where it came from: "flash", "durable", or None.
+        """
+        step = self.engine.load(state_dict)
+        self.last_saved_step = step
+        return step
+
+    @property
+    def restored_from(self) -> str | None:
+        return self._engine.restored_from if self._engine is not None else None
+
+    def save(self, step: int, state_dict: MutableMapping[str, Any], *, durable: bool | None = None) -> bool:
+        """Save now (async unless ``async_save=False``); a durable copy follows when ``durable`` or when
+        ``step`` is a multiple of ``durable_every_n_steps``. Returns False if the step was already saved."""
+        if durable is None:
+            durable = bool(self.durable_every_n_steps) and step % self.durable_every_n_steps == 0
+        saved = self.engine.save(step, state_dict, blocking=not self.async_save, durable=durable)
+        if saved:
+            self.last_saved_step = step
+        return saved
+
+    def maybe_save(self, step: int, state_dict: MutableMapping[str, Any]) -> bool:
+        """Save if ``step`` is a multiple of ``every_n_steps`` (and not saved yet); True if it saved."""
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step={step!r} is not accepted; use an int >= 0")
+        if step % self.every_n_steps or step == self.last_saved_step:
+            return False
+        return self.save(step, state_dict)
+
+    def wait(self) -> None:
+        """Block until background commits and uploads finish; raise what failed."""
+        if self._engine is not None:
+            self._engine.wait()
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+
+    def __enter__(self) -> FlashCheckpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        root = str(self.layout.root)
+        return f"FlashCheckpointer({self.job_id!r}, root={root!r}, durable={self.durable_url!r})"

@@ -1,0 +1,327 @@
+"""One rank's objects in a flash job: write, commit, verify, drop, and retention.
+
+Both the engine (state dicts) and the DCP adapter (write items) store through it, so there is one
+place that knows the commit order:
+
+1. the object's bytes go into a free pool buffer (nothing committed is touched);
+2. the header is written last into the buffer, and the buffer is renamed into the step directory;
+3. the rank's commit record is written to a temporary name and renamed: from here the rank's share of
+   the step exists. Dropping a step goes the other way: commit record first, then the object.
+
+A kill -9 at any point leaves either no commit record (the object is adopted back into the pool at the
+next start) or a whole committed object.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .buffers import Buffer, BufferPool
+from .copier import Copier
+from .layout import CommitRecord, FlashLayout
+from .objects import (
+    HEADER_SIZE,
+    PACKED_HEADER_SIZE,
+    CorruptObjectError,
+    Header,
+    dump_meta,
+    hash_bytes,
+    pack_hashes,
+    plan_tensors,
+    unpack_hashes,
+)
+
+__all__ = ["RankStore", "VerifiedObject", "verify_object"]
+
+log = logging.getLogger("stalwart.flash")
+
+
+@dataclass(frozen=True)
+class StagedObject:
+    """Tensor bytes copied into a buffer, not yet committed (``hashes`` None: not hashed yet)."""
+
+    buffer: Buffer
+    meta: bytes
+    data_size: int
+    chunk_size: int
+    hashes: list[int] | None
+
+
+@dataclass(frozen=True)
+class VerifiedObject:
+    """A committed object whose header, metadata and every data chunk matched their checksums."""
+
+    step: int
+    rank: int
+    buffer: Buffer
+    header: Header
+    meta: bytes  # the pickled part of the meta region (chunk hashes stripped)
+
+
+class RankStore:
+    """The objects of ``rank`` under a layout: this process is their only writer (it holds the lock)."""
+
+    def __init__(self, layout: FlashLayout, rank: int, world_size: int, *, keep: int, copier: Copier) -> None:
+        self.layout, self.rank, self.world_size, self.keep = layout, rank, world_size, keep
+        self.copier = copier
+        self._lock = layout.lock(rank)
+        self.mutex = threading.RLock()
+        self._held: dict[int, Buffer] = {}  # committed steps of this rank mapped in this process
+        self._pins: dict[int, int] = {}  # steps being read (uploads): not dropped until unpinned
+        self.own: set[int] = set()
+        self._meta_cache: tuple[Any, list, bytes] | None = None
+        try:
+            self.pool = BufferPool(layout.pool_dir(rank))
+            self._clean_stale()
+        except BaseException:
+            self._lock.release()
+            raise
+
+    # writing
+
+    def stage(
+        self, skeleton: Any, tensors: Sequence[Any], *, chunk_size: int, hash_now: bool
+    ) -> StagedObject:
+        """The part of a save the caller waits for: plan, then copy the tensors into a free buffer
+        (hashing each chunk as it lands when ``hash_now``). Nothing committed is touched."""
+        entries, direct, data_end = plan_tensors(tensors)
+        meta = self._meta(skeleton, entries)
+        data_size = data_end - HEADER_SIZE
+        chunks = -(-data_size // chunk_size)
+        with self.mutex:
+            buffer = self.pool.acquire(data_end + 64 + len(meta) + 8 * chunks)
+        try:
+            hashes = self.copier.copy_in(
+                tensors, entries, direct, buffer, data_size, chunk_size, hash_chunks=hash_now
+            )
+        except BaseException:
+            self.abandon(buffer)
+            raise
+        return StagedObject(buffer, meta, data_size, chunk_size, hashes)
+
+    def _meta(self, skeleton: Any, entries: list) -> bytes:
+        """Pickled skeleton and tensor table; reused while neither changes (the usual case)."""
+        cached = self._meta_cache
+        if cached is not None and cached[0] == skeleton and cached[1] == entries:
+            return cached[2]
+        meta = dump_meta(skeleton, entries)
+        self._meta_cache = (skeleton, entries, meta)
+        return meta
+
+    def commit_staged(self, step: int, staged: StagedObject) -> CommitRecord:
+        """Hash (if not done yet) and commit a staged object; give its buffer back if that fails."""
+        try:
+            hashes = staged.hashes
+            if hashes is None:
+                hashes = self.copier.hash_data(
+                    staged.buffer.view, staged.data_size, staged.chunk_size, parallel=False
+                )
+            return self.commit(step, staged.buffer, staged.meta, staged.data_size, staged.chunk_size, hashes)
+        except BaseException:
+            self.abandon(staged.buffer)
+            raise
+
+    def abandon(self, buffer: Buffer) -> None:
+        """Give back a buffer whose save failed before it committed."""
+        with self.mutex:
+            self.pool.release(buffer)
+
+    def commit(
+        self, step: int, buffer: Buffer, meta: bytes, data_size: int, chunk_size: int, hashes: list[int]
+    ) -> CommitRecord:
+        """Finish an object whose data is in ``buffer``: metadata, header, rename, commit record."""
+        meta_region = meta + pack_hashes(hashes)
+        meta_offset = HEADER_SIZE + data_size
+        meta_offset += -meta_offset % 64
+        end = meta_offset + len(meta_region)
+        if end > buffer.capacity:
+            raise ValueError(
+                f"internal error: object of {end} bytes does not fit its {buffer.capacity}-byte buffer"
+            )
+        buffer.view[meta_offset:end] = meta_region
+        header = Header(
+            step,
+            self.rank,
+            self.world_size,
+            HEADER_SIZE,
+            data_size,
+            meta_offset,
+            len(meta_region),
+            chunk_size,
+            hash_bytes(meta_region),
+        ).pack()
+        buffer.view[: len(header)] = header
+        record = CommitRecord(
+            step=step,
+            rank=self.rank,
+            world_size=self.world_size,
+            objects=[
+                {"name": self.layout.object_name(self.rank), "size": end, "header_hash": hash_bytes(header)}
+            ],
+        )
+        with self.mutex:
+            buffer.move(self.layout.object_path(step, self.rank))
+            self.layout.write_commit(record)
+            self._held[step] = buffer
+            self.own.add(step)
+        return record
+
+    # reading
+
+    def verify(self, step: int) -> VerifiedObject:
+        """Map (once) and check this rank's committed object of ``step``."""
+        with self.mutex:
+            buffer = self._held.get(step)
+        verified = verify_object(self.layout, step, self.rank, self.copier, buffer)
+        with self.mutex:
+            self._held.setdefault(step, verified.buffer)
+        return verified
+
+    # pins (a reader such as an upload keeps its step alive)
+
+    def pin(self, step: int) -> Buffer:
+        with self.mutex:
+            self._pins[step] = self._pins.get(step, 0) + 1
+            return self._held[step]
+
+    def unpin(self, step: int) -> None:
+        with self.mutex:
+            self._pins[step] -= 1
+            if not self._pins[step]:
+                del self._pins[step]
+
+    # dropping and retention
+
+    def drop(self, step: int) -> None:
+        """Forget this rank's share of a step: commit record first, then the object goes to the pool."""
+        with self.mutex:
+            self.layout.remove_commit(step, self.rank)
+            self.own.discard(step)
+            buffer = self._held.pop(step, None)
+            if buffer is not None:
+                self.pool.release(buffer)
+            else:
+                path = self.layout.object_path(step, self.rank)
+                if path.exists():
+                    self.pool.adopt(path)
+            self.layout.remove_step_dir_if_empty(step)
+
+    def retain(self) -> None:
+        """Keep the newest ``keep`` complete steps (and anything newer); drop older own objects.
+
+        An older step goes only once ``keep`` newer steps are complete, so the newest complete step is
+        never dropped for a step whose other ranks are still writing. Pinned steps wait.
+        """
+        with self.mutex:
+            complete = [s for s in sorted(self.own) if self.layout.is_complete(s, self.world_size)]
+            if len(complete) <= self.keep:
+                return
+            cutoff = complete[-self.keep]
+            for step in sorted(self.own):
+                if step >= cutoff:
+                    break
+                if step not in self._pins:
+                    self.drop(step)
+
+    def drop_newer_than(self, step: int | None) -> None:
+        """Forget own steps after ``step`` (all when None): a restore chose an earlier state, so they
+        belong to an abandoned timeline and must never be mixed with what training saves next."""
+        with self.mutex:
+            for own in sorted(self.own):
+                if step is None or own > step:
+                    self.drop(own)
+
+    def _clean_stale(self) -> None:
+        """Adopt objects of saves that died before committing; forget commits whose object is gone."""
+        own_name = self.layout.object_name(self.rank)
+        commit_prefix = f"rank-{self.rank:05d}.commit"
+        for step in self.layout.steps():
+            directory = self.layout.step_dir(step)
+            with contextlib.suppress(FileNotFoundError):
+                for name in os.listdir(directory):
+                    if name.startswith((commit_prefix + ".", own_name + ".")) and name.endswith(
+                        (".tmp", ".download")
+                    ):
+                        Path(directory, name).unlink(missing_ok=True)
+            has_object = self.layout.object_path(step, self.rank).exists()
+            committed = self.layout.read_commit(step, self.rank) is not None
+            if has_object and not committed:
+                log.info(
+                    "flash: adopting the object of an unfinished save of step %d (rank %d)", step, self.rank
+                )
+                self.pool.adopt(self.layout.object_path(step, self.rank))
+            elif committed and not has_object:
+                self.layout.remove_commit(step, self.rank)
+            elif committed:
+                self.own.add(step)
+            self.layout.remove_step_dir_if_empty(step)
+        complete = self.layout.complete_steps(self.world_size)
+        if complete:
+            for step in sorted(self.own):
+                if step < complete[-1] and not self.layout.is_complete(step, self.world_size):
+                    self.drop(step)  # its other ranks never committed: it can never be loaded
+
+    # life cycle
+
+    def close(self) -> None:
+        with self.mutex:
+            for buffer in self._held.values():
+                buffer.close()
+            self._held.clear()
+            self.pool.close()
+            self._lock.release()
+
+
+def verify_object(
+    layout: FlashLayout, step: int, rank: int, copier: Copier, buffer: Buffer | None = None
+) -> VerifiedObject:
+    """Map a committed object (unless ``buffer`` already maps it) and check its commit record, header,
+    metadata and every data chunk; raise CorruptObjectError naming the object and what failed."""
+    path = layout.object_path(step, rank)
+    where = str(path)
+    record = layout.read_commit(step, rank)
+    if record is None:
+        raise CorruptObjectError(f"{where}: no commit record")
+    (entry,) = record.objects
+    opened = buffer is None
+    if buffer is None:
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise CorruptObjectError(f"{where}: object missing although committed") from None
+        if size < entry["size"]:
+            raise CorruptObjectError(f"{where}: truncated to {size} bytes, committed with {entry['size']}")
+        buffer = Buffer(path, size, populate=False)
+    try:
+        view = buffer.view
+        raw_header = bytes(view[:PACKED_HEADER_SIZE])  # copies: no view of the map outlives this call
+        if hash_bytes(raw_header) != entry["header_hash"]:
+            raise CorruptObjectError(f"{where}: header does not match its commit record")
+        header = Header.unpack(raw_header, where=where)
+        if header.step != step or header.rank != rank or header.end > buffer.capacity:
+            raise CorruptObjectError(f"{where}: header names step {header.step}, rank {header.rank}")
+        meta_region = bytes(view[header.meta_offset : header.end])
+        if hash_bytes(meta_region) != header.meta_hash:
+            raise CorruptObjectError(f"{where}: metadata checksum mismatch")
+        hashes = unpack_hashes(meta_region[len(meta_region) - 8 * header.chunks :], header.chunks)
+        actual = copier.hash_data(view, header.data_size, header.chunk_size)
+        bad = [i for i, (a, b) in enumerate(zip(actual, hashes, strict=True)) if a != b]
+        if bad:
+            first = HEADER_SIZE + bad[0] * header.chunk_size
+            raise CorruptObjectError(
+                f"{where}: data checksum mismatch in {len(bad)} chunk(s), the first at bytes "
+                f"{first}-{first + header.chunk_size}"
+            )
+    except BaseException:
+        if opened:
+            buffer.close()
+        raise
+    meta = meta_region[: len(meta_region) - 8 * header.chunks]
+    return VerifiedObject(step, rank, buffer, header, meta)
