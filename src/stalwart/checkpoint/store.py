@@ -30,7 +30,12 @@ class HashingWriter:
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
-        self.raw.write(view)
+        done = 0
+        while done < len(
+            view
+        ):  # an unbuffered file may take fewer bytes than offered (2 GiB per call on Linux)
+            written = self.raw.write(view[done:])
+            done += len(view) - done if written is None else written
         self.sha256.update(view)
         self.size += len(view)
         if self._on_bytes:
@@ -82,9 +87,15 @@ class DurableStore:
                 yield writer
                 os.fsync(raw.fileno())
         else:
-            with self.fs.open(path, "wb") as raw:
+            raw = self.fs.open(path, "wb")
+            try:
                 writer = HashingWriter(raw, on_bytes)
                 yield writer
+            except BaseException:
+                if hasattr(raw, "discard"):  # abort a multipart upload instead of completing a torn object
+                    raw.discard()
+                raise
+            raw.close()
 
     def commit(self, name: str, data: bytes) -> None:
         """Write a commit marker atomically: whole or absent, never partial."""
@@ -119,7 +130,7 @@ class DurableStore:
     def children(self, prefix: str = "") -> list[str]:
         """Names of the entries directly under ``prefix`` (fresh listing, no cache)."""
         base = self.path(prefix) if prefix else self.root
-        self.fs.invalidate_cache(base)
+        self.fs.invalidate_cache()  # s3fs drops only the given path's own listing otherwise
         try:
             entries = self.fs.ls(base, detail=False)
         except FileNotFoundError:
@@ -128,7 +139,7 @@ class DurableStore:
 
     def glob(self, pattern: str) -> list[str]:
         """Names (relative to the store's root) of objects matching ``pattern`` (fresh listing)."""
-        self.fs.invalidate_cache(self.root)
+        self.fs.invalidate_cache()
         root = self.root.rstrip("/") + "/"
         found = self.fs.glob(root + pattern)
         return sorted(p[len(root) :] for p in found if p.startswith(root))

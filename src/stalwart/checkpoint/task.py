@@ -22,6 +22,7 @@ import shutil
 import socket
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -89,6 +90,7 @@ class Checkpoint:
         self.keep = keep
         self._path = Path(path) if path is not None else None
         self._seq: int | None = None
+        self._seq_lock = threading.Lock()
         self._restored: tuple[CheckpointInfo, Path] | None = None
 
     def __repr__(self) -> str:
@@ -168,16 +170,17 @@ class Checkpoint:
         return await asyncio.to_thread(self.save_sync, data)
 
     def _next_version(self) -> str:
-        if self._seq is None:
-            prefix = f"a{self.attempt:05d}."
-            seqs = [
-                int(m.group(2))
-                for n in self.store.children()
-                if (m := _VERSION.match(n)) and n.startswith(prefix)
-            ]
-            self._seq = max(seqs, default=0)
-        self._seq += 1
-        return f"a{self.attempt:05d}.s{self._seq:06d}"
+        with self._seq_lock:  # overlapping async saves must never share a version name
+            if self._seq is None:
+                prefix = f"a{self.attempt:05d}."
+                seqs = [
+                    int(m.group(2))
+                    for n in self.store.children()
+                    if (m := _VERSION.match(n)) and n.startswith(prefix)
+                ]
+                self._seq = max(seqs, default=0)
+            self._seq += 1
+            return f"a{self.attempt:05d}.s{self._seq:06d}"
 
     def _prune(self, newest: CheckpointInfo) -> None:
         """Drop versions beyond ``keep`` and leftovers of saves that died before committing.
