@@ -36,6 +36,7 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
+from .board import LocalBoard
 from .copier import Copier
 from .layout import FlashLayout
 from .objects import DEFAULT_CHUNK, CorruptObjectError, hash_bytes, plan_tensors
@@ -85,6 +86,13 @@ def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]
     return rank or 0, world_size or 1
 
 
+class _DcpBoard(LocalBoard):
+    """A DCP step is safe to keep instead of older ones only once the coordinator wrote its metadata."""
+
+    def safe(self, step: int) -> bool:
+        return super().safe(step) and (self.layout.step_dir(step) / METADATA).exists()
+
+
 class FlashStorageWriter(StorageWriter):
     """A DCP ``StorageWriter`` that saves into the flash tier of ``job_id`` (one object per rank)."""
 
@@ -122,26 +130,34 @@ class FlashStorageWriter(StorageWriter):
         self.is_coordinator = is_coordinator
         if self._store is None:
             rank, world = _rank_and_world(kwargs.get("rank"), None)
-            self._store = RankStore(self.layout, rank, world, keep=self.keep, copier=Copier(self._threads))
+            self._store = RankStore(
+                self.layout,
+                rank,
+                world,
+                keep=self.keep,
+                copier=Copier(self._threads),
+                board=_DcpBoard(self.layout, world),
+            )
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
-        assert self._store is not None and self.step is not None
+        step = self._require_step()
+        assert self._store is not None, "DCP calls set_up_storage_writer before prepare_local_plan"
         newest = max(self._store.own, default=None)
-        if newest is not None and self.step <= newest:
-            raise ValueError(
-                f"flash step {self.step} is not newer than step {newest}, already saved by this rank"
-            )
+        if newest is not None and step <= newest:
+            raise ValueError(f"flash step {step} is not newer than step {newest}, already saved by this rank")
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         return plans
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
-        assert self._store is not None and self.step is not None
-        store = self._store
+        store, step = self._store, self._require_step()
+        assert store is not None
         tensors: list[torch.Tensor] = []
+        is_bytes: list[bool] = []
         for item in plan.items:
             data = planner.resolve_data(item)
+            is_bytes.append(isinstance(data, io.BytesIO))
             if isinstance(data, io.BytesIO):
                 raw = bytearray(data.getbuffer())
                 tensors.append(
@@ -149,10 +165,10 @@ class FlashStorageWriter(StorageWriter):
                 )
             else:
                 tensors.append(data.detach())
-        staged = store.stage("dcp", tensors, chunk_size=self.chunk_size, hash_now=True)
-        store.commit_staged(self.step, staged)
         entries, _, _ = plan_tensors(tensors)
-        store.retain()
+        staged = store.stage("dcp", tensors, chunk_size=self.chunk_size, hash_now=True)
+        store.commit_staged(step, staged)
+        store.retain()  # a step counts once its metadata exists (_DcpBoard); the coordinator retains in finish
         results = [
             WriteResult(
                 index=item.index,
@@ -161,11 +177,11 @@ class FlashStorageWriter(StorageWriter):
                     store.rank,
                     entry.offset,
                     entry.nbytes,
-                    None if isinstance(planner.resolve_data(item), io.BytesIO) else entry.dtype,
-                    None if isinstance(planner.resolve_data(item), io.BytesIO) else entry.shape,
+                    None if raw else entry.dtype,
+                    None if raw else entry.shape,
                 ),
             )
-            for item, entry in zip(plan.items, entries, strict=True)
+            for item, entry, raw in zip(plan.items, entries, is_bytes, strict=True)
         ]
         future: Future[list[WriteResult]] = Future()
         future.set_result(results)
@@ -173,14 +189,24 @@ class FlashStorageWriter(StorageWriter):
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         """The coordinator writes the DCP metadata once every rank has committed its object."""
-        assert self.step is not None
+        step = self._require_step()
         metadata.storage_data = {r.index: r.storage_data for rank_results in results for r in rank_results}
         metadata.storage_meta = self.storage_meta()
         body = pickle.dumps(metadata, protocol=pickle.HIGHEST_PROTOCOL)
-        path = self.layout.step_dir(self.step) / METADATA
+        path = self.layout.step_dir(step) / METADATA
         tmp = path.with_name(f"{METADATA}.{os.getpid()}.tmp")
         tmp.write_bytes(hash_bytes(body).to_bytes(8, "little") + body)
         os.replace(tmp, path)
+        self.step = None  # the next save names its own step
+        if self._store is not None:
+            self._store.retain()  # the new step is loadable now: older ones beyond keep can go
+
+    def _require_step(self) -> int:
+        if self.step is None:
+            raise ValueError(
+                "FlashStorageWriter needs checkpoint_id for every save: an int step, or writer.step_dir(step)"
+            )
+        return self.step
 
     def storage_meta(self) -> StorageMeta | None:
         step_dir = str(self.layout.step_dir(self.step)) if self.step is not None else None
@@ -216,7 +242,7 @@ class FlashStorageReader(StorageReader):
     ) -> None:
         super().__init__()
         self.layout = FlashLayout(root, job_id)
-        self._copier = Copier(threads)
+        self._threads = threads
         self.step: int | None = None
         self.storage_data: dict[Any, FlashItem] = {}
         self.load_id = ""
@@ -237,10 +263,15 @@ class FlashStorageReader(StorageReader):
         self.step = self.latest_step() if checkpoint_id is None else _step_of(checkpoint_id, self.layout)
         if self.step is None:
             raise FileNotFoundError(f"no complete flash step with DCP metadata under {self.layout.steps_dir}")
+        if not (self.layout.step_dir(self.step) / METADATA).exists():
+            raise FileNotFoundError(
+                f"flash step {self.step} of job {self.layout.job_id!r} has no DCP metadata: its save did not "
+                "finish, or it was not saved through FlashStorageWriter"
+            )
         self.load_id = uuid.uuid4().hex
 
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        if self.step is None:
+    def read_metadata(self) -> Metadata:  # no **kwargs: DCP must not retry per rank (no collectives then)
+        if self.step is None:  # DCP calls reset only when given a checkpoint_id: default to the newest step
             self.reset(None)
         assert self.step is not None
         path = self.layout.step_dir(self.step) / METADATA
@@ -275,11 +306,12 @@ class FlashStorageReader(StorageReader):
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         assert self.step is not None
         opened: dict[int, VerifiedObject] = {}
+        copier = Copier(self._threads)
         try:
             for request in plan.items:
                 item = self.storage_data[request.storage_index]
                 if item.rank not in opened:
-                    opened[item.rank] = verify_object(self.layout, self.step, item.rank, self._copier)
+                    opened[item.rank] = verify_object(self.layout, self.step, item.rank, copier)
                 buffer = opened[item.rank].buffer
                 if request.type == LoadItemType.BYTE_IO:
                     planner.load_bytes(
@@ -303,6 +335,8 @@ class FlashStorageReader(StorageReader):
         finally:
             for verified in opened.values():
                 verified.buffer.close()
+            copier.close()
+            self.step = None  # a later load without checkpoint_id picks the newest step again
         future: Future[None] = Future()
         future.set_result(None)
         return future

@@ -179,6 +179,18 @@ class FlashLayout:
     def complete_steps(self, world_size: int) -> list[int]:
         return [step for step in self.steps() if self.is_complete(step, world_size)]
 
-    def remove_step_dir_if_empty(self, step: int) -> None:
+    def remove_step_if_abandoned(self, step: int) -> None:
+        """Remove a step directory once no rank's object or commit record is left in it (with what
+        belonged to the step as a whole, such as DCP metadata)."""
+        directory = self.step_dir(step)
+        try:
+            names = os.listdir(directory)
+        except FileNotFoundError:
+            return
+        if any(name.startswith("rank-") and name.endswith((".obj", ".commit")) for name in names):
+            return
+        for name in names:
+            with contextlib.suppress(OSError):
+                os.unlink(directory / name)
         with contextlib.suppress(OSError):
-            os.rmdir(self.step_dir(step))
+            os.rmdir(directory)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .board import Board, LocalBoard
 from .buffers import Buffer, BufferPool
 from .copier import Copier
 from .layout import CommitRecord, FlashLayout
@@ -68,9 +69,19 @@ class VerifiedObject:
 class RankStore:
     """The objects of ``rank`` under a layout: this process is their only writer (it holds the lock)."""
 
-    def __init__(self, layout: FlashLayout, rank: int, world_size: int, *, keep: int, copier: Copier) -> None:
+    def __init__(
+        self,
+        layout: FlashLayout,
+        rank: int,
+        world_size: int,
+        *,
+        keep: int,
+        copier: Copier,
+        board: Board | None = None,
+    ) -> None:
         self.layout, self.rank, self.world_size, self.keep = layout, rank, world_size, keep
         self.copier = copier
+        self.board: Board = board or LocalBoard(layout, world_size)
         self._lock = layout.lock(rank)
         self.mutex = threading.RLock()
         self._held: dict[int, Buffer] = {}  # committed steps of this rank mapped in this process
@@ -171,6 +182,7 @@ class RankStore:
             self.layout.write_commit(record)
             self._held[step] = buffer
             self.own.add(step)
+        self.board.committed(step, self.rank)
         return record
 
     # reading
@@ -211,16 +223,17 @@ class RankStore:
                 path = self.layout.object_path(step, self.rank)
                 if path.exists():
                     self.pool.adopt(path)
-            self.layout.remove_step_dir_if_empty(step)
+            self.layout.remove_step_if_abandoned(step)
 
     def retain(self) -> None:
-        """Keep the newest ``keep`` complete steps (and anything newer); drop older own objects.
+        """Keep the newest ``keep`` safe steps (and anything newer); drop older own objects.
 
-        An older step goes only once ``keep`` newer steps are complete, so the newest complete step is
+        An older step goes only once ``keep`` newer steps are safe on the board (every rank committed
+        them, and their replicas or metadata exist where that is asked for), so the newest safe step is
         never dropped for a step whose other ranks are still writing. Pinned steps wait.
         """
         with self.mutex:
-            complete = [s for s in sorted(self.own) if self.layout.is_complete(s, self.world_size)]
+            complete = [s for s in sorted(self.own) if self.board.safe(s)]
             if len(complete) <= self.keep:
                 return
             cutoff = complete[-self.keep]
@@ -261,7 +274,7 @@ class RankStore:
                 self.layout.remove_commit(step, self.rank)
             elif committed:
                 self.own.add(step)
-            self.layout.remove_step_dir_if_empty(step)
+            self.layout.remove_step_if_abandoned(step)
         complete = self.layout.complete_steps(self.world_size)
         if complete:
             for step in sorted(self.own):

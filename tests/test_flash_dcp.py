@@ -1,0 +1,414 @@
+"""The torch.distributed.checkpoint adapter of the flash tier: FlashStorageWriter / FlashStorageReader.
+
+Every save goes through real ``dcp.save`` / ``dcp.async_save`` and every load through ``dcp.load``;
+the two-rank test runs gloo over 127.0.0.1 in spawned processes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import multiprocessing
+import pickle
+import re
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import dcp_workers
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+
+from stalwart import FlashStorageReader, FlashStorageWriter
+from stalwart.flash.objects import HEADER_SIZE, PACKED_HEADER_SIZE, CorruptObjectError, Header
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:torch.distributed is disabled:UserWarning",
+    "ignore::FutureWarning",
+)
+
+OBJ, COMMIT, METADATA = "rank-00000.obj", "rank-00000.commit", "dcp.metadata"
+
+
+# helpers
+
+
+def _failure(exc: BaseException) -> BaseException:
+    """The error a rank raised: DCP wraps errors of its plan/write/read steps in a CheckpointException
+    (a BaseException) holding ``{rank: (exception, traceback)}``."""
+    if isinstance(exc, CheckpointException):
+        (inner, _), *_ = exc.failures.values()
+        return inner
+    return exc
+
+
+def _make_state(seed: int) -> tuple[dict, torch.nn.Module]:
+    """A model state dict, an Adam state dict after one step, odd dtypes, non-contiguous views and
+    plain values; every value depends on ``seed``."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 4))
+    optim = torch.optim.Adam(
+        model.parameters(), lr=1e-3 * (seed + 1), betas=(0.9 - 0.1 * seed, 0.999), weight_decay=0.01 * seed
+    )
+    model(torch.randn(8, 16, generator=gen)).square().sum().backward()
+    optim.step()
+    base = torch.randn(6, 10, generator=gen)
+    state = {
+        "model": model.state_dict(),
+        "optim": optim.state_dict(),
+        "bf16": torch.randn(7, 5, generator=gen).to(torch.bfloat16),
+        "i64": torch.randint(-(2**62), 2**62, (33,), generator=gen, dtype=torch.int64),
+        "flags": torch.rand(17, generator=gen) > 0.5,
+        "transposed": base.t(),  # non-contiguous, not square: a raw copy of its storage would differ
+        "strided": base[:, ::3],
+        "scalar": torch.tensor(float(seed) + 0.25),
+        "epoch": 3 + seed,
+        "name": f"run-{seed}",
+        "cfg": {"layers": [16, 32, 4 + seed], "tags": ["a", {"deep": [1, 2, seed]}], "ratio": 0.5 + seed},
+    }
+    assert not state["transposed"].is_contiguous() and not state["strided"].is_contiguous()
+    return state, model
+
+
+def _assert_same(got: Any, want: Any, path: str = "state") -> None:
+    if isinstance(want, torch.Tensor):
+        assert isinstance(got, torch.Tensor), path
+        assert (got.dtype, got.shape) == (want.dtype, want.shape), path
+        assert torch.equal(got, want), path
+        # bit-exact, not just equal as numbers (-0.0 == 0.0)
+        as_bytes = lambda t: t.detach().reshape(-1).contiguous().view(torch.uint8)  # noqa: E731
+        assert torch.equal(as_bytes(got), as_bytes(want)), path
+    elif isinstance(want, dict):
+        assert isinstance(got, dict) and set(got) == set(want), (path, set(got) ^ set(want))
+        for key in want:
+            _assert_same(got[key], want[key], f"{path}.{key}")
+    elif isinstance(want, (list, tuple)):
+        assert type(got) is type(want) and len(got) == len(want), (path, got, want)
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            _assert_same(g, w, f"{path}[{i}]")
+    else:
+        assert type(got) is type(want) and got == want, (path, got, want)
+
+
+def _tensor_state(seed: int) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    return {"w": torch.randn(64, 48, generator=gen), "b": torch.arange(300, dtype=torch.int64) * seed}
+
+
+def _save_steps(tmp_path: Path, steps: list[int], *, keep: int = 2) -> dict[int, dict]:
+    saved = {}
+    writer = FlashStorageWriter("job", root=tmp_path, keep=keep)
+    try:
+        for step in steps:
+            saved[step] = _tensor_state(step)
+            dcp.save(saved[step], checkpoint_id=step, storage_writer=writer)
+    finally:
+        writer.close()
+    return saved
+
+
+def _step_names(tmp_path: Path) -> list[str]:
+    return sorted(p.name for p in (tmp_path / "job" / "steps").iterdir())
+
+
+# 1. world size 1
+
+
+def test_save_async_save_load_round_trip_bit_exact(tmp_path: Path) -> None:
+    first, _ = _make_state(0)
+    second, _ = _make_state(2)
+    want_first, want_second = copy.deepcopy(first), copy.deepcopy(second)
+
+    writer = FlashStorageWriter("job", root=tmp_path)
+    try:
+        dcp.save(first, checkpoint_id=writer.step_dir(10), storage_writer=writer)
+        dcp.async_save(second, checkpoint_id=writer.step_dir(11), storage_writer=writer).result(timeout=60)
+    finally:
+        writer.close()
+    for step in (10, 11):
+        assert sorted(p.name for p in (tmp_path / "job" / "steps" / f"step-{step:012d}").iterdir()) == [
+            METADATA,
+            COMMIT,
+            OBJ,
+        ]
+
+    reader = FlashStorageReader("job", root=tmp_path)
+    assert reader.latest_step() == 11
+    for checkpoint_id, want in ((10, want_first), (reader.step_dir(11), want_second)):
+        target, model = _make_state(1)  # different values everywhere, the same structure
+        with pytest.raises(AssertionError):
+            _assert_same(target, want)  # the fresh target really differs
+        dcp.load(target, checkpoint_id=checkpoint_id, storage_reader=reader)
+        _assert_same(target, want)
+        _assert_same(model.state_dict(), want["model"])  # loaded in place into the model's tensors
+
+
+# 2. world size 2 (gloo over loopback, spawned processes)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_ranks_gloo_save_async_save_load(tmp_path: Path) -> None:
+    root, out = tmp_path / "flash", tmp_path / "out"
+    out.mkdir()
+    ctx = multiprocessing.get_context("spawn")
+    port = _free_port()
+    procs = [
+        ctx.Process(
+            target=dcp_workers.save_and_load_two_ranks, args=(rank, 2, port, str(root), str(out)), daemon=True
+        )
+        for rank in range(2)
+    ]
+    for proc in procs:
+        proc.start()
+    deadline = time.monotonic() + 120
+    try:
+        for proc in procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+    finally:
+        hung = [proc.pid for proc in procs if proc.is_alive()]
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+                proc.join(10)
+    assert not hung, f"rank processes {hung} did not finish within 120 s"
+
+    results = {}
+    for rank in range(2):
+        path = out / f"result-{rank}.json"
+        assert path.exists(), f"rank {rank} reported nothing (exit code {procs[rank].exitcode})"
+        results[rank] = json.loads(path.read_text())
+    for rank, result in results.items():
+        assert result["ok"], f"rank {rank} failed:\n{result.get('error')}"
+        assert procs[rank].exitcode == 0
+        assert result["latest_step"] == 11
+        checks = result["checks"]
+        assert any(k.startswith("10/model.") for k in checks) and f"11/rank{rank}" in checks
+        assert all(checks.values()), {k: v for k, v in checks.items() if not v}
+        assert result["item_ranks"] == [0, 1]  # each rank's object holds items of the step
+    for step in (10, 11):
+        names = sorted(p.name for p in (root / "job" / "steps" / f"step-{step:012d}").iterdir())
+        assert names == [
+            METADATA,
+            "rank-00000.commit",
+            "rank-00000.obj",
+            "rank-00001.commit",
+            "rank-00001.obj",
+        ]
+
+
+# 3. latest_step and unfinished saves
+
+
+def test_latest_step_needs_every_rank_and_metadata(tmp_path: Path) -> None:
+    saved = _save_steps(tmp_path, [1, 2, 3], keep=5)
+    reader = FlashStorageReader("job", root=tmp_path)
+    assert reader.latest_step() == 3
+
+    (reader.step_dir(3) / METADATA).unlink()  # every rank committed, the coordinator never finished
+    assert reader.latest_step() == 2
+
+    commit = reader.step_dir(2) / COMMIT  # step 2 now claims a world of 2: rank 1 never committed
+    record = json.loads(commit.read_text())
+    commit.write_text(json.dumps({**record, "world_size": 2}))
+    assert reader.latest_step() == 1
+
+    fresh = FlashStorageReader("job", root=tmp_path)  # no checkpoint_id: the latest loadable step
+    target = _tensor_state(99)
+    dcp.load(target, storage_reader=fresh)
+    _assert_same(target, saved[1])
+
+
+def test_loading_a_step_without_metadata_says_the_save_did_not_finish(tmp_path: Path) -> None:
+    _save_steps(tmp_path, [1, 2], keep=5)
+    reader = FlashStorageReader("job", root=tmp_path)
+    (reader.step_dir(2) / METADATA).unlink()
+    target = _tensor_state(99)
+    before = copy.deepcopy(target)
+    with pytest.raises(BaseException) as info:  # DCP wraps it: CheckpointException
+        dcp.load(target, checkpoint_id=reader.step_dir(2), storage_reader=reader)
+    assert "its save did not finish" in str(_failure(info.value))
+    _assert_same(target, before)
+
+
+def test_loading_a_step_without_metadata_raises_file_not_found(tmp_path: Path) -> None:
+    _save_steps(tmp_path, [1, 2], keep=5)
+    reader = FlashStorageReader("job", root=tmp_path)
+    (reader.step_dir(2) / METADATA).unlink()
+    with pytest.raises(FileNotFoundError, match="its save did not finish"):
+        dcp.load(_tensor_state(99), checkpoint_id=reader.step_dir(2), storage_reader=reader)
+
+
+def test_a_reused_reader_without_checkpoint_id_loads_the_latest_step(tmp_path: Path) -> None:
+    writer = FlashStorageWriter("job", root=tmp_path, keep=5)
+    reader = FlashStorageReader("job", root=tmp_path)
+    try:
+        for step in (1, 2):
+            saved = _tensor_state(step)
+            dcp.save(saved, checkpoint_id=step, storage_writer=writer)
+            target = _tensor_state(99)
+            dcp.load(target, storage_reader=reader)
+            _assert_same(target, saved)
+    finally:
+        writer.close()
+
+
+def test_saving_without_checkpoint_id_says_one_is_needed(tmp_path: Path) -> None:
+    writer = FlashStorageWriter("job", root=tmp_path)
+    try:
+        with pytest.raises(BaseException) as info:  # a CheckpointException
+            dcp.save(_tensor_state(1), storage_writer=writer)
+    finally:
+        writer.close()
+    assert "needs checkpoint_id" in str(_failure(info.value))
+
+
+# 4. corruption
+
+
+def test_flipped_data_byte_fails_the_load_and_fills_nothing(tmp_path: Path) -> None:
+    saved = _save_steps(tmp_path, [1, 2])
+    reader = FlashStorageReader("job", root=tmp_path)
+    path = reader.step_dir(2) / OBJ
+    with open(path, "r+b") as fh:
+        header = Header.unpack(fh.read(PACKED_HEADER_SIZE), where=str(path))
+        offset = HEADER_SIZE + header.data_size // 2
+        assert offset > 4096
+        fh.seek(offset)
+        byte = fh.read(1)
+        fh.seek(offset)
+        fh.write(bytes([byte[0] ^ 0x40]))
+
+    target = {k: torch.full_like(v, -3) for k, v in saved[2].items()}
+    before = copy.deepcopy(target)
+    with pytest.raises(BaseException) as info:  # a CheckpointException
+        dcp.load(target, checkpoint_id=2, storage_reader=reader)
+    error = _failure(info.value)
+    assert isinstance(error, CorruptObjectError), repr(info.value)
+    assert "data checksum mismatch" in str(error) and str(path) in str(error)
+    _assert_same(target, before)  # nothing copied from the corrupt object
+
+    dcp.load(target, checkpoint_id=1, storage_reader=reader)  # the older step is intact
+    _assert_same(target, saved[1])
+
+
+def test_flipped_metadata_byte_fails_the_load(tmp_path: Path) -> None:
+    _save_steps(tmp_path, [1])
+    reader = FlashStorageReader("job", root=tmp_path)
+    path = reader.step_dir(1) / METADATA
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    path.write_bytes(bytes(raw))
+    with pytest.raises(BaseException) as info:
+        dcp.load(_tensor_state(99), checkpoint_id=1, storage_reader=reader)
+    assert "DCP metadata checksum mismatch" in str(_failure(info.value))
+
+
+# 5. retention
+
+
+def test_keep_two_keeps_the_newest_two_steps_loadable(tmp_path: Path) -> None:
+    saved = _save_steps(tmp_path, [1, 2, 3, 4, 5], keep=2)
+    steps = tmp_path / "job" / "steps"
+    objects = sorted(p.parent.name for p in steps.glob("*/rank-*.obj"))
+    commits = sorted(p.parent.name for p in steps.glob("*/rank-*.commit"))
+    assert objects == commits == ["step-000000000004", "step-000000000005"]
+    reader = FlashStorageReader("job", root=tmp_path)
+    assert reader.latest_step() == 5
+    for step in (4, 5):
+        target = _tensor_state(99)
+        dcp.load(target, checkpoint_id=step, storage_reader=reader)
+        _assert_same(target, saved[step])
+
+
+def test_keep_two_leaves_only_the_newest_two_step_dirs(tmp_path: Path) -> None:
+    _save_steps(tmp_path, [1, 2, 3, 4, 5], keep=2)
+    assert _step_names(tmp_path) == ["step-000000000004", "step-000000000005"]
+
+
+def test_keep_one_never_drops_the_last_loadable_step_before_the_next_is_loadable(tmp_path: Path) -> None:
+    writer = FlashStorageWriter("job", root=tmp_path, keep=1)
+    try:
+        state = _tensor_state(1)
+        dcp.save(state, checkpoint_id=1, storage_writer=writer)
+
+        def dies(*args: Any, **kwargs: Any) -> None:  # as if the coordinator were killed, or ENOSPC
+            raise OSError("simulated failure while writing dcp.metadata")
+
+        writer.finish = dies  # type: ignore[method-assign]
+        with pytest.raises(BaseException) as info:  # a CheckpointException
+            dcp.save(_tensor_state(2), checkpoint_id=2, storage_writer=writer)
+        assert "simulated failure" in str(_failure(info.value))
+    finally:
+        writer.close()
+    assert FlashStorageReader("job", root=tmp_path).latest_step() == 1
+
+
+# 6. bad input
+
+
+def test_bad_checkpoint_ids_are_refused(tmp_path: Path) -> None:
+    writer = FlashStorageWriter("job", root=tmp_path)
+    reader = FlashStorageReader("job", root=tmp_path)
+    other_job = FlashStorageReader("other", root=tmp_path).step_dir(3)
+    try:
+        for checkpoint_id in ("not-a-step", other_job, tmp_path / "step-x", -1, True):
+            with pytest.raises(ValueError, match="use an int step or a step directory") as info:
+                dcp.save(_tensor_state(1), checkpoint_id=checkpoint_id, storage_writer=writer)
+            assert "writer.step_dir(100)" in str(info.value)
+            with pytest.raises(ValueError, match="use an int step or a step directory"):
+                dcp.load(_tensor_state(1), checkpoint_id=checkpoint_id, storage_reader=reader)
+        with pytest.raises(ValueError, match=re.escape(str(tmp_path / "job" / "steps"))):
+            dcp.save(_tensor_state(1), checkpoint_id=other_job, storage_writer=writer)
+        assert not (tmp_path / "job" / "steps").exists() or not _step_names(tmp_path)
+    finally:
+        writer.close()
+
+
+def test_validate_checkpoint_id(tmp_path: Path) -> None:
+    writer = FlashStorageWriter("job", root=tmp_path)
+    assert FlashStorageWriter.validate_checkpoint_id(writer.step_dir(3)) is True
+    assert FlashStorageWriter.validate_checkpoint_id(str(writer.step_dir(3))) is True
+    assert FlashStorageWriter.validate_checkpoint_id("/tmp/x") is False
+    assert FlashStorageReader.validate_checkpoint_id(writer.step_dir(3)) is True
+    assert FlashStorageReader.validate_checkpoint_id("/tmp/x") is False
+
+
+def test_a_step_not_newer_than_a_saved_one_is_refused(tmp_path: Path) -> None:
+    writer = FlashStorageWriter("job", root=tmp_path, keep=5)
+    try:
+        dcp.save(_tensor_state(5), checkpoint_id=5, storage_writer=writer)
+        for step in (5, 4):
+            with pytest.raises(BaseException) as info:  # DCP wraps it: CheckpointException
+                dcp.save(_tensor_state(step), checkpoint_id=step, storage_writer=writer)
+            error = _failure(info.value)
+            assert isinstance(error, ValueError), repr(info.value)
+            assert f"flash step {step} is not newer than step 5" in str(error)
+        assert sorted(p.name for p in (tmp_path / "job" / "steps").iterdir()) == ["step-000000000005"]
+        saved = _tensor_state(6)
+        dcp.save(saved, checkpoint_id=6, storage_writer=writer)  # the writer still works
+    finally:
+        writer.close()
+    target = _tensor_state(99)
+    dcp.load(target, checkpoint_id=6, storage_reader=FlashStorageReader("job", root=tmp_path))
+    _assert_same(target, saved)
+
+
+def test_pickling_a_writer_explains_process_async_save_is_not_supported(tmp_path: Path) -> None:
+    writer = FlashStorageWriter("job", root=tmp_path)
+    try:
+        dcp.save(_tensor_state(1), checkpoint_id=1, storage_writer=writer)
+        for candidate in (writer, FlashStorageWriter("unused", root=tmp_path)):
+            with pytest.raises(TypeError, match="process executor") as info:
+                pickle.dumps(candidate)
+            assert "cannot be pickled" in str(info.value) and "thread executor" in str(info.value)
+    finally:
+        writer.close()
