@@ -168,7 +168,7 @@ class FlashStorageWriter(StorageWriter):
         entries, _, _ = plan_tensors(tensors)
         staged = store.stage("dcp", tensors, chunk_size=self.chunk_size, hash_now=True)
         store.commit_staged(step, staged)
-        store.retain()  # a step counts once its metadata exists (_DcpBoard); the coordinator retains in finish
+        store.retain()  # a step counts once its metadata exists; the coordinator retains in finish too
         results = [
             WriteResult(
                 index=item.index,
