@@ -57,6 +57,7 @@ class FlashCheckpointer:
         keep: int = 2,
         async_save: bool = True,
         *,
+        replicas: int = 1,
         storage_options: dict | None = None,
         durable_keep: int = 2,
         rank: int | None = None,
@@ -103,6 +104,11 @@ class FlashCheckpointer:
         self.layout = FlashLayout(root, self.job_id)
         self._rank, self._world_size, self._process_group = rank, world_size, process_group
         self._threads, self._chunk_size = threads, chunk_size
+        if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 0:
+            raise ValueError(
+                f"replicas={replicas!r} is not accepted; use an int >= 0 (copies on other nodes)"
+            )
+        self.replicas = replicas
         self._engine: FlashEngine | None = None
         self.last_saved_step: int | None = None
 
@@ -138,6 +144,7 @@ class FlashCheckpointer:
                 chunk_size=self._chunk_size,
                 threads=self._threads,
                 process_group=self._process_group,
+                replicas=self.replicas,
             )
         return self._engine
 

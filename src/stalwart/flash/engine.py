@@ -15,6 +15,7 @@ from collections.abc import MutableMapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from .cluster import Cluster
 from .copier import Copier
 from .durable import DurableTier
 from .layout import CommitRecord, FlashLayout
@@ -27,6 +28,7 @@ from .objects import (
     load_meta,
 )
 from .rankstore import RankStore, VerifiedObject
+from .replication import RingPlacement
 
 __all__ = ["FlashEngine", "FlashError"]
 
@@ -82,6 +84,7 @@ class FlashEngine:
         chunk_size: int = DEFAULT_CHUNK,
         threads: int | None = None,
         process_group: Any = None,
+        replicas: int = 0,
     ) -> None:
         _check_int("world_size", world_size, 1)
         _check_int("rank", rank, 0)
@@ -96,7 +99,13 @@ class FlashEngine:
         self.chunk_size = chunk_size
         self._group = _Group(world_size, process_group)
         self.copier = Copier(threads)
-        self.store = RankStore(layout, rank, world_size, keep=keep, copier=self.copier)
+        self.cluster = Cluster.join(
+            layout, rank, world_size, self._group, self.copier, RingPlacement(replicas)
+        )
+        board = self.cluster.board if self.cluster else None
+        self.store = RankStore(layout, rank, world_size, keep=keep, copier=self.copier, board=board)
+        if self.cluster:
+            self.cluster.start(self.store, keep)
         self._commits = ThreadPoolExecutor(1, thread_name_prefix="stalwart-commit")
         self._uploads = ThreadPoolExecutor(1, thread_name_prefix="stalwart-durable") if durable else None
         self._pending: tuple[int, Future] | None = None
@@ -133,6 +142,8 @@ class FlashEngine:
 
         def finish() -> None:
             record = self.store.commit_staged(step, staged)
+            if self.cluster:
+                self.cluster.replicate(record)
             if durable:
                 self._start_upload(record)
             self.store.retain()
@@ -178,8 +189,10 @@ class FlashEngine:
                     raise FlashError(f"uploading flash step {step} to {url} failed: {exc}") from exc
 
     def wait(self) -> None:
-        """Block until every pending commit and upload is done; raise the first failure."""
+        """Block until every pending commit, upload and replication is done; raise the first failure."""
         self._settle(wait=True)
+        if self.cluster:
+            self.cluster.wait()
         for _, future in list(self._upload_futures):
             future.exception()
         self._settle(wait=True)
@@ -197,13 +210,23 @@ class FlashEngine:
             raise TypeError(f"state must be a dict (a state dict); got {type(state).__name__}")
         self._settle(wait=True)
         self.restored_from = None
-        step = self._load_from(sorted(self.store.own), state, source="flash")
-        if step is not None:
-            self.restored_from = "flash"
-        elif self.durable is not None:
+        if self.cluster:
+            found = self.cluster.restore(self.store, self._group)
+            step = None
+            if found is not None:
+                step, verified, self.restored_from = found
+                self._apply(verified, state)
+        else:
+            step = self._load_from(sorted(self.store.own), state, source="flash")
+            self.restored_from = "flash" if step is not None else None
+        if step is None and self.durable is not None:
             step = self._load_durable(state)
             self.restored_from = "durable" if step is not None else None
+            if step is not None and self.rank == 0:
+                log.warning("flash: restored step %d from the durable store %s", step, self.durable.url)
         self.store.drop_newer_than(step)
+        if self.cluster:
+            self.cluster.after_restore(step, self._group)
         return step
 
     def _load_from(self, own_steps: list[int], state: MutableMapping[str, Any], *, source: str) -> int | None:
@@ -283,6 +306,8 @@ class FlashEngine:
             self.wait()
         finally:
             self._closed = True
+            if self.cluster:
+                self.cluster.close()
             self._commits.shutdown(wait=True)
             if self._uploads is not None:
                 self._uploads.shutdown(wait=True)

@@ -39,7 +39,7 @@ from .objects import (
     unpack_hashes,
 )
 
-__all__ = ["RankStore", "VerifiedObject", "verify_object"]
+__all__ = ["RankStore", "StagedObject", "VerifiedObject", "verify_mapped", "verify_object"]
 
 log = logging.getLogger("stalwart.flash")
 
@@ -196,6 +196,24 @@ class RankStore:
             self._held.setdefault(step, verified.buffer)
         return verified
 
+    def adopt_pulled(self, verified: VerifiedObject, record: CommitRecord) -> None:
+        """Make an object pulled from a peer (already verified, in a pool buffer) this rank's own."""
+        with self.mutex:
+            verified.buffer.move(self.layout.object_path(record.step, self.rank))
+            self.layout.write_commit(record)
+            self._held[record.step] = verified.buffer
+            self.own.add(record.step)
+
+    def holdings(self) -> list[tuple[int, int]]:
+        """(step, rank) of every committed object in this node's flash root: own, other local ranks',
+        and replicas kept for other nodes."""
+        found = []
+        for step in self.layout.steps():
+            for rank, record in self.layout.commits(step).items():
+                if record.world_size == self.world_size and self.layout.object_path(step, rank).exists():
+                    found.append((step, rank))
+        return found
+
     # pins (a reader such as an upload keeps its step alive)
 
     def pin(self, step: int) -> Buffer:
@@ -295,46 +313,54 @@ class RankStore:
 def verify_object(
     layout: FlashLayout, step: int, rank: int, copier: Copier, buffer: Buffer | None = None
 ) -> VerifiedObject:
-    """Map a committed object (unless ``buffer`` already maps it) and check its commit record, header,
-    metadata and every data chunk; raise CorruptObjectError naming the object and what failed."""
+    """Map a committed object (unless ``buffer`` already maps it) and check it against its commit
+    record; raise CorruptObjectError naming the object and what failed."""
     path = layout.object_path(step, rank)
-    where = str(path)
     record = layout.read_commit(step, rank)
     if record is None:
-        raise CorruptObjectError(f"{where}: no commit record")
-    (entry,) = record.objects
+        raise CorruptObjectError(f"{path}: no commit record")
     opened = buffer is None
     if buffer is None:
         try:
             size = path.stat().st_size
         except FileNotFoundError:
-            raise CorruptObjectError(f"{where}: object missing although committed") from None
-        if size < entry["size"]:
-            raise CorruptObjectError(f"{where}: truncated to {size} bytes, committed with {entry['size']}")
+            raise CorruptObjectError(f"{path}: object missing although committed") from None
+        if size < record.objects[0]["size"]:
+            raise CorruptObjectError(
+                f"{path}: truncated to {size} bytes, committed with {record.objects[0]['size']}"
+            )
         buffer = Buffer(path, size, populate=False)
     try:
-        view = buffer.view
-        raw_header = bytes(view[:PACKED_HEADER_SIZE])  # copies: no view of the map outlives this call
-        if hash_bytes(raw_header) != entry["header_hash"]:
-            raise CorruptObjectError(f"{where}: header does not match its commit record")
-        header = Header.unpack(raw_header, where=where)
-        if header.step != step or header.rank != rank or header.end > buffer.capacity:
-            raise CorruptObjectError(f"{where}: header names step {header.step}, rank {header.rank}")
-        meta_region = bytes(view[header.meta_offset : header.end])
-        if hash_bytes(meta_region) != header.meta_hash:
-            raise CorruptObjectError(f"{where}: metadata checksum mismatch")
-        hashes = unpack_hashes(meta_region[len(meta_region) - 8 * header.chunks :], header.chunks)
-        actual = copier.hash_data(view, header.data_size, header.chunk_size)
-        bad = [i for i, (a, b) in enumerate(zip(actual, hashes, strict=True)) if a != b]
-        if bad:
-            first = HEADER_SIZE + bad[0] * header.chunk_size
-            raise CorruptObjectError(
-                f"{where}: data checksum mismatch in {len(bad)} chunk(s), the first at bytes "
-                f"{first}-{first + header.chunk_size}"
-            )
+        return verify_mapped(buffer, record, copier, where=str(path))
     except BaseException:
         if opened:
             buffer.close()
         raise
+
+
+def verify_mapped(buffer: Buffer, record: CommitRecord, copier: Copier, *, where: str) -> VerifiedObject:
+    """Check the object in ``buffer`` against ``record``: header, metadata and every data chunk."""
+    (entry,) = record.objects
+    if entry["size"] > buffer.capacity:
+        raise CorruptObjectError(f"{where}: {buffer.capacity} bytes, committed with {entry['size']}")
+    view = buffer.view
+    raw_header = bytes(view[:PACKED_HEADER_SIZE])  # copies: no view of the map outlives this call
+    if hash_bytes(raw_header) != entry["header_hash"]:
+        raise CorruptObjectError(f"{where}: header does not match its commit record")
+    header = Header.unpack(raw_header, where=where)
+    if header.step != record.step or header.rank != record.rank or header.end > buffer.capacity:
+        raise CorruptObjectError(f"{where}: header names step {header.step}, rank {header.rank}")
+    meta_region = bytes(view[header.meta_offset : header.end])
+    if hash_bytes(meta_region) != header.meta_hash:
+        raise CorruptObjectError(f"{where}: metadata checksum mismatch")
+    hashes = unpack_hashes(meta_region[len(meta_region) - 8 * header.chunks :], header.chunks)
+    actual = copier.hash_data(view, header.data_size, header.chunk_size)
+    bad = [i for i, (a, b) in enumerate(zip(actual, hashes, strict=True)) if a != b]
+    if bad:
+        first = HEADER_SIZE + bad[0] * header.chunk_size
+        raise CorruptObjectError(
+            f"{where}: data checksum mismatch in {len(bad)} chunk(s), the first at bytes "
+            f"{first}-{first + header.chunk_size}"
+        )
     meta = meta_region[: len(meta_region) - 8 * header.chunks]
-    return VerifiedObject(step, rank, buffer, header, meta)
+    return VerifiedObject(record.step, record.rank, buffer, header, meta)

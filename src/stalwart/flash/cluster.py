@@ -1,0 +1,169 @@
+"""This rank's view of a flash job spread over several nodes: peers, the board, replication, recovery.
+
+Joining is collective (every rank constructs its engine at the same point): rank 0 draws the job
+secret and a board generation, every rank starts its replication server, and the ranks gather each
+other's addresses and node keys. On one node nothing of this is needed and ``join`` returns None.
+
+Recovery: every rank reports the (step, rank) objects its node holds, own or replica; the ranks pick
+the newest step whose every object exists somewhere, each rank verifies its own object or pulls it
+from a node that has it, and only when all ranks succeeded do they load. A replaced node with an empty
+flash root holds nothing and so never vetoes a step its peers can serve.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from typing import Any
+
+from .board import StoreBoard
+from .copier import Copier
+from .layout import FlashLayout
+from .objects import CorruptObjectError
+from .rankstore import RankStore, VerifiedObject
+from .replication import (
+    Peer,
+    ReplicaKeeper,
+    ReplicationServer,
+    Replicator,
+    RingPlacement,
+    node_key,
+    pull,
+    replica_host,
+)
+
+__all__ = ["Cluster"]
+
+log = logging.getLogger("stalwart.flash")
+
+
+class Cluster:
+    def __init__(
+        self,
+        layout: FlashLayout,
+        rank: int,
+        peers: list[Peer],
+        secret: bytes,
+        server: ReplicationServer,
+        board: StoreBoard,
+        placement: RingPlacement,
+        copier: Copier,
+    ) -> None:
+        self.layout, self.rank, self.peers, self.secret = layout, rank, peers, secret
+        self.server, self.board, self.placement, self.copier = server, board, placement, copier
+        self.replicator: Replicator | None = None
+        self.node = peers[rank].node
+
+    @classmethod
+    def join(
+        cls,
+        layout: FlashLayout,
+        rank: int,
+        world_size: int,
+        group: Any,
+        copier: Copier,
+        placement: RingPlacement,
+    ) -> Cluster | None:
+        """Collective: returns None when every rank is on one node (the local commit files suffice)."""
+        if world_size == 1:
+            return None
+        secret, generation = group.gather(
+            (secrets.token_bytes(32), secrets.token_hex(8)) if rank == 0 else None
+        )[0]
+        server = ReplicationServer(layout, secret, copier, replica_host())
+        infos = group.gather((node_key(), server.address))
+        peers = [Peer(r, node, (host, port)) for r, (node, (host, port)) in enumerate(infos)]
+        nodes = placement.nodes(peers)
+        if len(nodes) == 1:
+            server.close()
+            if placement.replicas and rank == 0:
+                log.info("flash replication is off: all %d ranks are on one node", world_size)
+            return None
+        if placement.replicas >= len(nodes) and rank == 0:
+            log.warning(
+                "flash: replicas=%d with %d nodes; keeping %d", placement.replicas, len(nodes), len(nodes) - 1
+            )
+        import torch.distributed.distributed_c10d as c10d
+
+        store = c10d._get_default_store().clone()  # its own client: used off the main thread
+        board = StoreBoard(
+            store, layout.job_id, world_size, replicated=placement.replicas > 0, generation=generation
+        )
+        return cls(layout, rank, peers, secret, server, board, placement, copier)
+
+    def start(self, store: RankStore, keep: int) -> None:
+        """Serve and keep replicas of this rank's sources; replicate this rank's objects to its targets."""
+        for source in self.placement.sources(self.rank, self.peers):
+            self.server.keepers[source] = ReplicaKeeper(self.layout, source, keep, self.board)
+        targets = [self.peers[t] for t in self.placement.targets(self.rank, self.peers)]
+        if targets:
+            self.replicator = Replicator(
+                self.layout, self.rank, targets, self.secret, self.board, store.pin, store.unpin
+            )
+
+    # recovery
+
+    def restore(self, store: RankStore, group: Any) -> tuple[int, VerifiedObject, str] | None:
+        """Collective: the newest step every rank can obtain, verified on every rank; None if none."""
+        holders: dict[tuple[int, int], list[int]] = {}
+        for holder, items in enumerate(group.gather(store.holdings())):
+            for step, rank in items:
+                holders.setdefault((step, rank), []).append(holder)
+        world = len(self.peers)
+        for step in sorted({s for s, _ in holders}, reverse=True):
+            if any((step, rank) not in holders for rank in range(world)):
+                continue
+            verified, source = self._obtain(store, step, holders[(step, self.rank)])
+            if all(group.gather(verified is not None)):
+                assert verified is not None
+                return step, verified, source
+        if holders:
+            log.warning(
+                "flash: no step is whole across the nodes of this job (an object of every step is missing)"
+            )
+        return None
+
+    def _obtain(self, store: RankStore, step: int, holders: list[int]) -> tuple[VerifiedObject | None, str]:
+        if self.layout.object_path(step, self.rank).exists():
+            try:
+                return store.verify(step), "flash"
+            except CorruptObjectError as exc:
+                log.warning("flash: not loading step %d: %s; asking peers", step, exc)
+                store.drop(step)
+        for holder in holders:
+            peer = self.peers[holder]
+            if peer.node == self.node:
+                continue
+            try:
+                record, verified = pull(peer, step, self.rank, self.secret, store.pool, self.copier)
+            except (OSError, ValueError) as exc:
+                log.warning("flash: pulling step %d from rank %d failed: %s", step, holder, exc)
+                continue
+            store.adopt_pulled(verified, record)
+            log.info(
+                "flash: rank %d pulled step %d from rank %d (node %s)", self.rank, step, holder, peer.node
+            )
+            return verified, "peer"
+        return None, "none"
+
+    def after_restore(self, step: int | None, group: Any) -> None:
+        """Collective: facts posted before the restore belong to another timeline; replicas of steps
+        after the restored one are dropped."""
+        self.board.new_generation(group.gather(secrets.token_hex(8) if self.rank == 0 else None)[0])
+        for keeper in self.server.keepers.values():
+            keeper.drop_other_than(lambda s: step is not None and s <= step)
+
+    # life cycle
+
+    def replicate(self, record: Any) -> None:
+        if self.replicator is not None:
+            self.replicator.submit(record)
+
+    def wait(self, timeout: float | None = 120.0) -> None:
+        if self.replicator is not None and not self.replicator.wait(timeout):
+            log.warning("flash: replication still running after %.0f s", timeout)
+
+    def close(self) -> None:
+        if self.replicator is not None:
+            self.replicator.close()
+        self.server.close()

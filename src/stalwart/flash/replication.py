@@ -1,0 +1,412 @@
+"""Replicas of committed objects on peer nodes, and pulling them back after a node is lost.
+
+Placement is a ring of nodes (DESIGN decision 4): rank r's replicas go to the ranks with r's local
+index on the next ``replicas`` nodes, so any node count >= 2 works. Each rank runs a small server
+(threads) that receives replicas into pre-faulted pool buffers, verifies every checksum, renames them
+into the step directory and writes their commit record; it also serves objects to a rank that lost
+its own. A sender thread replicates the newest committed step (an older one still queued is
+skipped), with bounded retries and socket timeouts, so a slow or dead peer never blocks training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .board import Board
+from .buffers import Buffer, BufferPool
+from .copier import Copier
+from .layout import CommitRecord, FlashLayout
+from .objects import CorruptObjectError
+from .rankstore import VerifiedObject, verify_mapped
+from .transport import AuthError, Connection
+
+__all__ = ["Peer", "ReplicaKeeper", "ReplicationServer", "Replicator", "RingPlacement", "pull"]
+
+log = logging.getLogger("stalwart.flash")
+
+_OBJECT = re.compile(r"^steps/step-(\d{12})/rank-(\d{5})\.obj$")
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A rank of the job as the replication layer sees it."""
+
+    rank: int
+    node: str  # ranks with the same node key share a flash root
+    address: tuple[str, int]
+
+
+class RingPlacement:
+    """Replicas on the next ``replicas`` nodes of a ring, same local index (a small, replaceable strategy)."""
+
+    def __init__(self, replicas: int = 1) -> None:
+        if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 0:
+            raise ValueError(f"replicas={replicas!r} is not accepted; use an int >= 0")
+        self.replicas = replicas
+
+    def nodes(self, peers: list[Peer]) -> list[list[int]]:
+        """Ranks per node, nodes ordered by their lowest rank."""
+        by_node: dict[str, list[int]] = {}
+        for peer in sorted(peers, key=lambda p: p.rank):
+            by_node.setdefault(peer.node, []).append(peer.rank)
+        return sorted(by_node.values(), key=lambda ranks: ranks[0])
+
+    def targets(self, rank: int, peers: list[Peer]) -> list[int]:
+        nodes = self.nodes(peers)
+        home = next(i for i, ranks in enumerate(nodes) if rank in ranks)
+        index = nodes[home].index(rank)
+        count = min(self.replicas, len(nodes) - 1)
+        return [
+            nodes[(home + k) % len(nodes)][index % len(nodes[(home + k) % len(nodes)])]
+            for k in range(1, count + 1)
+        ]
+
+    def sources(self, rank: int, peers: list[Peer]) -> list[int]:
+        """The ranks whose replicas ``rank`` receives."""
+        return [p.rank for p in peers if rank in self.targets(p.rank, peers)]
+
+
+class ReplicaKeeper:
+    """The replicas of one source rank held on this node: a buffer pool of their own, and retention."""
+
+    def __init__(self, layout: FlashLayout, source: int, keep: int, board: Board) -> None:
+        self.layout, self.source, self.keep, self.board = layout, source, keep, board
+        self.pool = BufferPool(layout.job_dir / "pool" / f"replica-{source:05d}")
+        self.mutex = threading.Lock()
+        self.held: dict[int, Buffer | None] = {}  # step -> buffer mapped here (None: found on disk)
+        for step in layout.steps():
+            if layout.read_commit(step, source) is not None and layout.object_path(step, source).exists():
+                self.held[step] = None
+
+    def accept(self, record: CommitRecord, buffer: Buffer) -> None:
+        with self.mutex:
+            buffer.move(self.layout.object_path(record.step, self.source))
+            self.layout.write_commit(record)
+            self.held[record.step] = buffer
+        self.retain()
+
+    def retain(self) -> None:
+        with self.mutex:
+            safe = [s for s in sorted(self.held) if self.board.safe(s)]
+            if len(safe) <= self.keep:
+                return
+            for step in [s for s in sorted(self.held) if s < safe[-self.keep]]:
+                self._drop(step)
+
+    def drop_other_than(self, keep_steps: Callable[[int], bool]) -> None:
+        with self.mutex:
+            for step in [s for s in self.held if not keep_steps(s)]:
+                self._drop(step)
+
+    def _drop(self, step: int) -> None:
+        self.layout.remove_commit(step, self.source)
+        buffer = self.held.pop(step)
+        if buffer is not None:
+            self.pool.release(buffer)
+        elif self.layout.object_path(step, self.source).exists():
+            self.pool.adopt(self.layout.object_path(step, self.source))
+        self.layout.remove_step_if_abandoned(step)
+
+    def close(self) -> None:
+        with self.mutex:
+            for buffer in self.held.values():
+                if buffer is not None:
+                    buffer.close()
+            self.pool.close()
+
+
+class ReplicationServer:
+    """Receives replicas for the ranks this one keeps, and serves any committed object of this node."""
+
+    def __init__(
+        self, layout: FlashLayout, secret: bytes, copier: Copier, host: str, *, max_connections: int = 4
+    ) -> None:
+        self.layout, self.secret, self.copier = layout, secret, copier
+        self.keepers: dict[int, ReplicaKeeper] = {}
+        self._listener = socket.create_server((host, 0))
+        self._listener.settimeout(0.5)
+        self.address: tuple[str, int] = (host, self._listener.getsockname()[1])
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._accept_loop, name="stalwart-replica-server", daemon=True)
+        self._thread.start()
+
+    def _accept_loop(self) -> None:
+        while not self._closed.is_set():
+            try:
+                sock, peer = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if not self._slots.acquire(blocking=False):
+                log.warning("flash replication: refusing %s:%s, too many connections", *peer[:2])
+                sock.close()
+                continue
+            threading.Thread(target=self._serve, args=(sock, f"{peer[0]}:{peer[1]}"), daemon=True).start()
+
+    def _serve(self, sock: socket.socket, peer: str) -> None:
+        try:
+            conn = Connection.server_handshake(sock, peer, self.secret)
+            while not self._closed.is_set():
+                try:
+                    request = conn.recv_header()
+                except ConnectionError:
+                    return
+                op = request.get("op")
+                if op == "put":
+                    self._put(conn, request)
+                elif op == "get":
+                    self._get(conn, request)
+                else:
+                    conn.send_header({"ok": False, "error": f"unknown operation {op!r}"})
+        except AuthError as exc:
+            log.warning("flash replication: %s", exc)
+        except (OSError, ValueError) as exc:
+            log.warning("flash replication: connection from %s failed: %s", peer, exc)
+        finally:
+            sock.close()
+            self._slots.release()
+
+    def _parse(self, request: dict) -> tuple[int, int] | None:
+        name = request.get("object")
+        match = _OBJECT.match(name) if isinstance(name, str) else None
+        if match is None:
+            log.warning("flash replication: refused a request for %r: not an object name of this job", name)
+            return None
+        return int(match.group(1)), int(match.group(2))
+
+    def _put(self, conn: Connection, request: dict) -> None:
+        parsed, size = self._parse(request), request.get("size")
+        try:
+            record = CommitRecord(**request["commit"])
+        except (KeyError, TypeError) as exc:
+            record, parsed = None, None
+            log.warning("flash replication: bad commit record from %s: %s", conn.peer, exc)
+        keeper = self.keepers.get(parsed[1]) if parsed else None
+        if (
+            parsed is None
+            or record is None
+            or keeper is None
+            or not isinstance(size, int)
+            or (record.step, record.rank) != parsed
+            or size != record.objects[0].get("size")
+        ):
+            conn.send_header({"ok": False, "error": "refused: not a replica this rank keeps"})
+            conn.sock.close()  # the object bytes that follow are not read
+            raise ConnectionError(f"refused a put of {request.get('object')!r} from {conn.peer}")
+        with keeper.mutex:
+            buffer = keeper.pool.acquire(size)
+        try:
+            conn.recv_into(buffer.view[:size])
+            verify_mapped(
+                buffer, record, self.copier, where=f"replica of {request['object']} from {conn.peer}"
+            )
+        except BaseException as exc:
+            with keeper.mutex:
+                keeper.pool.release(buffer)
+            if isinstance(exc, CorruptObjectError):
+                conn.send_header({"ok": False, "error": str(exc)})
+                return
+            raise
+        keeper.accept(record, buffer)
+        conn.send_header({"ok": True})
+
+    def _get(self, conn: Connection, request: dict) -> None:
+        parsed = self._parse(request)
+        if parsed is None:
+            conn.send_header({"ok": False, "error": "refused: not an object name of this job"})
+            return
+        record = self.layout.read_commit(*parsed)
+        path = self.layout.object_path(*parsed)
+        if record is None or not path.exists():
+            conn.send_header({"ok": False, "error": f"no committed object {request['object']} here"})
+            return
+        size = record.objects[0]["size"]
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            conn.send_header({"ok": True, "size": size, "commit": record.__dict__})
+            conn.send_file(fd, size)
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        self._closed.set()
+        with contextlib.suppress(OSError):
+            self._listener.close()
+        self._thread.join(timeout=5)
+        for keeper in self.keepers.values():
+            keeper.close()
+
+
+def object_name(step: int, rank: int) -> str:
+    return f"steps/step-{step:012d}/rank-{rank:05d}.obj"
+
+
+def pull(
+    peer: Peer, step: int, rank: int, secret: bytes, pool: BufferPool, copier: Copier
+) -> tuple[CommitRecord, VerifiedObject]:
+    """Fetch a committed object from a peer into a buffer of ``pool``, verified, not yet renamed."""
+    conn = Connection.connect(peer.address, secret)
+    try:
+        conn.send_header({"op": "get", "object": object_name(step, rank)})
+        reply = conn.recv_header()
+        if not reply.get("ok"):
+            raise ConnectionError(
+                f"rank {peer.rank} cannot serve step {step} of rank {rank}: {reply.get('error')}"
+            )
+        record = CommitRecord(**reply["commit"])
+        size = int(reply["size"])
+        buffer = pool.acquire(size)
+        try:
+            conn.recv_into(buffer.view[:size])
+            verified = verify_mapped(
+                buffer, record, copier, where=f"{object_name(step, rank)} from rank {peer.rank}"
+            )
+        except BaseException:
+            pool.release(buffer)
+            raise
+        return record, verified
+    finally:
+        conn.close()
+
+
+class Replicator:
+    """Sends each newly committed object of this rank to its targets, newest first, off the training path."""
+
+    def __init__(
+        self,
+        layout: FlashLayout,
+        rank: int,
+        targets: list[Peer],
+        secret: bytes,
+        board: Board,
+        pin: Callable[[int], object],
+        unpin: Callable[[int], None],
+        *,
+        attempts: int = 3,
+    ) -> None:
+        self.layout, self.rank, self.targets, self.secret, self.board = layout, rank, targets, secret, board
+        self._pin, self._unpin, self.attempts = pin, unpin, attempts
+        self._queue: queue.Queue[tuple[int, CommitRecord] | None] = queue.Queue(maxsize=1)
+        self._lock = threading.Lock()  # submit and the sender agree on what is outstanding
+        self._outstanding = 0
+        self._idle = threading.Event()
+        self._idle.set()
+        self._connections: dict[int, Connection] = {}
+        self.replicated: set[int] = set()
+        self.failures: list[str] = []
+        self._thread = threading.Thread(target=self._run, name="stalwart-replicator", daemon=True)
+        self._thread.start()
+
+    def submit(self, record: CommitRecord) -> None:
+        """Replicate ``record``'s object; a step still waiting in the queue is replaced (newest wins)."""
+        self._pin(record.step)
+        with self._lock:
+            self._outstanding += 1
+            self._idle.clear()
+            try:
+                skipped = self._queue.get_nowait()
+            except queue.Empty:
+                skipped = None
+            self._queue.put_nowait((record.step, record))
+        if skipped is not None:
+            log.info("flash replication: step %d superseded before it was sent", skipped[0])
+            self._done(skipped[0])
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until everything submitted was sent (or given up); False on timeout."""
+        return self._idle.wait(timeout)
+
+    def _done(self, step: int) -> None:
+        self._unpin(step)
+        with self._lock:
+            self._outstanding -= 1
+            if self._outstanding == 0:
+                self._idle.set()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            step, record = item
+            try:
+                if all(self._send(target, record) for target in self.targets):
+                    self.board.replicated(step, self.rank)
+                    self.replicated.add(step)
+            finally:
+                self._done(step)
+
+    def _send(self, target: Peer, record: CommitRecord) -> bool:
+        size = record.objects[0]["size"]
+        for attempt in range(1, self.attempts + 1):
+            try:
+                conn = self._connections.get(target.rank)
+                if conn is None:
+                    conn = self._connections[target.rank] = Connection.connect(target.address, self.secret)
+                fd = os.open(self.layout.object_path(record.step, self.rank), os.O_RDONLY)
+                try:
+                    conn.send_header(
+                        {
+                            "op": "put",
+                            "object": object_name(record.step, self.rank),
+                            "size": size,
+                            "commit": record.__dict__,
+                        }
+                    )
+                    conn.send_file(fd, size)
+                finally:
+                    os.close(fd)
+                reply = conn.recv_header()
+                if reply.get("ok"):
+                    return True
+                raise ConnectionError(str(reply.get("error")))
+            except (OSError, ValueError) as exc:
+                stale = self._connections.pop(target.rank, None)
+                if stale is not None:
+                    stale.close()
+                if attempt == self.attempts:
+                    message = f"replicating step {record.step} to rank {target.rank} failed: {exc}"
+                    log.warning("flash replication: %s", message)
+                    self.failures.append(message)
+                    return False
+                time.sleep(0.2 * attempt)
+        return False
+
+    def close(self) -> None:
+        with contextlib.suppress(queue.Full):  # behind a queued step, sent first (bounded by its timeouts)
+            self._queue.put(None, timeout=60)
+        self._thread.join(timeout=10)
+        for conn in self._connections.values():
+            conn.close()
+
+
+def replica_host() -> str:
+    """The address peers reach this process at: STALWART_REPLICATION_HOST, else loopback when the job's
+    master is local, else the address of the interface that routes to the master."""
+    explicit = os.environ.get("STALWART_REPLICATION_HOST")
+    if explicit:
+        return explicit
+    master = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    try:
+        resolved = socket.gethostbyname(master)
+    except OSError:
+        return "127.0.0.1"
+    if resolved.startswith("127.") or resolved == socket.gethostbyname(socket.gethostname()):
+        return "127.0.0.1" if resolved.startswith("127.") else resolved
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:  # no packet is sent by connect()
+        probe.connect((resolved, 9))
+        return probe.getsockname()[0]
+
+
+def node_key() -> str:
+    """Ranks with the same key share a flash root: STALWART_NODE, else torch elastic's GROUP_RANK, else the
+    host name."""
+    return os.environ.get("STALWART_NODE") or os.environ.get("GROUP_RANK") or socket.gethostname()

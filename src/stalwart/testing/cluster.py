@@ -1,0 +1,160 @@
+"""``LocalCluster``: the nodes of one torch elastic job as processes on this machine.
+
+A node is a torch elastic agent (``python -m torch.distributed.run``) with its own flash root and its
+own node key; the agents meet through c10d rendezvous on 127.0.0.1. Losing a node is killing its
+agent's process group and wiping its flash root; a restart starts every agent again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["LocalCluster"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, children first found from /proc (Linux)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                parent = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+class LocalCluster:
+    """``nnodes`` agents running ``script`` with ``nproc_per_node`` workers each."""
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        nnodes: int,
+        nproc_per_node: int,
+        script: str | os.PathLike,
+        *args: str,
+        env: dict[str, str] | None = None,
+        join_timeout: int = 60,
+    ) -> None:
+        if nnodes < 1 or nproc_per_node < 1:
+            raise ValueError("nnodes and nproc_per_node must be >= 1")
+        self.directory = Path(directory)
+        self.nnodes, self.nproc_per_node = nnodes, nproc_per_node
+        self.script, self.args, self.env = str(script), list(args), dict(env or {})
+        self.join_timeout = join_timeout
+        self.agents: dict[int, subprocess.Popen] = {}
+        self.round = 0
+
+    def root(self, node: int) -> Path:
+        """The flash root of ``node`` (its tmpfs, in a real cluster)."""
+        return self.directory / f"node-{node}" / "flash"
+
+    def start(self, *extra_args: str) -> None:
+        """Start every agent (a new rendezvous: the previous round's agents must be gone)."""
+        self.round += 1
+        port = free_port()
+        for node in range(self.nnodes):
+            logs = self.directory / f"node-{node}" / f"round-{self.round}"
+            logs.mkdir(parents=True, exist_ok=True)
+            env = {
+                **os.environ,
+                **self.env,
+                "STALWART_FLASH_ROOT": str(self.root(node)),
+                "STALWART_NODE": f"node-{node}",
+                "STALWART_REPLICATION_HOST": "127.0.0.1",
+                "OMP_NUM_THREADS": "1",
+            }
+            command = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                f"--nnodes={self.nnodes}",
+                f"--nproc-per-node={self.nproc_per_node}",
+                "--rdzv-backend=c10d",
+                f"--rdzv-endpoint=127.0.0.1:{port}",
+                f"--rdzv-id=job-{self.round}",
+                f"--rdzv-conf=join_timeout={self.join_timeout}",
+                "--max-restarts=0",
+                "--monitor-interval=0.2",
+                "--log-dir",
+                str(logs / "workers"),
+                "--redirects=3",
+                self.script,
+                *self.args,
+                *extra_args,
+            ]
+            with open(logs / "agent.log", "wb") as out:
+                self.agents[node] = subprocess.Popen(
+                    command,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env=env,
+                    start_new_session=True,
+                )
+
+    def wait(self, timeout: float) -> dict[int, int]:
+        """Exit codes of every agent; agents still running at ``timeout`` are killed (code None -> -9)."""
+        deadline = time.monotonic() + timeout
+        codes: dict[int, int] = {}
+        for node, agent in self.agents.items():
+            try:
+                codes[node] = agent.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.kill(node)
+                codes[node] = agent.wait()
+        return codes
+
+    def kill(self, node: int) -> None:
+        """SIGKILL a node's agent and every process under it (torch elastic starts workers in sessions
+        of their own, so the agent's process group alone would leave them running)."""
+        agent = self.agents.get(node)
+        if agent is None:
+            return
+        for pid in [*_descendants(agent.pid), agent.pid]:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(agent.pid, signal.SIGKILL)
+        agent.wait()
+
+    def wipe(self, node: int) -> None:
+        """The node is replaced: its flash root is empty."""
+        shutil.rmtree(self.root(node), ignore_errors=True)
+
+    def logs(self) -> str:
+        """Everything the agents and workers of the newest round printed (for failure messages)."""
+        parts = []
+        for path in sorted(self.directory.glob(f"node-*/round-{self.round}/**/*")):
+            if path.is_file() and path.stat().st_size:
+                parts.append(
+                    f"--- {path.relative_to(self.directory)}\n{path.read_text(errors='replace')[-4000:]}"
+                )
+        return "\n".join(parts)
+
+    def stop(self) -> None:
+        for node in list(self.agents):
+            self.kill(node)

@@ -1,0 +1,159 @@
+"""Replication pieces in one process: placement, the authenticated transport, what a server refuses."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from stalwart.flash.board import LocalBoard
+from stalwart.flash.buffers import BufferPool
+from stalwart.flash.copier import Copier
+from stalwart.flash.engine import FlashEngine
+from stalwart.flash.layout import FlashLayout
+from stalwart.flash.objects import TensorRef
+from stalwart.flash.rankstore import RankStore
+from stalwart.flash.replication import Peer, ReplicaKeeper, ReplicationServer, RingPlacement, pull
+from stalwart.flash.transport import AuthError, Connection
+
+
+def peers(layout: dict[str, list[int]]) -> list[Peer]:
+    return sorted(
+        (Peer(rank, node, ("127.0.0.1", 1)) for node, ranks in layout.items() for rank in ranks),
+        key=lambda p: p.rank,
+    )
+
+
+def test_ring_placement_same_local_rank_on_the_next_nodes() -> None:
+    three = peers({"a": [0, 1], "b": [2, 3], "c": [4, 5]})
+    ring = RingPlacement(1)
+    assert [ring.targets(r, three) for r in range(6)] == [[2], [3], [4], [5], [0], [1]]
+    assert RingPlacement(2).targets(0, three) == [2, 4]
+    assert ring.sources(2, three) == [0]
+    assert RingPlacement(5).targets(1, three) == [3, 5]  # at most nodes - 1 copies
+    assert ring.targets(0, peers({"a": [0, 1]})) == []  # one node: nothing to replicate to
+    odd = peers({"a": [0, 1, 2], "b": [3], "c": [4, 5]})
+    assert ring.targets(2, odd) == [3] and ring.targets(3, odd) == [4]
+    with pytest.raises(ValueError, match="replicas=-1"):
+        RingPlacement(-1)
+
+
+@pytest.fixture
+def server(tmp_path: Path):
+    """A node holding a committed step 7 of rank 0, and a server that keeps replicas of rank 1."""
+    layout = FlashLayout(tmp_path / "node-a", "job")
+    with FlashEngine(layout, world_size=1) as engine:
+        engine.save(7, {"w": torch.arange(1000.0)})
+    copier = Copier(2)
+    srv = ReplicationServer(layout, b"s" * 32, copier, "127.0.0.1")
+    srv.keepers[1] = ReplicaKeeper(layout, 1, keep=2, board=LocalBoard(layout, 1))
+    yield srv, layout
+    srv.close()
+    copier.close()
+
+
+def test_an_authenticated_peer_pulls_a_verified_object(server, tmp_path: Path) -> None:
+    srv, _ = server
+    pool = BufferPool(tmp_path / "pool")
+    record, verified = pull(Peer(0, "a", srv.address), 7, 0, b"s" * 32, pool, Copier(1))
+    assert record.step == 7 and verified.header.step == 7
+    assert torch.equal(
+        torch.frombuffer(bytearray(verified.buffer.view[4096 : 4096 + 4000]), dtype=torch.float32),
+        torch.arange(1000.0),
+    )
+    del verified
+    pool.close()
+
+
+def test_a_peer_without_the_job_secret_is_refused(
+    server, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    srv, _ = server
+    with (
+        caplog.at_level(logging.WARNING, logger="stalwart.flash"),
+        pytest.raises((AuthError, ConnectionError)),
+    ):
+        pull(Peer(0, "a", srv.address), 7, 0, b"x" * 32, BufferPool(tmp_path / "pool"), Copier(1))
+    assert any("without the job secret" in r.getMessage() for r in caplog.records)
+
+
+def test_names_that_leave_the_job_root_are_refused(server, caplog: pytest.LogCaptureFixture) -> None:
+    srv, _ = server
+    conn = Connection.connect(srv.address, b"s" * 32)
+    try:
+        with caplog.at_level(logging.WARNING, logger="stalwart.flash"):
+            for name in ("../../etc/passwd", "/etc/passwd", "steps/step-000000000007/../../../x.obj", 7):
+                conn.send_header({"op": "get", "object": name})
+                reply = conn.recv_header()
+                assert reply == {"ok": False, "error": "refused: not an object name of this job"}
+        assert sum("refused a request for" in r.getMessage() for r in caplog.records) == 4
+        conn.send_header({"op": "get", "object": "steps/step-000000000007/rank-00000.obj"})
+        assert conn.recv_header()["ok"] is True  # a proper name on the same connection is served
+    finally:
+        conn.close()
+
+
+def test_a_replica_for_a_rank_this_server_does_not_keep_is_refused(server) -> None:
+    srv, layout = server
+    record = layout.read_commit(7, 0)
+    conn = Connection.connect(srv.address, b"s" * 32)
+    try:
+        conn.send_header(
+            {
+                "op": "put",
+                "object": "steps/step-000000000007/rank-00000.obj",
+                "size": record.objects[0]["size"],
+                "commit": record.__dict__,
+            }
+        )
+        assert conn.recv_header() == {"ok": False, "error": "refused: not a replica this rank keeps"}
+    finally:
+        conn.close()
+
+
+def test_a_corrupt_replica_is_refused_and_not_committed(server, tmp_path: Path) -> None:
+    srv, layout = server
+    source = FlashLayout(tmp_path / "node-b", "job")
+    writer = RankStore(source, 1, 2, keep=2, copier=Copier(1))  # rank 1 of 2, on another node
+    writer.commit_staged(
+        9, writer.stage({"w": TensorRef(0)}, [torch.ones(2000)], chunk_size=4096, hash_now=True)
+    )
+    writer.close()
+    record = source.read_commit(9, 1)
+    payload = bytearray(source.object_path(9, 1).read_bytes()[: record.objects[0]["size"]])
+    payload[5000] ^= 0xFF  # a byte flipped on the wire
+    conn = Connection.connect(srv.address, b"s" * 32)
+    try:
+        conn.send_header(
+            {
+                "op": "put",
+                "object": "steps/step-000000000009/rank-00001.obj",
+                "size": len(payload),
+                "commit": record.__dict__,
+            }
+        )
+        conn.sock.sendall(payload)
+        reply = conn.recv_header()
+    finally:
+        conn.close()
+    assert reply["ok"] is False and "data checksum mismatch" in reply["error"]
+    assert layout.read_commit(9, 1) is None and not layout.object_path(9, 1).exists()
+    # the same replica, intact, is accepted and committed
+    payload[5000] ^= 0xFF
+    conn = Connection.connect(srv.address, b"s" * 32)
+    try:
+        conn.send_header(
+            {
+                "op": "put",
+                "object": "steps/step-000000000009/rank-00001.obj",
+                "size": len(payload),
+                "commit": record.__dict__,
+            }
+        )
+        conn.sock.sendall(payload)
+        assert conn.recv_header() == {"ok": True}
+    finally:
+        conn.close()
+    assert layout.read_commit(9, 1) == record and layout.object_path(9, 1).exists()

@@ -1,0 +1,81 @@
+"""Nodes lost and recovered: torch elastic agents on localhost, 2 ranks per node (gloo), one flash root
+per node (stalwart.testing.LocalCluster)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from stalwart.testing import LocalCluster
+
+WORKER = Path(__file__).with_name("replication_worker.py")
+STEPS = 3
+
+
+def run_job(tmp_path: Path, nnodes: int, replicas: int) -> tuple[LocalCluster, Path]:
+    """Train to STEPS with every node alive, then hold (alive) until the test takes a node away."""
+    out = tmp_path / "out"
+    out.mkdir(parents=True)
+    cluster = LocalCluster(
+        tmp_path / "cluster",
+        nnodes,
+        2,
+        WORKER,
+        str(out),
+        (tmp_path / "durable").as_uri(),
+        str(STEPS),
+        str(replicas),
+    )
+    cluster.start("--hold")
+    deadline = time.monotonic() + 180
+    while len(list(out.glob("holding-rank*"))) < 2 * nnodes:
+        if time.monotonic() > deadline or any(a.poll() not in (None,) for a in cluster.agents.values()):
+            cluster.stop()
+            pytest.fail(f"the job did not reach step {STEPS}:\n{cluster.logs()}")
+        time.sleep(0.2)
+    return cluster, out
+
+
+def lose_and_restart(cluster: LocalCluster, out: Path, lost: list[int]) -> list[dict]:
+    for node in lost:
+        cluster.kill(node)  # the agent and its workers die with the node
+    cluster.stop()  # the survivors' workers fail without their peers; their agents are stopped
+    for node in lost:
+        cluster.wipe(node)  # a replacement node starts with an empty tmpfs
+    for report in out.glob("*"):
+        report.unlink()
+    cluster.start()
+    codes = cluster.wait(180)
+    assert not any(codes.values()), f"restart failed {codes}:\n{cluster.logs()}"
+    reports = [json.loads(p.read_text()) for p in sorted(out.glob("restore-*.json"))]
+    assert len(reports) == 2 * cluster.nnodes
+    return reports
+
+
+@pytest.mark.parametrize("nnodes,lost", [(3, [1]), (4, [3])], ids=["3-nodes-lose-1", "4-nodes-lose-last"])
+def test_losing_any_one_node_recovers_from_peers(tmp_path: Path, nnodes: int, lost: list[int]) -> None:
+    cluster, out = run_job(tmp_path, nnodes, replicas=1)
+    reports = lose_and_restart(cluster, out, lost)
+    assert all(r["restored"] == STEPS and r["exact"] for r in reports), reports
+    assert all(r["source"] in ("flash", "peer") for r in reports), reports  # nothing from the durable store
+    replaced = [r for r in reports if r["node"] in {f"node-{n}" for n in lost}]
+    assert replaced and all(r["source"] == "peer" for r in replaced)  # the empty node pulled its state
+
+
+def test_two_neighbours_lost_with_one_replica_falls_back_to_durable_and_two_replicas_do_not(
+    tmp_path: Path,
+) -> None:
+    cluster, out = run_job(tmp_path, 4, replicas=1)
+    reports = lose_and_restart(cluster, out, [1, 2])
+    assert all(r["restored"] == 1 and r["source"] == "durable" and r["exact"] for r in reports), reports
+    logs = cluster.logs()
+    assert "no step is whole across the nodes" in logs and "restored step 1 from the durable store" in logs
+
+    cluster, out = run_job(tmp_path / "r2", 4, replicas=2)
+    reports = lose_and_restart(cluster, out, [1, 2])
+    assert all(r["restored"] == STEPS and r["exact"] and r["source"] in ("flash", "peer") for r in reports), (
+        reports
+    )
