@@ -26,6 +26,8 @@ _EXPORTS: dict[str, str] = {
     "NonRetryableError": "stalwart.retry",
     "TaskEnvironment": "stalwart.environment",
     "Task": "stalwart.environment",
+    "Elastic": "stalwart.elastic",
+    "RunPolicy": "stalwart.elastic",
     # running
     "ctx": "stalwart.context",
     "TaskContext": "stalwart.context",
@@ -54,6 +56,7 @@ __all__ = [  # spelled out for linters and IDEs; a test checks it matches _EXPOR
     "CheckpointInfo",
     "CorruptCheckpointError",
     "Device",
+    "Elastic",
     "FlashCheckpointer",
     "FlashStorageReader",
     "FlashStorageWriter",
@@ -63,6 +66,7 @@ __all__ = [  # spelled out for linters and IDEs; a test checks it matches _EXPOR
     "RetryStrategy",
     "Run",
     "RunFailedError",
+    "RunPolicy",
     "Task",
     "TaskContext",
     "TaskEnvironment",
@@ -92,6 +96,7 @@ if TYPE_CHECKING:
     from .checkpoint.latest import latest_checkpoint
     from .checkpoint.task import Checkpoint, CheckpointInfo, CorruptCheckpointError
     from .context import TaskContext, ctx
+    from .elastic import Elastic, RunPolicy
     from .environment import Task, TaskEnvironment
     from .flash.checkpointer import FlashCheckpointer
     from .flash.dcp import FlashStorageReader, FlashStorageWriter

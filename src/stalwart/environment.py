@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Generic, ParamSpec, TypeVar
 
+from .elastic import Elastic
 from .resources import Resources
 from .retry import RetryStrategy, as_retry_strategy
 
@@ -50,6 +51,14 @@ def _check_resources(value: object) -> Resources | None:
     return value
 
 
+def _check_elastic(value: object) -> Elastic | None:
+    if value is not None and not isinstance(value, Elastic):
+        raise ValueError(
+            f"elastic={value!r} is not accepted; use stalwart.Elastic(nnodes=..., nproc_per_node=...) or None"
+        )
+    return value
+
+
 def _check_store(value: object) -> str | None:
     if value is not None and (not isinstance(value, str) or not value):
         raise ValueError(
@@ -72,10 +81,12 @@ class TaskEnvironment:
     retries: int | RetryStrategy = 0
     checkpoint_store: str | None = None
     image: str | None = None
+    elastic: Elastic | None = None
 
     def __post_init__(self) -> None:
         _check_name("TaskEnvironment.name", self.name)
         _check_resources(self.resources)
+        _check_elastic(self.elastic)
         object.__setattr__(self, "env_vars", _check_env_vars(self.env_vars))
         object.__setattr__(self, "retries", as_retry_strategy(self.retries))
         _check_store(self.checkpoint_store)
@@ -91,6 +102,7 @@ class TaskEnvironment:
         resources: Resources | None = None,
         env_vars: Mapping[str, str] | None = None,
         checkpoint_store: str | None = None,
+        elastic: Elastic | None = None,
     ) -> Any:
         """Declare a task; usable as ``@env.task`` or ``@env.task(retries=3, ...)``.
 
@@ -108,6 +120,7 @@ class TaskEnvironment:
                 resources=_check_resources(resources) if resources is not None else self.resources,
                 env_vars={**self.env_vars, **_check_env_vars(env_vars)},
                 checkpoint_store=_check_store(checkpoint_store) or self.checkpoint_store,
+                elastic=_check_elastic(elastic) if elastic is not None else self.elastic,
             )
 
         return wrap(func) if func is not None else wrap
@@ -127,6 +140,8 @@ class Task(Generic[P, R]):
     resources: Resources | None
     env_vars: Mapping[str, str] = field(default_factory=dict)
     checkpoint_store: str | None = None
+    elastic: Elastic | None = None
+    """torch elastic settings; None runs the task as one process."""
 
     def __post_init__(self) -> None:
         # Look like the function (name, docs, module) to help(), IDEs and pickling by reference.
@@ -144,6 +159,7 @@ class Task(Generic[P, R]):
         resources: Resources | None = None,
         env_vars: Mapping[str, str] | None = None,
         checkpoint_store: str | None = None,
+        elastic: Elastic | None = None,
     ) -> Task[P, R]:
         """A copy of this task with some settings replaced (env_vars are merged)."""
         changes: dict[str, Any] = {}
@@ -155,6 +171,8 @@ class Task(Generic[P, R]):
             changes["env_vars"] = {**self.env_vars, **_check_env_vars(env_vars)}
         if checkpoint_store is not None:
             changes["checkpoint_store"] = _check_store(checkpoint_store)
+        if elastic is not None:
+            changes["elastic"] = _check_elastic(elastic)
         return replace(self, **changes)
 
     @property

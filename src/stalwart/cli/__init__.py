@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from .. import __version__
 from .errors import CliError
 from .inputs import add_run_options, parse_task_inputs
+from .k8s import add_k8s_parser
 from .records import LOG_TAIL_LINES, cmd_runs, cmd_show, open_store
 from .script import find_task, script_as_main, task_listing
 
@@ -100,6 +101,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "--logs", action="store_true", help=f"print the last {LOG_TAIL_LINES} lines of each attempt's logs"
     )
     show.set_defaults(handler=cmd_show)
+
+    add_k8s_parser(commands)
     return parser
 
 
