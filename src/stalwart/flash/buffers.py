@@ -69,6 +69,10 @@ class Buffer:
         os.close(fd)
         return cls(path, capacity)
 
+    def file_size(self) -> int:
+        """The file's size now: touching a mapped page beyond it would kill the process with SIGBUS."""
+        return os.fstat(self._fd).st_size
+
     def grow(self, capacity: int) -> None:
         """Make room for a larger state in place: only the new pages are allocated and faulted."""
         if capacity <= self.capacity:
@@ -147,7 +151,11 @@ class BufferPool:
         return Buffer.allocate(self.directory / f"buf-{secrets.token_hex(6)}", capacity)
 
     def release(self, buffer: Buffer) -> None:
-        """Take a buffer back (its step was dropped): it is renamed into the pool for reuse."""
+        """Take a buffer back (its step was dropped): it is renamed into the pool for reuse, unless its
+        file was cut short under it (it could not be written through the mapping any more)."""
+        if buffer.file_size() < buffer.capacity:
+            self._discard(buffer)
+            return
         buffer.move(self.directory / f"buf-{secrets.token_hex(6)}")
         self._free.append(buffer)
 

@@ -287,6 +287,7 @@ class FlashEngine:
 
     def _apply(self, verified: VerifiedObject, state: MutableMapping[str, Any]) -> None:
         skeleton, entries = load_meta(verified.meta)
+        _check_shapes(skeleton, state, entries, "state")  # refuse before anything in the state changes
         pairs: list[tuple[Any, Any]] = []
         created: dict[int, Any] = {}
         _merge_into(skeleton, state, entries, pairs, created, "state")
@@ -319,6 +320,31 @@ class FlashEngine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _check_shapes(skeleton: Any, current: Any, entries: list, path: str) -> None:
+    """Raise if a tensor of the caller's state has another shape or dtype than the saved one."""
+    import torch
+
+    if isinstance(skeleton, TensorRef):
+        entry = entries[skeleton.index]
+        if isinstance(current, torch.Tensor) and (
+            tuple(current.shape) != entry.shape or dtype_name(current) != entry.dtype
+        ):
+            raise ValueError(
+                f"{path}: the checkpoint holds a {entry.dtype} tensor of shape {list(entry.shape)}, "
+                f"the state a {dtype_name(current)} tensor of shape {list(current.shape)}"
+            )
+    elif isinstance(skeleton, dict) and isinstance(current, MutableMapping):
+        for key, value in skeleton.items():
+            _check_shapes(value, current.get(key), entries, f"{path}[{key!r}]")
+    elif (
+        isinstance(skeleton, (list, tuple))
+        and isinstance(current, (list, tuple))
+        and len(current) == len(skeleton)
+    ):
+        for i, (value, old) in enumerate(zip(skeleton, current, strict=True)):
+            _check_shapes(value, old, entries, f"{path}[{i}]")
 
 
 def _merge_into(skeleton: Any, current: Any, entries: list, pairs: list, created: dict, path: str) -> Any:

@@ -14,12 +14,14 @@ A step is complete when every rank of its world size has a commit record (DESIGN
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
 import re
 import socket
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -75,6 +77,22 @@ class CommitRecord:
         return cls(**json.loads(raw))
 
 
+_LOCKS: weakref.WeakSet[RankLock] = weakref.WeakSet()
+
+
+def _close_inherited_locks() -> None:
+    """In a forked child (a DataLoader worker): close, never unlock, the parent's lock files, so the lock
+    dies with the writer and not with its last child."""
+    for lock in list(_LOCKS):
+        if lock._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(lock._fd)
+            lock._fd = -1
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
 class RankLock:
     """An exclusive flock on ``locks/rank-N.lock``; the kernel drops it when its process dies."""
 
@@ -92,6 +110,7 @@ class RankLock:
             ) from None
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        _LOCKS.add(self)
 
     def release(self) -> None:
         if self._fd >= 0:
@@ -162,9 +181,21 @@ class FlashLayout:
         """Atomic: the record is whole or absent, so a step is never half-committed by a rank."""
         path = self.commit_path(record.step, record.rank)
         tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(record.to_json())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(record.to_json())
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                from .buffers import FlashSpaceError
+
+                raise FlashSpaceError(
+                    exc.errno,
+                    f"no space in {path.parent} for the commit record of step {record.step}; "
+                    "committed checkpoints are intact",
+                ) from None
+            raise
 
     def remove_commit(self, step: int, rank: int) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -137,6 +137,7 @@ class RankStore:
             return self.commit(step, staged.buffer, staged.meta, staged.data_size, staged.chunk_size, hashes)
         except BaseException:
             self.abandon(staged.buffer)
+            self.layout.remove_step_if_abandoned(step)  # the buffer left it; nothing of this rank remains
             raise
 
     def abandon(self, buffer: Buffer) -> None:
@@ -341,8 +342,9 @@ def verify_object(
 def verify_mapped(buffer: Buffer, record: CommitRecord, copier: Copier, *, where: str) -> VerifiedObject:
     """Check the object in ``buffer`` against ``record``: header, metadata and every data chunk."""
     (entry,) = record.objects
-    if entry["size"] > buffer.capacity:
-        raise CorruptObjectError(f"{where}: {buffer.capacity} bytes, committed with {entry['size']}")
+    size = min(buffer.capacity, buffer.file_size())  # the file may have been cut short under the mapping
+    if entry["size"] > size:
+        raise CorruptObjectError(f"{where}: truncated to {size} bytes, committed with {entry['size']}")
     view = buffer.view
     raw_header = bytes(view[:PACKED_HEADER_SIZE])  # copies: no view of the map outlives this call
     if hash_bytes(raw_header) != entry["header_hash"]:
