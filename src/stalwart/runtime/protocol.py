@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..elastic import Elastic
+
 SPEC_FILE = "spec.pkl"
 RESULT_FILE = "result.pkl"
 STDOUT_FILE = "stdout.log"
@@ -30,6 +32,7 @@ class AttemptSpec:
     file: str | None
     sys_path: list[str]
     inputs: bytes  # pickled (args, kwargs), unpickled after the task's module is imported
+    elastic: Elastic | None = None  # run through torch elastic (stalwart.runtime.elastic_launch)
 
 
 @dataclass(frozen=True)

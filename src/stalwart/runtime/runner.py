@@ -8,7 +8,6 @@ environment variables, and reads the output or the exception back from a result 
 from __future__ import annotations
 
 import codecs
-import contextlib
 import logging
 import os
 import pickle
@@ -26,6 +25,7 @@ from typing import Any, TextIO
 from .. import config
 from ..environment import Task
 from ..retry import NonRetryableError, RetryStrategy
+from .processes import kill_tree
 from .protocol import (
     RESULT_FILE,
     SPEC_FILE,
@@ -313,7 +313,9 @@ class _Runner:
     def _attempt(self, run_id: str, number: int, checkpoint_uri: str, attempt_limit: int) -> _Outcome:
         attempt_dir = self.home / "runs" / run_id / f"attempt-{number}"
         attempt_dir.mkdir(parents=True, exist_ok=True)
-        spec = AttemptSpec(self.module, self.qualname, self.file, list(sys.path), self.inputs_payload)
+        spec = AttemptSpec(
+            self.module, self.qualname, self.file, list(sys.path), self.inputs_payload, self.task.elastic
+        )
         write_atomic(attempt_dir / SPEC_FILE, pickle.dumps(spec))
         env = self._environment(run_id, number, checkpoint_uri, attempt_dir, attempt_limit)
         done = threading.Event()
@@ -406,7 +408,6 @@ class _Runner:
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
+    kill_tree(proc.pid)
     if proc.poll() is None:
         proc.wait()

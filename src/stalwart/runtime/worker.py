@@ -14,7 +14,6 @@ import importlib.util
 import inspect
 import os
 import pickle
-import signal
 import sys
 import traceback
 import types
@@ -22,28 +21,16 @@ from pathlib import Path
 from typing import Any
 
 from ..retry import NonRetryableError
+from .processes import die_with_parent
 from .protocol import RESULT_FILE, SPEC_FILE, AttemptResult, AttemptSpec, write_atomic
 
 IMPORTING_ENV = "STALWART_IMPORTING_TASK_MODULE"
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when the runner dies, so no attempt outlives its run."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
-    except (OSError, AttributeError):
-        return
-    if os.getppid() == 1:  # the runner died before prctl took effect
-        os._exit(70)
-
-
 def _import_main(file: str) -> types.ModuleType:
+    loaded = sys.modules.get("__mp_main__")
+    if loaded is not None and getattr(loaded, "__file__", None) == file:
+        return loaded  # a spawned elastic worker: multiprocessing already ran the script as __mp_main__
     spec = importlib.util.spec_from_file_location("__mp_main__", file)
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot import the task's script {file}")
@@ -54,7 +41,8 @@ def _import_main(file: str) -> types.ModuleType:
     return module
 
 
-def _resolve(spec: AttemptSpec) -> Any:
+def resolve(spec: AttemptSpec) -> Any:
+    """The task's function, imported the way a fresh process must."""
     os.environ[IMPORTING_ENV] = "1"  # stalwart.run() at import time would start runs recursively
     try:
         if spec.module == "__main__":
@@ -101,18 +89,23 @@ def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python -m stalwart.runtime.worker ATTEMPT_DIR", file=sys.stderr)
         return 2
-    _die_with_parent()
+    die_with_parent()
     attempt_dir = Path(argv[0])
     spec: AttemptSpec = pickle.loads((attempt_dir / SPEC_FILE).read_bytes())
     for entry in reversed(spec.sys_path):
         if entry not in sys.path:
             sys.path.insert(0, entry)
     try:
-        func = _resolve(spec)
-        args, kwargs = pickle.loads(spec.inputs)
-        output = func(*args, **kwargs)
-        if inspect.iscoroutine(output):
-            output = asyncio.run(output)
+        if spec.elastic is not None:
+            from .elastic_launch import launch
+
+            output = launch(spec, attempt_dir)
+        else:
+            func = resolve(spec)
+            args, kwargs = pickle.loads(spec.inputs)
+            output = func(*args, **kwargs)
+            if inspect.iscoroutine(output):
+                output = asyncio.run(output)
         result = AttemptResult(ok=True, output=output)
         try:
             payload = pickle.dumps(result)

@@ -7,15 +7,15 @@ agent's process group and wiping its flash root; a restart starts every agent ag
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from ..runtime.processes import kill_tree
 
 __all__ = ["LocalCluster"]
 
@@ -24,26 +24,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid``, children first found from /proc (Linux)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                parent = int(fh.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(parent, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 class LocalCluster:
@@ -132,14 +112,9 @@ class LocalCluster:
         """SIGKILL a node's agent and every process under it (torch elastic starts workers in sessions
         of their own, so the agent's process group alone would leave them running)."""
         agent = self.agents.get(node)
-        if agent is None:
-            return
-        for pid in [*_descendants(agent.pid), agent.pid]:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(agent.pid, signal.SIGKILL)
-        agent.wait()
+        if agent is not None:
+            kill_tree(agent.pid)
+            agent.wait()
 
     def wipe(self, node: int) -> None:
         """The node is replaced: its flash root is empty."""

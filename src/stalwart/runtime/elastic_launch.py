@@ -1,0 +1,158 @@
+"""An attempt of an elastic task: torch elastic runs ``nproc_per_node`` workers of the task on this node.
+
+The attempt process is the torch elastic agent (``elastic_launch``, c10d rendezvous): it restarts the
+worker group up to ``max_restarts`` times, and after that the attempt fails and task-level retries
+take over. Workers find the task the way an attempt does, read ``RANK``/``LOCAL_RANK``/``WORLD_SIZE``
+through ``ctx()``, and rank 0's return value is the task's output.
+
+Several nodes rendezvous at ``STALWART_RDZV_ENDPOINT`` (or ``PET_RDZV_ENDPOINT``, which the Kubeflow
+training operator sets); one node picks a free port on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import pickle
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..elastic import Elastic
+from .processes import die_with_parent
+from .protocol import SPEC_FILE, AttemptSpec, write_atomic
+
+__all__ = ["launch"]
+
+ENDPOINT_ENV = "STALWART_RDZV_ENDPOINT"
+OUTPUT_FILE = "rank0-output.pkl"
+
+
+class RendezvousFailed(RuntimeError):
+    """The other nodes of an elastic task did not join in time."""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _endpoint(elastic: Elastic) -> str:
+    endpoint = os.environ.get(ENDPOINT_ENV) or os.environ.get("PET_RDZV_ENDPOINT")
+    if endpoint:
+        return endpoint
+    if elastic.max_nodes > 1:
+        raise RendezvousFailed(
+            f"nnodes={elastic.nnodes!r} needs a rendezvous endpoint shared by the nodes: set "
+            f"{ENDPOINT_ENV}=HOST:PORT (the same on every node), or run the task with nnodes=1"
+        )
+    return f"127.0.0.1:{_free_port()}"
+
+
+def launch(spec: AttemptSpec, attempt_dir: Path) -> Any:
+    """Run the task through torch elastic; returns rank 0's value (None on nodes without rank 0)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    elastic = spec.elastic
+    assert elastic is not None
+    if elastic.nproc_per_node > 1:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")  # as torchrun: workers share the cores
+    run_id = os.environ.get("STALWART_RUN_ID", "stalwart")
+    config = LaunchConfig(
+        min_nodes=elastic.min_nodes,
+        max_nodes=elastic.max_nodes,
+        nproc_per_node=elastic.nproc_per_node,
+        run_id=run_id,
+        role="stalwart",
+        rdzv_endpoint=_endpoint(elastic),
+        rdzv_backend="c10d",
+        rdzv_configs=dict(elastic.rdzv_configs),
+        max_restarts=elastic.max_restarts,
+        monitor_interval=elastic.monitor_interval,
+        start_method=elastic.start_method,
+    )
+    output_file = Path(attempt_dir) / OUTPUT_FILE
+    output_file.unlink(missing_ok=True)
+    try:
+        # Workers are fresh interpreters started from a command, as torchrun starts them: with a Python
+        # callable, torch elastic forks workers through multiprocessing, and on this torch version the
+        # first gloo process group after a worker-group restart fails to connect.
+        elastic_launch(config, sys.executable)("-m", "stalwart.runtime.elastic_launch", str(attempt_dir))
+    except RendezvousTimeoutError as exc:
+        raise RendezvousFailed(
+            f"rendezvous of run {run_id} at {config.rdzv_endpoint} timed out after {elastic.join_timeout} s "
+            f"waiting for other nodes (nnodes={elastic.nnodes!r}): start the other nodes with the same run "
+            f"id and {ENDPOINT_ENV}, or lower nnodes; rdzv_configs['join_timeout'] sets the wait ({exc})"
+        ) from None
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        raise RuntimeError(
+            f"worker rank {rank} of the elastic task failed (exit code {failure.exitcode}) after "
+            f"{elastic.max_restarts} restart(s) of the worker group:\n{failure.message}"
+        ) from None
+    if not output_file.exists():
+        return None  # rank 0 ran on another node
+    return pickle.loads(output_file.read_bytes())
+
+
+def run_worker(attempt_dir: str) -> None:
+    """A torch elastic worker: the task itself. Rank 0 leaves its value in the attempt directory."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    die_with_parent()  # the agent (the attempt process) may be killed before it can stop its workers
+    record(_run)(attempt_dir)
+
+
+def _separate_restart_rounds() -> None:
+    """Give each worker-group restart its own keys in the agent's store.
+
+    torch 2.13 hands every restart round the agent's store without the per-round prefix older releases
+    added, so the process group of round n+1 reads the addresses the dead round n published and fails
+    with "Connection refused" (pytorch/pytorch#167288). Restores the prefix for the default group;
+    harmless when torch fixes it (a second prefix).
+    """
+    import importlib
+
+    from torch.distributed import PrefixStore
+
+    # the module itself: ``torch.distributed.rendezvous`` as an attribute is a function of that name
+    rendezvous = importlib.import_module("torch.distributed.rendezvous")
+    original = getattr(rendezvous, "_create_c10d_store", None)
+    if original is None or getattr(original, "stalwart_prefixed", False):
+        return
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+
+    def create(*args: Any, **kwargs: Any) -> Any:
+        store = original(*args, **kwargs)
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            return PrefixStore(f"/stalwart/restart_{restart}", store)
+        return store
+
+    create.stalwart_prefixed = True  # type: ignore[attr-defined]
+    rendezvous._create_c10d_store = create
+
+
+def _run(attempt_dir: str) -> None:
+    from .worker import resolve
+
+    _separate_restart_rounds()
+    spec: AttemptSpec = pickle.loads((Path(attempt_dir) / SPEC_FILE).read_bytes())
+    for entry in reversed(spec.sys_path):
+        if entry not in sys.path:
+            sys.path.insert(0, entry)
+    func = resolve(spec)
+    args, kwargs = pickle.loads(spec.inputs)
+    output = func(*args, **kwargs)
+    if inspect.iscoroutine(output):
+        output = asyncio.run(output)
+    if int(os.environ.get("RANK", "0")) == 0:
+        write_atomic(Path(attempt_dir) / OUTPUT_FILE, pickle.dumps(output))
+
+
+if __name__ == "__main__":
+    run_worker(sys.argv[1])

@@ -1,0 +1,80 @@
+"""Elastic tasks the tests run through torch elastic (DDP on gloo, flash checkpoints)."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import torch
+import torch.distributed as dist
+
+import stalwart as sw
+
+env = sw.TaskEnvironment(name="elastic-tests")
+
+
+@env.task(elastic=sw.Elastic(nproc_per_node=2, max_restarts=2, monitor_interval=0.2))
+def ddp(steps: int, kill_rank: int = -1, kill_after: int = 0) -> dict:
+    """DDP on 2 processes; ``kill_rank`` SIGKILLs itself after step ``kill_after`` in the first round."""
+    dist.init_process_group("gloo")
+    context = sw.ctx()
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(
+        torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 1))
+    )
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    flash = sw.FlashCheckpointer(every_n_steps=1, async_save=False)
+    state = {"model": model.module.state_dict(), "optimizer": optimizer.state_dict()}
+    start = flash.restore(state) or 0
+    if start:
+        optimizer.load_state_dict(state["optimizer"])
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    for step in range(start, steps):
+        data = torch.Generator().manual_seed(step * 100 + context.rank)
+        x = torch.randn(16, 6, generator=data)
+        loss = (model(x) - x.sum(dim=1, keepdim=True)).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        flash.save(step + 1, {"model": model.module.state_dict(), "optimizer": optimizer.state_dict()})
+        if restarts == 0 and context.rank == kill_rank and step + 1 == kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+    flash.close()
+    weights = [p.detach().clone() for p in model.parameters()]
+    dist.destroy_process_group()
+    return {
+        "rank": context.rank,
+        "world_size": context.world_size,
+        "local_rank": context.local_rank,
+        "restarts": restarts,
+        "start": start,
+        "restored_from": flash.restored_from,
+        "weights": weights,
+        "omp_threads": os.environ.get("OMP_NUM_THREADS"),
+    }
+
+
+@env.task(elastic=sw.Elastic(nproc_per_node=2, max_restarts=0, monitor_interval=0.2))
+def raises_on_rank_one() -> None:
+    dist.init_process_group("gloo")
+    if sw.ctx().rank == 1:
+        raise ValueError("rank one is unhappy")
+    dist.barrier()
+
+
+def _sum_of_ranks() -> int:
+    dist.init_process_group("gloo")
+    total = torch.tensor([float(sw.ctx().rank + 1)])
+    dist.all_reduce(total)
+    dist.destroy_process_group()
+    return int(total.item())
+
+
+@env.task(elastic=sw.Elastic(nnodes=2, nproc_per_node=1, rdzv_configs={"join_timeout": 120}))
+def two_nodes() -> int:
+    return _sum_of_ranks()
+
+
+@env.task(elastic=sw.Elastic(nnodes=2, nproc_per_node=1, rdzv_configs={"join_timeout": 5}))
+def lonely_node() -> int:
+    return _sum_of_ranks()
