@@ -1,0 +1,71 @@
+"""Framework integrations: ``stalwart.integrations.lightning`` and ``stalwart.integrations.transformers``.
+
+Each is imported only when used (``from stalwart.integrations.lightning import ...``), so ``import
+stalwart`` never loads a framework. What they share lives here: the path a resume helper returns, which
+also says where the state came from, and a look at the flash tier that loads nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..flash.checkpointer import FlashCheckpointer
+
+__all__ = ["SOURCES", "ResumePoint"]
+
+# Where a resumed state came from, in the order ties are broken (the first is the fastest to read).
+SOURCES = ("flash", "peer", "durable", "checkpoint", "task")
+
+
+class ResumePoint(str):
+    """A checkpoint path to resume from, usable wherever a path string is, that says where it came from.
+
+    ``source`` is "flash" (tmpfs on this machine), "peer" (a flash replica on another node), "durable"
+    (the flash tier's durable copy), "checkpoint" (a regular checkpoint on disk) or "task" (the task
+    checkpoint of an earlier attempt); ``step`` is the global step of the state.
+    """
+
+    source: str
+    step: int | None
+
+    def __new__(cls, path: str | os.PathLike[str], source: str, step: int | None) -> ResumePoint:
+        if source not in SOURCES:
+            raise ValueError(f"source={source!r} is not accepted; use one of {SOURCES}")
+        point = super().__new__(cls, os.fspath(path))
+        point.source, point.step = source, step
+        return point
+
+    def __reduce__(self) -> tuple:  # pickles (and copies) as itself, not as a plain str
+        return (ResumePoint, (str(self), self.source, self.step))
+
+    def __repr__(self) -> str:
+        return f"ResumePoint({str(self)!r}, source={self.source!r}, step={self.step})"
+
+
+def newest_flash_step(flash: FlashCheckpointer) -> int | None:
+    """The newest step complete on tmpfs or in the durable copy, read from commit records only.
+
+    Lets a resume helper skip loading the flash state when a regular checkpoint is newer.
+    """
+    engine = flash.engine
+    steps = flash.layout.complete_steps(engine.world_size)
+    if engine.durable is not None:
+        steps = [*steps, *engine.durable.complete_steps(engine.world_size)]
+    return max(steps, default=None)
+
+
+def default_flash(every_n_steps: int = 1) -> FlashCheckpointer | None:
+    """Inside a stalwart task, a FlashCheckpointer for the run (job id = run id, durable copy in the run's
+    checkpoint store); outside one, None (a job id must then be chosen by the caller).
+
+    It is one rank of one: the frameworks write a checkpoint from their global rank 0 only.
+    """
+    from ..context import ctx
+
+    if not ctx().in_task:
+        return None
+    from ..flash.checkpointer import FlashCheckpointer
+
+    return FlashCheckpointer(every_n_steps=every_n_steps, rank=0, world_size=1)

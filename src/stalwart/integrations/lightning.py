@@ -1,0 +1,399 @@
+"""PyTorch Lightning: flash checkpoints every few steps, a CheckpointIO that routes them, one-call resume.
+
+::
+
+    from stalwart.integrations.lightning import FlashCheckpointCallback, SyncedModelCheckpoint
+    from stalwart.integrations.lightning import resume_checkpoint
+
+    flash = sw.FlashCheckpointer(every_n_steps=10, durable_every_n_steps=100)   # in a task: job id = run id
+    trainer = L.Trainer(callbacks=[
+        FlashCheckpointCallback(flash, skip_every_n_steps=500),          # full state to tmpfs every 10 steps
+        SyncedModelCheckpoint(dirpath="ckpt", every_n_train_steps=500),  # files, copied to ctx().checkpoint
+    ])
+    trainer.fit(model, ckpt_path=resume_checkpoint(trainer))            # newest state, or None: start fresh
+
+The callback saves with ``trainer.save_checkpoint`` to a path under the flash root; the ``FlashCheckpointIO``
+it installs around the trainer's own IO sends such paths to the flash tier and every other path to the
+wrapped IO, so ``ModelCheckpoint`` keeps writing files. Lightning writes checkpoints from global rank 0
+only, so the flash state is rank 0's, one rank of one: this module is made for one process per trainer.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import AsyncCheckpointIO, CheckpointIO, TorchCheckpointIO
+from lightning_utilities.core.apply_func import apply_to_collection
+
+from ..checkpoint.latest import latest_checkpoint
+from ..checkpoint.task import Checkpoint
+from ..context import ctx
+from ..flash.checkpointer import FlashCheckpointer
+from . import SOURCES, ResumePoint, default_flash, newest_flash_step
+from .state import decode_checkpoint, encode_checkpoint, get_rng_state, set_rng_state
+
+__all__ = [
+    "FlashCheckpointCallback",
+    "FlashCheckpointIO",
+    "SyncedModelCheckpoint",
+    "decode_checkpoint",
+    "encode_checkpoint",
+    "resume_checkpoint",
+]
+
+_STEP = re.compile(r"^step-(\d+)$")
+
+# the CheckpointIO
+
+
+class FlashCheckpointIO(CheckpointIO):
+    """Paths under the flash job directory go to the flash tier; every other path to ``checkpoint_io``.
+
+    Flash saves return once the state is copied into tmpfs (the commit runs in the background); for
+    asynchronous regular files wrap Lightning's IO: ``FlashCheckpointIO(flash, AsyncCheckpointIO())``.
+    """
+
+    def __init__(
+        self, flash: FlashCheckpointer | None = None, checkpoint_io: CheckpointIO | None = None
+    ) -> None:
+        flash = flash if flash is not None else default_flash()
+        if flash is None:
+            raise ValueError(
+                "outside a stalwart task, pass one: FlashCheckpointIO(sw.FlashCheckpointer('job-id'))"
+            )
+        self.flash = flash
+        if isinstance(checkpoint_io, AsyncCheckpointIO) and checkpoint_io.checkpoint_io is None:
+            checkpoint_io.checkpoint_io = TorchCheckpointIO()
+        self.checkpoint_io = checkpoint_io if checkpoint_io is not None else TorchCheckpointIO()
+        self._held: tuple[int, dict[str, Any]] | None = None
+
+    def path(self, step: int) -> str:
+        """The path that names ``step`` in the flash tier (its step directory)."""
+        return str(self.flash.layout.step_dir(step))
+
+    def step_of(self, path: str | os.PathLike[str]) -> int | None:
+        """The step a flash path names, or None for any other path."""
+        candidate = Path(os.fspath(path)).expanduser().absolute()
+        if candidate.parent != self.flash.layout.steps_dir.absolute():
+            return None
+        m = _STEP.match(candidate.name)
+        return int(m.group(1)) if m else None
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | os.PathLike[str], storage_options: Any = None
+    ) -> None:
+        step = self.step_of(path)
+        if step is None:
+            self.checkpoint_io.save_checkpoint(checkpoint, path, storage_options=storage_options)
+        else:
+            self.flash.save(step, encode_checkpoint(checkpoint))
+
+    def load_checkpoint(
+        self, path: str | os.PathLike[str], map_location: Any = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        step = self.step_of(path)
+        if step is None:
+            kwargs = {"map_location": map_location} if map_location is not None else {}
+            if weights_only is not None:  # (Lightning before 2.4 has no weights_only)
+                kwargs["weights_only"] = weights_only
+            return self.checkpoint_io.load_checkpoint(path, **kwargs)
+        if self._held is not None and self._held[0] == step:
+            state, self._held = self._held[1], None
+        else:
+            state = {}
+            restored = self.flash.restore(state)
+            if restored != step:
+                raise FileNotFoundError(
+                    f"flash step {step} of job {self.flash.job_id!r} is not the newest complete step "
+                    f"({restored}); the flash tier restores its newest step: use resume_checkpoint()"
+                )
+        checkpoint = decode_checkpoint(state, weights_only=weights_only)
+        if isinstance(map_location, (str, torch.device)):
+            checkpoint = apply_to_collection(checkpoint, torch.Tensor, lambda t: t.to(map_location))
+        return checkpoint
+
+    def hold(self, step: int, state: dict[str, Any]) -> None:
+        """Keep a state just restored by ``resume_checkpoint`` for the load that follows (no second read)."""
+        self._held = (step, state)
+
+    def remove_checkpoint(self, path: str | os.PathLike[str]) -> None:
+        if self.step_of(path) is None:  # flash steps are retired by the flash tier's own retention
+            self.checkpoint_io.remove_checkpoint(path)
+
+    def teardown(self) -> None:
+        self.checkpoint_io.teardown()
+        self.flash.wait()
+
+
+def install_io(trainer: Trainer, flash: FlashCheckpointer | None = None) -> FlashCheckpointIO:
+    """The trainer's FlashCheckpointIO, wrapped around its current IO if it has none yet."""
+    current = trainer.strategy.checkpoint_io
+    if isinstance(current, FlashCheckpointIO):
+        if flash is not None and current.flash.job_dir != flash.job_dir:
+            raise ValueError(
+                f"the trainer's FlashCheckpointIO writes {current.flash.job_dir}, the callback's flash "
+                f"{flash.job_dir}: give both the same FlashCheckpointer"
+            )
+        return current
+    installed = FlashCheckpointIO(flash, current)
+    trainer.strategy.checkpoint_io = installed
+    return installed
+
+
+def _flush_files(trainer: Trainer) -> None:
+    """Wait for asynchronous regular files (flash commits need no wait: they are found only once whole)."""
+    current = trainer.strategy.checkpoint_io
+    if isinstance(current, FlashCheckpointIO):
+        current = current.checkpoint_io
+    if isinstance(current, AsyncCheckpointIO):
+        current.teardown()  # waits for its thread; its next save starts a new one
+
+
+# the callbacks
+
+
+def _positive(name: str, value: object, *, optional: bool = False) -> int | None:
+    if optional and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} is not accepted; use an int >= 1{' or None' if optional else ''}")
+    return value
+
+
+class FlashCheckpointCallback(Callback):
+    """Save the full training state to the flash tier every ``every_n_steps`` optimizer steps.
+
+    Multiples of ``skip_every_n_steps`` are left out: set it to the regular ``ModelCheckpoint``'s
+    ``every_n_train_steps``, which saves those steps anyway (a second save would only make them longer).
+    The callback's own state holds the RNG states (Lightning checkpoints have none); they are put back
+    before the first batch after a resume, so dropout continues exactly as in an uninterrupted run.
+    ``enabled=False`` makes the callback do nothing, e.g. to compare runs.
+    """
+
+    def __init__(
+        self,
+        flash: FlashCheckpointer | None = None,
+        every_n_steps: int | None = None,
+        skip_every_n_steps: int | None = None,
+        enabled: bool = True,
+    ) -> None:
+        self.enabled = bool(enabled)
+        if flash is None and self.enabled:
+            flash = default_flash(every_n_steps or 1)
+            if flash is None:
+                raise ValueError(
+                    "outside a stalwart task, pass flash=sw.FlashCheckpointer('job-id', ...): an id unique "
+                    "to the job and the same across its restarts"
+                )
+        self.flash = flash
+        default = flash.every_n_steps if flash else 1
+        self.every_n_steps = _positive("every_n_steps", every_n_steps or default)
+        self.skip_every_n_steps = _positive("skip_every_n_steps", skip_every_n_steps, optional=True)
+        self._last_step: int | None = None
+        self._pending_rng: dict[str, Any] | None = None
+
+    def should_save(self, step: int) -> bool:
+        skip = self.skip_every_n_steps
+        return (
+            self.enabled and step > 0 and step % self.every_n_steps == 0 and not (skip and step % skip == 0)
+        )
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.enabled and stage == "fit":
+            install_io(trainer, self.flash)
+
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self._pending_rng is not None:
+            set_rng_state(self._pending_rng)
+            self._pending_rng = None
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if step == self._last_step or not self.should_save(step):
+            return  # (the same step comes back while gradients accumulate)
+        self._last_step = step
+        trainer.save_checkpoint(install_io(trainer, self.flash).path(step), weights_only=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": get_rng_state()} if self.enabled else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.enabled:
+            self._pending_rng = state_dict.get("rng")
+
+
+class SyncedModelCheckpoint(ModelCheckpoint):
+    """A ``ModelCheckpoint`` whose directory is copied to the task checkpoint whenever it saved a file
+    (checked after each batch, epoch, validation and at the end), so a retry on another machine finds the
+    files in ``ctx().checkpoint``; ``resume_checkpoint`` puts them back into ``dirpath``.
+
+    ``checkpoint`` defaults to ``ctx().checkpoint``; outside a task nothing is copied.
+    """
+
+    def __init__(self, *args: Any, checkpoint: Checkpoint | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._checkpoint = checkpoint
+        self._saved: tuple = ()
+        self._synced: tuple = ()
+
+    def _saved_files(self) -> tuple:
+        return (self.best_model_path, self.last_model_path, tuple(sorted(self.best_k_models)))
+
+    def _fingerprint(self) -> tuple:
+        root = Path(self.dirpath or "")
+        if not self.dirpath or not root.is_dir():
+            return ()
+        return tuple(
+            sorted(
+                (str(p.relative_to(root)), st.st_size, st.st_mtime_ns)
+                for p in root.rglob("*")
+                if p.is_file() and (st := p.stat())
+            )
+        )
+
+    def sync(self, trainer: Trainer) -> None:
+        """Copy the directory to the task checkpoint if its files changed since the last copy."""
+        checkpoint = self._checkpoint or (ctx().checkpoint if ctx().in_task else None)
+        if checkpoint is None or not trainer.is_global_zero:
+            return
+        _flush_files(trainer)
+        self._saved = self._saved_files()
+        fingerprint = self._fingerprint()
+        if fingerprint and fingerprint != self._synced:
+            checkpoint.save_sync(Path(self.dirpath))  # type: ignore[arg-type]
+            self._synced = fingerprint
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._saved = self._saved_files()  # as restored from a checkpoint: nothing new to copy yet
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kw: Any) -> None:
+        super().on_train_batch_end(trainer, pl_module, *args, **kw)
+        if self._saved_files() != self._saved:
+            self.sync(trainer)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        self.sync(trainer)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        self.sync(trainer)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        self.sync(trainer)
+
+
+# resuming
+
+
+def _file_step(path: Path) -> int | None:
+    """The global step of a Lightning checkpoint file, from the file (mmap: no tensor is read) or its name."""
+    try:
+        return int(torch.load(path, map_location="cpu", mmap=True, weights_only=True)["global_step"])
+    except Exception:
+        m = re.search(r"step=(\d+)", path.name)
+        return int(m.group(1)) if m else None
+
+
+def _copy_missing(src: Path, dst: Path) -> None:
+    for path in src.rglob("*"):
+        target = dst / path.relative_to(src)
+        if path.is_file() and not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target)
+
+
+def _file_candidates(
+    trainer: Trainer | None, dirpath: Any, glob_pattern: str, task_checkpoint: bool
+) -> list[tuple[int, str, Path]]:
+    """Regular checkpoint files: the newest of each directory; the task checkpoint only when no local
+    directory has one (it copies a local directory: a retry on the same machine needs no download)."""
+    callbacks = trainer.checkpoint_callbacks if trainer is not None else []
+    dirs = [Path(d) for d in [dirpath, *(getattr(c, "dirpath", None) for c in callbacks)] if d]
+    found = []
+    for directory in dirs:
+        if (path := latest_checkpoint(directory, glob_pattern)) is not None:
+            found.append((_file_step(path), "checkpoint", path))
+    if not found and task_checkpoint and ctx().in_task:
+        restored = ctx().checkpoint.load_sync()
+        if restored is not None and restored.is_dir() and (path := latest_checkpoint(restored, glob_pattern)):
+            synced = [c for c in callbacks if isinstance(c, SyncedModelCheckpoint) and c.dirpath]
+            if synced:  # put the files back where ModelCheckpoint keeps track of them
+                home = Path(synced[0].dirpath)  # type: ignore[arg-type]
+                _copy_missing(restored, home)
+                path = home / path.relative_to(restored)
+            found.append((_file_step(path), "task", path))
+    return [(-1 if step is None else step, source, path) for step, source, path in found]
+
+
+def _find_flash(
+    trainer: Trainer | None, flash: FlashCheckpointer | None
+) -> tuple[FlashCheckpointIO | None, FlashCheckpointer | None]:
+    if trainer is None:
+        return None, flash if flash is not None else default_flash()
+    current = trainer.strategy.checkpoint_io
+    if isinstance(current, FlashCheckpointIO):
+        return current, flash or current.flash
+    for callback in trainer.callbacks:  # type: ignore[attr-defined]
+        if isinstance(callback, FlashCheckpointCallback) and callback.enabled:
+            return install_io(trainer, callback.flash), flash or callback.flash
+    return None, flash
+
+
+def resume_checkpoint(
+    trainer: Trainer | None = None,
+    *,
+    flash: FlashCheckpointer | None = None,
+    dirpath: str | os.PathLike[str] | None = None,
+    glob_pattern: str = "**/*.ckpt",
+    task_checkpoint: bool = True,
+    materialize_dir: str | os.PathLike[str] | None = None,
+    weights_only: bool | None = None,
+) -> ResumePoint | None:
+    """The ``ckpt_path`` for ``trainer.fit``: the newest complete state, or None to start fresh.
+
+    Looks at the flash tier (tmpfs, then its durable copy), the newest file in ``dirpath`` and in the
+    trainer's ``ModelCheckpoint`` directories, and else the task checkpoint of an earlier attempt; equal
+    steps go to the faster source. The result is a path string whose ``source`` and ``step`` say what was
+    found. With a trainer that has a ``FlashCheckpointCallback`` or ``FlashCheckpointIO``, a flash state
+    goes to Lightning through the IO, already in memory; otherwise it is written as a ``.ckpt`` file into
+    ``materialize_dir`` (a new temporary directory by default).
+    """
+    io_, flash = _find_flash(trainer, flash)
+    files = _file_candidates(trainer, dirpath, glob_pattern, task_checkpoint)
+    best = max(files, key=lambda c: (c[0], -SOURCES.index(c[1])), default=None)
+    if (
+        flash is not None
+        and (peek := newest_flash_step(flash)) is not None
+        and (best is None or peek >= best[0])
+    ):
+        state: dict[str, Any] = {}
+        step = flash.restore(state)
+        if step is not None and (best is None or step >= best[0]):
+            source = flash.restored_from or "flash"
+            if io_ is not None:
+                io_.hold(step, state)
+                return ResumePoint(io_.path(step), source, step)
+            target = Path(materialize_dir or tempfile.mkdtemp(prefix="stalwart-resume-"))
+            target.mkdir(parents=True, exist_ok=True)
+            path = target / f"flash-step={step}.ckpt"
+            torch.save(decode_checkpoint(state, weights_only=weights_only), path.with_suffix(".tmp"))
+            os.replace(path.with_suffix(".tmp"), path)
+            return ResumePoint(path, source, step)
+    if best is None:
+        return None
+    return ResumePoint(best[2], best[1], best[0] if best[0] >= 0 else None)

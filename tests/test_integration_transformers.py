@@ -1,0 +1,102 @@
+"""Hugging Face Trainer: mirrored checkpoint-N directories, and a killed training that resumes bit-exactly."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+import stalwart as sw
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def ht() -> Iterator[ModuleType]:
+    """The transformers task module, offline; the test process keeps its torch settings."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    import hf_tasks
+
+    threads = torch.get_num_threads()
+    yield hf_tasks
+    torch.set_num_threads(threads)
+
+
+def _equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_killed_training_resumes_bit_exactly_from_flash_then_durable_then_task_checkpoint(
+    stalwart_home: Path, tmp_path: Path, ht: ModuleType
+) -> None:
+    twin, twin_step = ht.uninterrupted(tmp_path / "twin", max_steps=50)
+    run = sw.run(ht.train, max_steps=50, crashes="20,30,40")
+    assert [a.status for a in run.attempts] == ["killed", "killed", "killed", "succeeded"]
+    assert run.output["resumes"] == [
+        ["0", "None", "None"],
+        ["1", "flash", "20"],  # tmpfs of the same machine
+        ["2", "durable", "30"],  # tmpfs lost: the durable copy (the output directory ties; flash goes first)
+        ["3", "task", "40"],  # durable copy and output directory lost too: the task checkpoint
+    ]
+    assert run.output["global_step"] == twin_step == 50
+    assert _equal(run.output["weights"], twin)
+
+
+def test_mirror_then_resume_picks_the_newest_complete_directory(tmp_path: Path, ht: ModuleType) -> None:
+    from stalwart.integrations.transformers import CheckpointMirrorCallback, resume_checkpoint
+
+    out = tmp_path / "out"
+    task = sw.Checkpoint((tmp_path / "task").as_uri(), attempt=0, path=tmp_path / "restore-0")
+    flash = sw.FlashCheckpointer("hf", root=tmp_path / "flash", every_n_steps=20)
+    torch.set_num_threads(1)
+    ht.make_trainer(out, 30, [CheckpointMirrorCallback(task, flash)]).train()
+    flash.close()
+    assert [info.filename for info in task.list()] == ["checkpoint-10", "checkpoint-20", "checkpoint-30"]
+    again = sw.FlashCheckpointer("hf", root=tmp_path / "flash")
+    assert again.layout.complete_steps(1) == [20]  # flash takes the saves at multiples of its every_n_steps
+
+    later = sw.Checkpoint(task.uri, attempt=1, path=tmp_path / "restore-1")
+    point = resume_checkpoint(out, flash=again, checkpoint=later)
+    assert (point.source, point.step) == ("checkpoint", 30)  # the newest complete directory is local
+
+    (out / "checkpoint-30" / "trainer_state.json").unlink()  # as if killed while the Trainer wrote it
+    point = resume_checkpoint(out, flash=again, checkpoint=later)
+    assert (point.source, point.step) == ("task", 30) and Path(point) == out / "checkpoint-30"
+    assert (out / "checkpoint-30" / "trainer_state.json").is_file()  # rebuilt whole from the task checkpoint
+
+    for name in os.listdir(out):
+        if name.startswith("checkpoint-"):
+            (out / name / "trainer_state.json").unlink()
+    point = resume_checkpoint(out, flash=again, checkpoint=False)
+    assert (point.source, point.step) == ("flash", 20)
+    assert sorted(os.listdir(out)) == ["checkpoint-10", "checkpoint-20"]  # step 30 was dropped: newer
+    restored = {p.name: p.read_bytes() for p in (out / "checkpoint-20").iterdir()}
+    assert "model.safetensors" in restored and "trainer_state.json" in restored
+    again.close()
+
+
+def test_example_is_killed_and_resumes_from_flash(tmp_path: Path, ht: ModuleType) -> None:
+    env = {
+        **os.environ,
+        "STALWART_HOME": str(tmp_path / "home"),
+        "STALWART_FLASH_ROOT": str(tmp_path / "flash"),
+    }
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "transformers_resume.py")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env={**env, "TMPDIR": str(tmp_path)},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "attempt 0: checkpoint-40 is mirrored; simulating a crash (SIGKILL)" in proc.stdout
+    assert "attempt 1: resuming at step 40 from the flash tier" in proc.stdout
+    assert "attempt 1: finished at step 60" in proc.stdout and "succeeded" in proc.stdout
