@@ -62,7 +62,8 @@ def test_default_stream_is_stderr_and_closed_stream_is_not_a_tty(monkeypatch: py
         assert not bar.enabled
 
 
-def test_bar_renders_description_and_completes() -> None:
+def test_bar_renders_description_and_completes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "200")  # a fake terminal's width comes from the environment: no wrapping
     stream = FakeTTY()
     total = 100 * MiB
     with transfer_progress("uploading step=12.ckpt [shard 0]", total, stream=stream) as bar:

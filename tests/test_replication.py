@@ -113,6 +113,17 @@ def test_a_replica_for_a_rank_this_server_does_not_keep_is_refused(server) -> No
         conn.close()
 
 
+def put(address: tuple[str, int], name: str, payload: bytes, record: object) -> dict:
+    """Offer ``payload`` as a replica, the way a peer's replicator does; return the server's answer."""
+    conn = Connection.connect(address, b"s" * 32)
+    try:
+        conn.send_header({"op": "put", "object": name, "size": len(payload), "commit": record.__dict__})
+        conn.sock.sendall(payload)
+        return conn.recv_header()
+    finally:
+        conn.close()
+
+
 def test_a_corrupt_replica_is_refused_and_not_committed(server, tmp_path: Path) -> None:
     srv, layout = server
     source = FlashLayout(tmp_path / "node-b", "job")
@@ -123,37 +134,11 @@ def test_a_corrupt_replica_is_refused_and_not_committed(server, tmp_path: Path) 
     writer.close()
     record = source.read_commit(9, 1)
     payload = bytearray(source.object_path(9, 1).read_bytes()[: record.objects[0]["size"]])
+    name = "steps/step-000000000009/rank-00001.obj"
     payload[5000] ^= 0xFF  # a byte flipped on the wire
-    conn = Connection.connect(srv.address, b"s" * 32)
-    try:
-        conn.send_header(
-            {
-                "op": "put",
-                "object": "steps/step-000000000009/rank-00001.obj",
-                "size": len(payload),
-                "commit": record.__dict__,
-            }
-        )
-        conn.sock.sendall(payload)
-        reply = conn.recv_header()
-    finally:
-        conn.close()
+    reply = put(srv.address, name, bytes(payload), record)
     assert reply["ok"] is False and "data checksum mismatch" in reply["error"]
     assert layout.read_commit(9, 1) is None and not layout.object_path(9, 1).exists()
-    # the same replica, intact, is accepted and committed
-    payload[5000] ^= 0xFF
-    conn = Connection.connect(srv.address, b"s" * 32)
-    try:
-        conn.send_header(
-            {
-                "op": "put",
-                "object": "steps/step-000000000009/rank-00001.obj",
-                "size": len(payload),
-                "commit": record.__dict__,
-            }
-        )
-        conn.sock.sendall(payload)
-        assert conn.recv_header() == {"ok": True}
-    finally:
-        conn.close()
+    payload[5000] ^= 0xFF  # the same replica, intact, is accepted and committed
+    assert put(srv.address, name, bytes(payload), record) == {"ok": True}
     assert layout.read_commit(9, 1) == record and layout.object_path(9, 1).exists()

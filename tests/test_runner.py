@@ -236,3 +236,18 @@ def test_run_at_import_time_is_refused_in_attempts(stalwart_home: Path, tmp_path
     assert proc.returncode != 0
     assert 'if __name__ == "__main__":' in proc.stderr
     assert "failed after 1 attempt" in proc.stderr  # not retried: it cannot succeed
+
+
+def test_a_named_run_new_to_this_machine_continues_after_the_attempts_of_its_store(
+    stalwart_home: Path, tmp_path: Path
+) -> None:
+    store = (tmp_path / "shared-store").as_uri()
+    with pytest.raises(sw.RunFailedError):  # counts to 2 on "another machine" (its own home)
+        sw.with_runcontext(run_id="moved", checkpoint_store=store, home=tmp_path / "pod-1").run(
+            tasks.resumable, total=3
+        )
+    # a replacement pod: a fresh home, the same run id and store
+    run = sw.with_runcontext(run_id="moved", checkpoint_store=store, home=tmp_path / "pod-2").run(
+        tasks.resumable, total=3
+    )
+    assert run.output == 3 and [a.number for a in run.attempts] == [2]

@@ -155,6 +155,7 @@ class ReplicationServer:
             threading.Thread(target=self._serve, args=(sock, f"{peer[0]}:{peer[1]}"), daemon=True).start()
 
     def _serve(self, sock: socket.socket, peer: str) -> None:
+        lower_priority()
         try:
             conn = Connection.server_handshake(sock, peer, self.secret)
             while not self._closed.is_set():
@@ -248,6 +249,12 @@ class ReplicationServer:
             keeper.close()
 
 
+def lower_priority() -> None:
+    """Make the calling thread yield the CPU to training (Linux threads carry their own nice value)."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+
+
 def object_name(step: int, rank: int) -> str:
     return f"steps/step-{step:012d}/rank-{rank:05d}.obj"
 
@@ -335,6 +342,7 @@ class Replicator:
                 self._idle.set()
 
     def _run(self) -> None:
+        lower_priority()
         while (item := self._queue.get()) is not None:
             step, record = item
             try:

@@ -275,7 +275,25 @@ class _Runner:
             for name, value in self.task.signature.bind(*self.args, **self.inputs).arguments.items()
         }
         self.store.create_run(run_id, self.task.name, retries.max_attempts, checkpoint_uri, shown)
-        return run_id, checkpoint_uri, 0
+        # A named run new to this machine (a replacement pod, a new host) continues after the attempts
+        # its checkpoint store has seen, so their checkpoints count as earlier attempts'.
+        first = self._attempts_in_store(checkpoint_uri) if self.options.run_id else 0
+        if first:
+            self.store.add_event(
+                run_id, None, "run_continued", f"attempt {first}: earlier attempts ran elsewhere"
+            )
+        return run_id, checkpoint_uri, first
+
+    def _attempts_in_store(self, checkpoint_uri: str) -> int:
+        from ..checkpoint.store import DurableStore
+
+        try:
+            names = DurableStore(checkpoint_uri, self.options.storage_options).children()
+        except Exception as exc:  # an unreachable store: the first attempt will say so when it saves
+            log.warning("could not list the checkpoint store %s: %s", checkpoint_uri, exc)
+            return 0
+        attempts = [int(m.group(1)) for name in names if (m := re.match(r"^a(\d{5})\.s\d{6}$", name))]
+        return max(attempts) + 1 if attempts else 0
 
     def _checkpoint_uri(self, run_id: str) -> str:
         base = self.options.checkpoint_store or self.task.checkpoint_store
