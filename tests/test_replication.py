@@ -142,3 +142,25 @@ def test_a_corrupt_replica_is_refused_and_not_committed(server, tmp_path: Path) 
     payload[5000] ^= 0xFF  # the same replica, intact, is accepted and committed
     assert put(srv.address, name, bytes(payload), record) == {"ok": True}
     assert layout.read_commit(9, 1) == record and layout.object_path(9, 1).exists()
+
+
+def test_objects_larger_than_the_socket_buffers_move_whole(tmp_path: Path) -> None:
+    """sendfile must wait for room in the socket buffer (a 64 MB object does not fit in it)."""
+    layout = FlashLayout(tmp_path / "node-a", "job")
+    weights = torch.randn(16 * 2**20)
+    with FlashEngine(layout) as engine:
+        engine.save(3, {"w": weights})
+    copier = Copier(2)
+    srv = ReplicationServer(layout, b"s" * 32, copier, "127.0.0.1")
+    pool = BufferPool(tmp_path / "pool")
+    try:
+        _, verified = pull(Peer(0, "a", srv.address), 3, 0, b"s" * 32, pool, copier)
+        target: dict = {}
+        with FlashEngine(FlashLayout(tmp_path / "node-b", "job")) as other:
+            other._apply(verified, target)
+        assert torch.equal(target["w"], weights)
+        del verified
+    finally:
+        srv.close()
+        pool.close()
+        copier.close()

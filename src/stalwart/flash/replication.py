@@ -233,12 +233,9 @@ class ReplicationServer:
             conn.send_header({"ok": False, "error": f"no committed object {request['object']} here"})
             return
         size = record.objects[0]["size"]
-        fd = os.open(path, os.O_RDONLY)
-        try:
+        with open(path, "rb") as file:
             conn.send_header({"ok": True, "size": size, "commit": record.__dict__})
-            conn.send_file(fd, size)
-        finally:
-            os.close(fd)
+            conn.send_file(file, size)
 
     def close(self) -> None:
         self._closed.set()
@@ -359,8 +356,7 @@ class Replicator:
                 conn = self._connections.get(target.rank)
                 if conn is None:
                     conn = self._connections[target.rank] = Connection.connect(target.address, self.secret)
-                fd = os.open(self.layout.object_path(record.step, self.rank), os.O_RDONLY)
-                try:
+                with open(self.layout.object_path(record.step, self.rank), "rb") as file:
                     conn.send_header(
                         {
                             "op": "put",
@@ -369,9 +365,7 @@ class Replicator:
                             "commit": record.__dict__,
                         }
                     )
-                    conn.send_file(fd, size)
-                finally:
-                    os.close(fd)
+                    conn.send_file(file, size)
                 reply = conn.recv_header()
                 if reply.get("ok"):
                     return True

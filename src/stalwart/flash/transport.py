@@ -13,11 +13,10 @@ import contextlib
 import hashlib
 import hmac
 import json
-import os
 import secrets
 import socket
 import struct
-from typing import Any
+from typing import Any, BinaryIO
 
 __all__ = ["TIMEOUT", "AuthError", "Connection"]
 
@@ -89,14 +88,15 @@ class Connection:
 
     # bulk bytes
 
-    def send_file(self, fd: int, size: int) -> None:
-        """Send ``size`` bytes of a file from its start, without copying them through user space."""
-        offset = 0
-        while offset < size:
-            sent = os.sendfile(self.sock.fileno(), fd, offset, size - offset)
-            if sent == 0:
-                raise ConnectionError(f"{self.peer} closed the connection after {offset} of {size} bytes")
-            offset += sent
+    def send_file(self, file: BinaryIO, size: int) -> None:
+        """Send the first ``size`` bytes of an open file without copying them through user space.
+
+        ``socket.sendfile`` (``os.sendfile`` underneath) waits for room in the socket buffer within the
+        timeout; a bare ``os.sendfile`` on a socket with a timeout fails with EAGAIN once it is full.
+        """
+        sent = self.sock.sendfile(file, 0, size)
+        if sent != size:
+            raise ConnectionError(f"{self.peer} took {sent} of {size} bytes")
 
     def recv_into(self, view: memoryview) -> None:
         """Fill ``view`` (e.g. a mapped buffer) from the socket."""
