@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from stalwart.flash.board import LocalBoard
-from stalwart.flash.buffers import Buffer, BufferPool
+from stalwart.flash.buffers import Buffer
 from stalwart.flash.copier import Copier
 from stalwart.flash.durable import DurableTier
 from stalwart.flash.engine import FlashEngine
@@ -146,7 +146,7 @@ def main() -> int:
         return times
 
     train_steps(5)
-    alone = median(train_steps(40))
+    alone_before = train_steps(20)
     busy = threading.Event()
 
     def keep_replicating() -> None:
@@ -163,6 +163,7 @@ def main() -> int:
     busy.set()
     thread.join()
     replicator.close()
+    alone = median(alone_before + train_steps(20))  # before and after, around the replicating stretch
 
     # 4. recovering the newest step: local flash, from the peer into an empty node, from durable on disk
     newest = max(engine.store.own)
@@ -188,14 +189,11 @@ def main() -> int:
     for i in range(args.repeats):
         empty = FlashLayout(root / f"empty-{i}", "bench")  # a replaced node: nothing in tmpfs
         started = time.perf_counter()
-        pool, copier = BufferPool(empty.pool_dir(0)), Copier()
-        record, verified = pull(target, newest, 0, SECRET, pool, copier)
-        replaced = FlashEngine(empty, keep=2)
-        replaced.store.adopt_pulled(verified, record)
-        replaced._apply(verified, targets)
-        from_peer.append(time.perf_counter() - started)
-        replaced.close()
-        pool.close()
+        with FlashEngine(empty, keep=2) as replaced:  # pulls into its own pool, as Cluster._obtain does
+            record, verified = pull(target, newest, 0, SECRET, replaced.store.pool, replaced.copier)
+            replaced.store.adopt_pulled(verified, record)
+            replaced._apply(verified, targets)
+            from_peer.append(time.perf_counter() - started)
         empty_durable = FlashLayout(root / f"empty-durable-{i}", "bench")
         started = time.perf_counter()
         with FlashEngine(empty_durable, keep=2, durable=durable) as fresh:

@@ -155,7 +155,6 @@ class ReplicationServer:
             threading.Thread(target=self._serve, args=(sock, f"{peer[0]}:{peer[1]}"), daemon=True).start()
 
     def _serve(self, sock: socket.socket, peer: str) -> None:
-        lower_priority()
         try:
             conn = Connection.server_handshake(sock, peer, self.secret)
             while not self._closed.is_set():
@@ -165,6 +164,7 @@ class ReplicationServer:
                     return
                 op = request.get("op")
                 if op == "put":
+                    lower_priority()  # replicas yield to training; serving a recovery (get) does not
                     self._put(conn, request)
                 elif op == "get":
                     self._get(conn, request)
