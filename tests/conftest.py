@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,3 +67,29 @@ def s3_bucket(s3_endpoint: str) -> tuple[str, dict]:
     bucket = f"stalwart-{uuid.uuid4().hex[:12]}"
     fs.mkdir(bucket)
     return f"s3://{bucket}", options
+
+
+@pytest.fixture
+def run_example(tmp_path: Path):
+    """Run ``examples/NAME`` as a user would: a fresh interpreter, its own home and flash root."""
+    examples = Path(__file__).resolve().parents[1] / "examples"
+
+    def run(name: str) -> subprocess.CompletedProcess[str]:
+        env = {
+            **os.environ,
+            "STALWART_HOME": str(tmp_path / "home"),
+            "STALWART_FLASH_ROOT": str(tmp_path / "flash"),
+            "TMPDIR": str(tmp_path),
+        }
+        proc = subprocess.run(
+            [sys.executable, str(examples / name)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=tmp_path,
+            env=env,
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc
+
+    return run

@@ -47,17 +47,8 @@ def test_readme_tour_runs_as_written(tmp_path: Path) -> None:
     assert len(runs) == 2 and all(r.status == "succeeded" for r in runs)
 
 
-def test_ddp_example_survives_a_killed_worker(tmp_path: Path) -> None:
-    env_home = tmp_path / "home"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "ddp_flash.py")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-        env={**os.environ, "STALWART_HOME": str(env_home), "STALWART_FLASH_ROOT": str(tmp_path / "flash")},
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+def test_ddp_example_survives_a_killed_worker(run_example) -> None:
+    proc = run_example("ddp_flash.py")
     assert "rank 1: killed by SIGKILL after step 25" in proc.stdout
     assert "rank 0: resumed at step 25 from flash" in proc.stdout
     assert re.search(r"succeeded: \{'resumed_at': 25, 'restored_from': 'flash'", proc.stdout)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 import subprocess
 import sys
@@ -16,7 +15,6 @@ import torch
 
 import stalwart as sw
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore:.*treespec")  # a deprecation inside Lightning
 
 
@@ -145,22 +143,9 @@ def test_a_resume_point_is_a_path_string_that_says_where_it_came_from() -> None:
         ResumePoint("/x", "disk", 1)
 
 
-def test_example_is_killed_and_resumes_from_flash(tmp_path: Path) -> None:
+def test_example_is_killed_and_resumes_from_flash(run_example) -> None:
     pytest.importorskip("lightning")
-    env = {
-        **os.environ,
-        "STALWART_HOME": str(tmp_path / "home"),
-        "STALWART_FLASH_ROOT": str(tmp_path / "flash"),
-    }
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "lightning_resume.py")],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,
-        env={**env, "TMPDIR": str(tmp_path)},
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = run_example("lightning_resume.py")
     assert "attempt 0: step 96 is in the flash tier; simulating a crash (SIGKILL)" in proc.stdout
     assert "attempt 1: resuming at step 96 from the flash tier" in proc.stdout
     assert "attempt 1: finished at step 160" in proc.stdout and "succeeded" in proc.stdout

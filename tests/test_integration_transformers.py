@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -13,8 +11,6 @@ import pytest
 import torch
 
 import stalwart as sw
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -82,21 +78,8 @@ def test_mirror_then_resume_picks_the_newest_complete_directory(tmp_path: Path, 
     again.close()
 
 
-def test_example_is_killed_and_resumes_from_flash(tmp_path: Path, ht: ModuleType) -> None:
-    env = {
-        **os.environ,
-        "STALWART_HOME": str(tmp_path / "home"),
-        "STALWART_FLASH_ROOT": str(tmp_path / "flash"),
-    }
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "transformers_resume.py")],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,
-        env={**env, "TMPDIR": str(tmp_path)},
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+def test_example_is_killed_and_resumes_from_flash(run_example, ht: ModuleType) -> None:
+    proc = run_example("transformers_resume.py")
     assert "attempt 0: checkpoint-40 is mirrored; simulating a crash (SIGKILL)" in proc.stdout
     assert "attempt 1: resuming at step 40 from the flash tier" in proc.stdout
     assert "attempt 1: finished at step 60" in proc.stdout and "succeeded" in proc.stdout

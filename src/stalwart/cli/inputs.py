@@ -485,6 +485,16 @@ def _sequence_converter(origin: Any, args: tuple[Any, ...]) -> Callable[[str], A
     return parse
 
 
+def _json_object(raw: str, what: str) -> dict:
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        raise ValueError(f"invalid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"not a JSON object{what}")
+    return value
+
+
 def _dict_converter(args: tuple[Any, ...]) -> Callable[[str], Any] | None:
     key_convert = _converter(args[0]) if args else None
     value_convert = _converter(args[1]) if len(args) > 1 else None
@@ -492,12 +502,7 @@ def _dict_converter(args: tuple[Any, ...]) -> Callable[[str], Any] | None:
         return None
 
     def parse(raw: str) -> Any:
-        try:
-            value = json.loads(raw)
-        except ValueError as exc:
-            raise ValueError(f"invalid JSON: {exc}") from None
-        if not isinstance(value, dict):
-            raise ValueError("not a JSON object")
+        value = _json_object(raw, "")
         if key_convert is None or value_convert is None:
             return value
         try:
@@ -510,12 +515,7 @@ def _dict_converter(args: tuple[Any, ...]) -> Callable[[str], Any] | None:
 
 def _dataclass_converter(kind: type) -> Callable[[str], Any]:
     def parse(raw: str) -> Any:
-        try:
-            value = json.loads(raw)
-        except ValueError as exc:
-            raise ValueError(f"invalid JSON: {exc}") from None
-        if not isinstance(value, dict):
-            raise ValueError("not a JSON object of its fields")
+        value = _json_object(raw, " of its fields")
         hints = _type_hints(kind)
         fields = {}
         for key, item in value.items():
