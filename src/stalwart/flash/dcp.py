@@ -10,7 +10,10 @@ and verifies each object once before copying from it.
 The checkpoint id is a step: an int, or the step directory (``writer.step_dir(100)``).
 
 ``dcp.async_save`` with the default thread executor works; the process executor is not supported (the
-writer holds memory maps and the rank's writer lock).
+writer holds memory maps and the rank's writer lock). The adapter is for ranks that share one flash
+root (one node): it does not replicate, and its retention counts a step complete from the commit
+records it can see, so on several nodes old steps would never be dropped. Across nodes use
+``FlashCheckpointer``, which replicates and keeps its board in the job's store.
 """
 
 from __future__ import annotations
