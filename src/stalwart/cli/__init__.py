@@ -24,7 +24,7 @@ from .errors import CliError
 from .inputs import add_run_options, parse_task_inputs
 from .k8s import add_k8s_parser
 from .records import LOG_TAIL_LINES, cmd_runs, cmd_show, open_store
-from .script import find_task, script_as_main, task_listing
+from .script import script_task
 
 if TYPE_CHECKING:
     from ..environment import Task
@@ -146,13 +146,7 @@ def _runner_logging() -> Iterator[None]:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    with script_as_main(args.file) as module:
-        if args.task is None:
-            raise CliError(
-                f"name the task to run: stalwart run {args.file} TASK [--input value ...]\n"
-                f"{task_listing(module)}"
-            )
-        task = find_task(module, args.task, args.file)
+    with script_task(args.file, args.task, "stalwart run {file} TASK [--input value ...]") as task:
         positional, inputs, run_options = parse_task_inputs(
             task, args.inputs, prog=f"stalwart run {args.file} {args.task}"
         )

@@ -14,7 +14,7 @@ from typing import Any
 
 from .errors import CliError
 from .inputs import parse_task_inputs
-from .script import find_task, script_as_main, task_listing
+from .script import script_task
 
 __all__ = ["add_k8s_parser"]
 
@@ -136,13 +136,9 @@ def _render(args: argparse.Namespace, command: str) -> tuple[dict, dict[str, Any
     )
     from ..runtime.runner import new_run_id
 
-    with script_as_main(args.file) as module:
-        if args.task is None:
-            raise CliError(
-                f"name the task: stalwart k8s {command} {args.file} TASK [--input value ...]\n"
-                f"{task_listing(module)}"
-            )
-        task = find_task(module, args.task, args.file)
+    with script_task(
+        args.file, args.task, f"stalwart k8s {command} {{file}} TASK [--input value ...]"
+    ) as task:
         options, input_argv = _split_options(task, args.inputs, command)
         for dest in _options(command):  # options after TASK win over those before FILE.py
             options.setdefault(dest, getattr(args, f"k8s:{dest}"))

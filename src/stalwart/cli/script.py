@@ -125,3 +125,15 @@ def find_task(module: types.ModuleType, name: str, file: str) -> Task:
             problem = f"{name!r} in {file} is not a task but of type {kind} (declare it with @env.task)"
         raise CliError(f"{problem}.\n{task_listing(module)}")
     return task
+
+
+@contextlib.contextmanager
+def script_task(file: str, name: str | None, usage: str) -> Iterator[Task]:
+    """The task ``name`` of script ``file``, loaded as ``__main__`` while the block runs.
+
+    ``usage`` is the command line to show (``{file}`` filled in) when no task is named.
+    """
+    with script_as_main(file) as module:
+        if name is None:
+            raise CliError(f"name the task: {usage.format(file=file)}\n{task_listing(module)}")
+        yield find_task(module, name, file)
