@@ -93,3 +93,29 @@ def run_example(tmp_path: Path):
         return proc
 
     return run
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 64 MiB tmpfs of its own (needs root or CAP_SYS_ADMIN; skipped otherwise)."""
+    mount_point = tmp_path / "tmpfs"
+    mount_point.mkdir()
+    try:
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount_point)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        pytest.skip(f"cannot mount a 64 MiB tmpfs to fill up ({exc}); needs root or CAP_SYS_ADMIN")
+    if done.returncode:
+        pytest.skip(
+            f"cannot mount a 64 MiB tmpfs to fill up ({done.stderr.strip() or done.returncode}); "
+            "needs root or CAP_SYS_ADMIN"
+        )
+    try:
+        yield mount_point
+    finally:
+        if subprocess.run(["umount", str(mount_point)], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(mount_point)], check=True)

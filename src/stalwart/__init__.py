@@ -44,6 +44,9 @@ _EXPORTS: dict[str, str] = {
     "FlashCheckpointer": "stalwart.flash.checkpointer",
     "FlashStorageWriter": "stalwart.flash.dcp",
     "FlashStorageReader": "stalwart.flash.dcp",
+    "FlashError": "stalwart.flash.errors",
+    "FlashSpaceError": "stalwart.flash.errors",
+    "FlashRestoreError": "stalwart.flash.errors",
 }
 
 __all__ = [  # spelled out for linters and IDEs; a test checks it matches _EXPORTS
@@ -58,6 +61,9 @@ __all__ = [  # spelled out for linters and IDEs; a test checks it matches _EXPOR
     "Device",
     "Elastic",
     "FlashCheckpointer",
+    "FlashError",
+    "FlashRestoreError",
+    "FlashSpaceError",
     "FlashStorageReader",
     "FlashStorageWriter",
     "Neuron",
@@ -100,6 +106,7 @@ if TYPE_CHECKING:
     from .environment import Task, TaskEnvironment
     from .flash.checkpointer import FlashCheckpointer
     from .flash.dcp import FlashStorageReader, FlashStorageWriter
+    from .flash.errors import FlashError, FlashRestoreError, FlashSpaceError
     from .resources import Resources
     from .retry import Backoff, NonRetryableError, RetryStrategy
     from .runtime.runner import Run, RunFailedError, run, with_runcontext

@@ -113,6 +113,25 @@ class DurableStore:
         else:
             self.fs.pipe_file(path, data)
 
+    def abort_uploads(self, match: Callable[[str], bool]) -> int:
+        """Abort open multipart uploads whose object name (relative to the store's root) ``match``es: what
+        an upload killed half-way leaves on S3, billed until aborted. Other filesystems have none: 0."""
+        if not (hasattr(self.fs, "call_s3") and hasattr(self.fs, "abort_mpu")):
+            return 0
+        bucket, key, _ = self.fs.split_path(self.root)
+        prefix = f"{key.rstrip('/')}/" if key else ""
+        query: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
+        aborted = 0
+        while True:
+            page = self.fs.call_s3("list_multipart_uploads", **query)
+            for upload in page.get("Uploads") or []:
+                if upload["Key"].startswith(prefix) and match(upload["Key"][len(prefix) :]):
+                    self.fs.abort_mpu(bucket, upload["Key"], upload["UploadId"])
+                    aborted += 1
+            if not page.get("IsTruncated"):
+                return aborted
+            query.update(KeyMarker=page["NextKeyMarker"], UploadIdMarker=page["NextUploadIdMarker"])
+
     def remove(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm(self.path(name), recursive=True)

@@ -21,16 +21,14 @@ import secrets
 import shutil
 from pathlib import Path
 
+from .errors import FlashSpaceError
+
 __all__ = ["Buffer", "BufferPool", "FlashSpaceError"]
 
 log = logging.getLogger("stalwart.flash")
 
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux >= 5.14
 _GRANULE = 64 * 2**10  # capacities round up to 64 KiB: room for metadata that varies from save to save
-
-
-class FlashSpaceError(OSError):
-    """The flash root has no room for a buffer; nothing committed was touched."""
 
 
 class Buffer:
@@ -109,7 +107,7 @@ class Buffer:
         self._fd = -1
 
     def __repr__(self) -> str:
-        return f"Buffer({self.path}, {_human(self.capacity)})"
+        return f"Buffer({self.path}, {human_bytes(self.capacity)})"
 
 
 class BufferPool:
@@ -190,7 +188,8 @@ def _reserve(fd: int, capacity: int, path: Path) -> None:
             free = shutil.disk_usage(path.parent).free
             raise FlashSpaceError(
                 exc.errno,
-                f"no space in {path.parent} for a {_human(capacity)} flash buffer ({_human(free)} free); "
+                f"no space in {path.parent} for a {human_bytes(capacity)} flash buffer "
+                f"({human_bytes(free)} free); "
                 "committed checkpoints are intact. Free memory in the flash root, lower keep=, or point "
                 "root= / STALWART_FLASH_ROOT at a larger tmpfs",
             ) from None
@@ -215,7 +214,8 @@ def _populate(mm: mmap.mmap, size: int, start: int = 0) -> None:
         view.release()
 
 
-def _human(n: float) -> str:
+def human_bytes(n: float) -> str:
+    """A byte count for people: ``1.5 GiB``."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"

@@ -29,6 +29,7 @@ from .durable import DurableTier
 from .engine import FlashEngine
 from .layout import FlashLayout, check_job_id
 from .objects import DEFAULT_CHUNK
+from .uploader import ON_ERROR
 
 __all__ = ["FlashCheckpointer"]
 
@@ -65,6 +66,7 @@ class FlashCheckpointer:
         process_group: Any = None,
         threads: int | None = None,
         chunk_size: int = DEFAULT_CHUNK,
+        on_durable_error: str = "warn",
     ) -> None:
         context = ctx()
         if job_id is None:
@@ -109,6 +111,12 @@ class FlashCheckpointer:
                 f"replicas={replicas!r} is not accepted; use an int >= 0 (copies on other nodes)"
             )
         self.replicas = replicas
+        if on_durable_error not in ON_ERROR:
+            raise ValueError(
+                f"on_durable_error={on_durable_error!r} is not accepted; use 'warn' (a durable outage is a "
+                "warning with the lag, raised at wait()/close()) or 'raise' (raised by the next save)"
+            )
+        self.on_durable_error = on_durable_error
         self._engine: FlashEngine | None = None
         self.last_saved_step: int | None = None
 
@@ -145,13 +153,17 @@ class FlashCheckpointer:
                 threads=self._threads,
                 process_group=self._process_group,
                 replicas=self.replicas,
+                on_durable_error=self.on_durable_error,
             )
         return self._engine
 
     def restore(self, state_dict: MutableMapping[str, Any]) -> int | None:
         """Load the newest complete state into ``state_dict`` in place; return its step, or None.
 
-        ``restored_from`` then says where it came from: "flash", "durable", or None.
+        The newest step any tier holds intact wins (tmpfs, a peer node, the durable store), and
+        ``restored_from`` says which: "flash", "peer" or "durable". None means no tier holds a
+        checkpoint of this job; one that exists but cannot be read raises FlashRestoreError instead,
+        so training never silently starts over.
         """
         step = self.engine.load(state_dict)
         self.last_saved_step = step

@@ -4,16 +4,17 @@ Joining is collective (every rank constructs its engine at the same point): rank
 secret and a board generation, every rank starts its replication server, and the ranks gather each
 other's addresses and node keys. On one node nothing of this is needed and ``join`` returns None.
 
-Recovery: every rank reports the (step, rank) objects its node holds, own or replica; the ranks pick
-the newest step whose every object exists somewhere, each rank verifies its own object or pulls it
-from a node that has it, and only when all ranks succeeded do they load. A replaced node with an empty
-flash root holds nothing and so never vetoes a step its peers can serve.
+Recovery (driven by ``restore``): every rank reports the (step, rank) objects its node holds, own or
+replica; a step is whole when every rank's object exists somewhere, and a rank that lacks its own pulls
+it from a node that has it. A replaced node with an empty flash root holds nothing and so never vetoes
+a step its peers can serve.
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
+import time
 from typing import Any
 
 from .board import StoreBoard
@@ -103,55 +104,71 @@ class Cluster:
 
     # recovery
 
-    def restore(self, store: RankStore, group: Any) -> tuple[int, VerifiedObject, str] | None:
-        """Collective: the newest step every rank can obtain, verified on every rank; None if none."""
+    def holders(self, store: RankStore, group: Any) -> dict[tuple[int, int], list[int]]:
+        """Collective: which ranks' nodes hold a committed object of (step, rank), own or replica."""
         holders: dict[tuple[int, int], list[int]] = {}
         for holder, items in enumerate(group.gather(store.holdings())):
             for step, rank in items:
                 holders.setdefault((step, rank), []).append(holder)
+        return holders
+
+    def whole_steps(self, holders: dict[tuple[int, int], list[int]]) -> set[int]:
+        """Steps whose every rank's object exists on some node."""
         world = len(self.peers)
-        for step in sorted({s for s, _ in holders}, reverse=True):
-            if any((step, rank) not in holders for rank in range(world)):
-                continue
-            verified, source = self._obtain(store, step, holders[(step, self.rank)])
-            if all(group.gather(verified is not None)):
-                assert verified is not None
-                return step, verified, source
-        if holders:
+        steps = {step for step, _ in holders}
+        whole = {step for step in steps if all((step, rank) in holders for rank in range(world))}
+        if steps and not whole:
             log.warning(
                 "flash: no step is whole across the nodes of this job (an object of every step is missing)"
             )
-        return None
+        return whole
 
-    def _obtain(self, store: RankStore, step: int, holders: list[int]) -> tuple[VerifiedObject | None, str]:
-        if self.layout.object_path(step, self.rank).exists():
-            try:
-                return store.verify(step), "flash"
-            except CorruptObjectError as exc:
-                log.warning("flash: not loading step %d: %s; asking peers", step, exc)
-                store.drop(step)
-        for holder in holders:
-            peer = self.peers[holder]
-            if peer.node == self.node:
-                continue
-            try:
-                record, verified = pull(peer, step, self.rank, self.secret, store.pool, self.copier)
-            except (OSError, ValueError) as exc:
-                log.warning("flash: pulling step %d from rank %d failed: %s", step, holder, exc)
-                continue
-            store.adopt_pulled(verified, record)
-            log.info(
-                "flash: rank %d pulled step %d from rank %d (node %s)", self.rank, step, holder, peer.node
-            )
-            return verified, "peer"
-        return None, "none"
+    def pull(
+        self, store: RankStore, step: int, holders: list[int], *, rounds: int = 3
+    ) -> tuple[VerifiedObject | None, list[tuple[str, str]]]:
+        """This rank's object of ``step`` from a node that holds it, verified and made this rank's own.
+
+        A peer that does not answer is asked again (``rounds`` times, backing off): under load a pull may
+        time out, and giving up would restore an older step. Returns the object, or None and what each
+        peer said ("corrupt" or "error", with a message).
+        """
+        remote = [h for h in holders if self.peers[h].node != self.node]
+        problems: dict[int, tuple[str, str]] = {}
+        for attempt in range(rounds):
+            for holder in remote:
+                if problems.get(holder, ("",))[0] == "corrupt":
+                    continue  # its copy is bad: asking again would not help
+                peer = self.peers[holder]
+                try:
+                    record, verified = pull(peer, step, self.rank, self.secret, store, self.copier)
+                except CorruptObjectError as exc:
+                    problems[holder] = ("corrupt", f"the copy on rank {holder}: {exc}")
+                    continue
+                except (OSError, ValueError) as exc:
+                    problems[holder] = ("error", f"pulling from rank {holder} ({peer.node}) failed: {exc}")
+                    log.warning("flash: pulling step %d from rank %d failed: %s", step, holder, exc)
+                    continue
+                store.adopt_pulled(verified, record)
+                log.info(
+                    "flash: rank %d pulled step %d from rank %d (node %s)", self.rank, step, holder, peer.node
+                )
+                return verified, []
+            if all(kind == "corrupt" for kind, _ in problems.values()) or attempt == rounds - 1:
+                break
+            time.sleep(0.5 * 2**attempt)
+        return None, list(problems.values())
 
     def after_restore(self, step: int | None, group: Any) -> None:
         """Collective: facts posted before the restore belong to another timeline; replicas of steps
-        after the restored one are dropped."""
-        self.board.new_generation(group.gather(secrets.token_hex(8) if self.rank == 0 else None)[0])
+        after the restored one are dropped.
+
+        The drop comes before the collective, which no rank leaves until every rank has dropped: a peer
+        that returned first and saved at once would otherwise send a replica of the new timeline that
+        this rank, still cleaning up, deleted (seen under load: a node lost, and no step whole).
+        """
         for keeper in self.server.keepers.values():
             keeper.drop_other_than(lambda s: step is not None and s <= step)
+        self.board.new_generation(group.gather(secrets.token_hex(8) if self.rank == 0 else None)[0])
 
     # life cycle
 

@@ -1,8 +1,14 @@
 """The durable copy of flash steps: the same objects and commit records, on any fsspec URL.
 
 Each rank uploads its own object, then its commit record (data first, marker last: object stores
-have no rename). A durable step is complete when every rank's record is there. Restore downloads a
-rank's object into a local file and verifies it exactly as a local object.
+have no rename). A durable step is complete when every rank's record is there. Restore reads a rank's
+object straight into a pool buffer and verifies it exactly as a local object.
+
+Committed data is never rewritten (DESIGN decision 10): an upload refuses a step this rank already
+committed here, a restore drops the steps newer than the one it chose (they belong to an abandoned
+timeline, like the flash tier's), and retention deletes a rank's records before its objects. What a
+killed upload leaves behind (an uncommitted object, an open multipart upload) is collected by the next
+retention of the same rank, which runs only between that rank's uploads, never beside one.
 """
 
 from __future__ import annotations
@@ -10,16 +16,21 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from pathlib import Path
 
 from ..checkpoint.store import CHUNK, DurableStore
-from .layout import CommitRecord
+from .errors import FlashError
+from .layout import CommitRecord, FlashLayout
 
-__all__ = ["DurableTier"]
+__all__ = ["DurableConflictError", "DurableTier"]
 
 log = logging.getLogger("stalwart.flash")
 
 _COMMIT = re.compile(r"^step-(\d{12})/rank-(\d{5})\.commit$")
+_OBJECT = re.compile(r"^step-(\d{12})/rank-(\d{5})\.obj$")
+
+
+class DurableConflictError(FlashError):
+    """The durable store already holds a committed step this rank was about to upload."""
 
 
 class DurableTier:
@@ -36,14 +47,34 @@ class DurableTier:
     def _step(step: int) -> str:
         return f"step-{step:012d}"
 
+    def _commit_name(self, step: int, rank: int) -> str:
+        return f"{self._step(step)}/rank-{rank:05d}.commit"
+
+    def _object_name(self, step: int, rank: int) -> str:
+        return f"{self._step(step)}/{FlashLayout.object_name(rank)}"
+
+    # writing
+
     def upload(self, record: CommitRecord, view: memoryview) -> None:
-        """Upload one rank's object (the first ``size`` bytes of its buffer), then its commit record."""
+        """Upload one rank's object (the first ``size`` bytes of its buffer), then its commit record.
+
+        Refuses (DurableConflictError) a step this rank already committed here: rewriting it in place
+        would destroy a committed step if the upload died half-way.
+        """
+        if self.rank_record(record.step, record.rank) is not None:
+            raise DurableConflictError(
+                f"{self.url} already holds a committed step {record.step} of rank {record.rank}, saved "
+                "by an earlier run of this job that this process did not restore; it is not overwritten. "
+                "Call restore() before saving (it drops the steps of an abandoned timeline), or use a new "
+                "job_id"
+            )
         (entry,) = record.objects
-        name = f"{self._step(record.step)}/{entry['name']}"
-        with self.store.open_write(name) as writer:
+        with self.store.open_write(self._object_name(record.step, record.rank)) as writer:
             for start in range(0, entry["size"], CHUNK):
                 writer.write(view[start : min(start + CHUNK, entry["size"])])
-        self.store.commit(f"{self._step(record.step)}/rank-{record.rank:05d}.commit", record.to_json())
+        self.store.commit(self._commit_name(record.step, record.rank), record.to_json())
+
+    # reading
 
     def records(self) -> dict[int, dict[int, CommitRecord]]:
         """Commit records by step and rank (fresh listing)."""
@@ -60,47 +91,102 @@ class DurableTier:
                 found.setdefault(record.step, {})[record.rank] = record
         return found
 
-    def complete_steps(self, world_size: int) -> list[int]:
-        return sorted(
-            step
-            for step, ranks in self.records().items()
-            if all(
-                (r := ranks.get(rank)) is not None and r.world_size == world_size
-                for rank in range(world_size)
-            )
-        )
+    def complete_steps(
+        self, world_size: int, records: dict[int, dict[int, CommitRecord]] | None = None
+    ) -> list[int]:
+        records = self.records() if records is None else records
+        return sorted(step for step, ranks in records.items() if _complete(ranks) == world_size)
+
+    def other_world_sizes(self, world_size: int) -> dict[int, int]:
+        """Complete steps saved by another number of ranks: {step: world size}."""
+        found = {step: _complete(ranks) for step, ranks in self.records().items()}
+        return {step: size for step, size in found.items() if size is not None and size != world_size}
 
     def rank_record(self, step: int, rank: int) -> CommitRecord | None:
         try:
-            return CommitRecord.from_json(self.store.read_bytes(f"{self._step(step)}/rank-{rank:05d}.commit"))
+            record = CommitRecord.from_json(self.store.read_bytes(self._commit_name(step, rank)))
         except (FileNotFoundError, ValueError, TypeError):
             return None
+        return record if (record.step, record.rank) == (step, rank) else None
 
-    def download(self, record: CommitRecord, dest: Path) -> None:
-        """Copy one rank's object to ``dest`` (a local file, verified afterwards by the engine)."""
+    def read_into(self, record: CommitRecord, view: memoryview) -> None:
+        """Read one rank's object into ``view`` (a pool buffer: verified by the caller before use)."""
         (entry,) = record.objects
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(dest.name + ".download")
-        with (
-            self.store.open_read(f"{self._step(record.step)}/{entry['name']}") as src,
-            open(tmp, "wb") as out,
-        ):
-            while chunk := src.read(CHUNK):
-                out.write(chunk)
-        tmp.rename(dest)
+        size = entry["size"]
+        with self.store.open_read(self._object_name(record.step, record.rank)) as src:
+            done = 0
+            while done < size:
+                got = src.readinto(view[done : min(done + CHUNK, size)])
+                if not got:
+                    raise EOFError(
+                        f"{self.url}/{self._object_name(record.step, record.rank)} ends after {done} bytes; "
+                        f"its commit record says {size}"
+                    )
+                done += got
+
+    # dropping and retention
+
+    def _remove_rank(self, step: int, rank: int, record: CommitRecord | None) -> None:
+        """Record first, so the step stops being complete before its data goes."""
+        base = self._step(step)
+        with contextlib.suppress(FileNotFoundError):
+            self.store.remove(self._commit_name(step, rank))
+        names = [e["name"] for e in record.objects] if record else [FlashLayout.object_name(rank)]
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):
+                self.store.remove(f"{base}/{name}")
+
+    def drop_newer_than(self, rank: int, step: int | None) -> list[int]:
+        """Delete this rank's steps after ``step`` (all when None): a restore chose an earlier state, so
+        they belong to an abandoned timeline, and a new save of the same step number must find its place
+        free. Returns the steps dropped."""
+        dropped = []
+        for found, ranks in sorted(self.records().items()):
+            if rank in ranks and (step is None or found > step):
+                self._remove_rank(found, rank, ranks[rank])
+                dropped.append(found)
+        return dropped
 
     def prune(self, rank: int, world_size: int) -> None:
-        """Delete this rank's durable objects of steps older than the newest ``keep`` complete steps."""
-        complete = self.complete_steps(world_size)
-        if len(complete) <= self.keep:
-            return
-        cutoff = complete[-self.keep]
-        for step, ranks in self.records().items():
-            if step < cutoff and rank in ranks:
-                base = self._step(step)
-                # marker first: the step stops being complete before its data goes
+        """Delete this rank's objects of steps older than the newest ``keep`` complete steps, and what its
+        killed uploads left behind. Call it only between this rank's uploads."""
+        records = self.records()
+        complete = self.complete_steps(world_size, records)
+        if len(complete) > self.keep:
+            cutoff = complete[-self.keep]
+            for step, ranks in records.items():
+                if step < cutoff and rank in ranks:
+                    self._remove_rank(step, rank, ranks[rank])
+        self.collect_leftovers(rank, records)
+
+    def collect_leftovers(self, rank: int, records: dict[int, dict[int, CommitRecord]] | None = None) -> int:
+        """Delete this rank's objects that no commit record covers and abort its open multipart uploads:
+        what an upload killed half-way leaves. Returns how many were collected."""
+        records = self.records() if records is None else records
+        collected = 0
+        for name in self.store.glob("step-*/rank-*.obj"):
+            m = _OBJECT.match(name)
+            if m and int(m.group(2)) == rank and rank not in records.get(int(m.group(1)), {}):
                 with contextlib.suppress(FileNotFoundError):
-                    self.store.remove(f"{base}/rank-{rank:05d}.commit")
-                for entry in ranks[rank].objects:
-                    with contextlib.suppress(FileNotFoundError):
-                        self.store.remove(f"{base}/{entry['name']}")
+                    self.store.remove(name)
+                    collected += 1
+        collected += self.store.abort_uploads(
+            lambda name: (m := _OBJECT.match(name)) is not None and int(m.group(2)) == rank
+        )
+        if collected:
+            log.info(
+                "flash: collected %d leftover(s) of killed uploads of rank %d in %s",
+                collected,
+                rank,
+                self.url,
+            )
+        return collected
+
+
+def _complete(ranks: dict[int, CommitRecord]) -> int | None:
+    """The world size a step is complete for (every rank of it committed), or None."""
+    sizes = {record.world_size for record in ranks.values()}
+    if len(sizes) != 1:
+        return None
+    (size,) = sizes
+    return size if all(r in ranks for r in range(size)) else None

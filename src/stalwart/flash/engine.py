@@ -1,10 +1,16 @@
 """FlashEngine: save and load one rank's state dict through the flash tier.
 
 ``save`` blocks only for the copy out of the training tensors when ``blocking=False``: checksums,
-metadata, the commit record, retention and the durable upload run on background threads, and an error
-there is raised by the next call, never dropped. ``load`` agrees with the other ranks on the newest
-step that every rank holds and that every rank verified (gather, intersect, then all-or-nothing),
-copies it into the caller's tensors in place, and falls back to the durable tier.
+metadata, the commit record, retention and replication run on a background thread, and an error there
+is raised by the next call, never dropped. The durable copy goes through a ``DurableUploader``: in the
+background for non-blocking saves, before returning for blocking ones; a durable outage is a warning
+with the lag, never a lost flash save. ``load`` restores the newest step every rank can obtain from
+any tier (``restore``), copies it into the caller's tensors in place, and forgets what came after it.
+
+Memory per rank, in buffers the size of one saved object: ``keep + 1`` (the kept steps and the one
+being written), plus up to 2 while non-blocking saves wait for the durable store (one uploading, the
+newest waiting); replicas kept for other nodes add ``keep + 1`` per source. The first save checks that
+this fits in the flash root.
 """
 
 from __future__ import annotations
@@ -15,28 +21,21 @@ from collections.abc import MutableMapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from .capacity import check_room
 from .cluster import Cluster
 from .copier import Copier
 from .durable import DurableTier
-from .layout import CommitRecord, FlashLayout
-from .objects import (
-    DEFAULT_CHUNK,
-    CorruptObjectError,
-    TensorRef,
-    dtype_name,
-    flatten,
-    load_meta,
-)
+from .errors import FlashError, FlashSpaceError
+from .layout import FlashLayout
+from .objects import DEFAULT_CHUNK, TensorRef, dtype_name, flatten, load_meta
 from .rankstore import RankStore, VerifiedObject
 from .replication import RingPlacement
+from .restore import restore_newest
+from .uploader import DurableUploader
 
-__all__ = ["FlashEngine", "FlashError"]
+__all__ = ["FlashEngine", "FlashError", "FlashSpaceError"]
 
 log = logging.getLogger("stalwart.flash")
-
-
-class FlashError(RuntimeError):
-    """A background part of a save (commit, upload) failed; raised by the next call."""
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
@@ -85,6 +84,7 @@ class FlashEngine:
         threads: int | None = None,
         process_group: Any = None,
         replicas: int = 0,
+        on_durable_error: str = "warn",
     ) -> None:
         _check_int("world_size", world_size, 1)
         _check_int("rank", rank, 0)
@@ -94,7 +94,7 @@ class FlashEngine:
             )
         _check_int("keep", keep, 1)
         _check_int("chunk_size", chunk_size, 4096)
-        self.layout, self.rank, self.world_size = layout, rank, world_size
+        self.layout, self.rank, self.world_size, self.keep = layout, rank, world_size, keep
         self.durable = durable
         self.chunk_size = chunk_size
         self._group = _Group(world_size, process_group)
@@ -106,26 +106,32 @@ class FlashEngine:
         self.store = RankStore(layout, rank, world_size, keep=keep, copier=self.copier, board=board)
         if self.cluster:
             self.cluster.start(self.store, keep)
+        self.uploader = (
+            DurableUploader(durable, self.store, world_size, on_error=on_durable_error) if durable else None
+        )
         self._commits = ThreadPoolExecutor(1, thread_name_prefix="stalwart-commit")
-        self._uploads = ThreadPoolExecutor(1, thread_name_prefix="stalwart-durable") if durable else None
         self._pending: tuple[int, Future] | None = None
-        self._upload_futures: list[tuple[int, Future]] = []
+        self._room_checked = False
         self._closed = False
         self.last_save_blocked: float = 0.0  # seconds the caller waited in the newest save
-        self.restored_from: str | None = None  # "flash" or "durable" after a load that found a step
+        self.restored_from: str | None = None  # "flash", "peer" or "durable" after a load that found a step
 
     # saving
 
     def save(
         self, step: int, state: MutableMapping[str, Any], *, blocking: bool = True, durable: bool = False
     ) -> bool:
-        """Save ``state`` as ``step``; returns False when this rank already committed that step."""
+        """Save ``state`` as ``step``; returns False when this rank already committed that step.
+
+        With ``durable``, the step is copied to the durable store too: before returning when ``blocking``,
+        else in the background. A failed copy is a warning (the flash save is made either way).
+        """
         started = time.perf_counter()
         self._check_open()
         _check_int("step", step, 0)
         if not isinstance(state, MutableMapping):
             raise TypeError(f"state must be a dict (a state dict); got {type(state).__name__}")
-        if durable and self.durable is None:
+        if durable and self.uploader is None:
             raise ValueError("durable=True needs a durable store; pass durable='s3://...' or a local path")
         self._settle(wait=True)
         newest = max(self.store.own, default=None)
@@ -138,14 +144,20 @@ class FlashEngine:
                 "Call restore() first (it forgets steps of an abandoned timeline) or use a new job_id"
             )
         skeleton, tensors = flatten(state)
+        if not self._room_checked:
+            self._check_room(self.store.object_size(skeleton, tensors, chunk_size=self.chunk_size))
+            self._room_checked = True
         staged = self.store.stage(skeleton, tensors, chunk_size=self.chunk_size, hash_now=blocking)
 
         def finish() -> None:
             record = self.store.commit_staged(step, staged)
             if self.cluster:
                 self.cluster.replicate(record)
-            if durable:
-                self._start_upload(record)
+            if durable and self.uploader is not None:
+                if blocking:
+                    self.uploader.upload_now(record)
+                else:
+                    self.uploader.submit(record)
             self.store.retain()
 
         if blocking:
@@ -153,23 +165,20 @@ class FlashEngine:
         else:
             self._pending = (step, self._commits.submit(finish))
         self.last_save_blocked = time.perf_counter() - started
+        if self.uploader is not None:
+            self.uploader.check()  # on_durable_error="raise": after the flash save, never instead of it
         return True
 
-    def _start_upload(self, record: CommitRecord) -> None:
-        assert self._uploads is not None and self.durable is not None
-        buffer = self.store.pin(record.step)
-        durable = self.durable
-
-        def upload() -> None:
-            try:
-                durable.upload(record, buffer.view)
-                durable.prune(self.rank, self.world_size)
-                log.info("flash: step %d of rank %d uploaded to %s", record.step, self.rank, durable.url)
-            finally:
-                self.store.unpin(record.step)
-                self.store.retain()
-
-        self._upload_futures.append((record.step, self._uploads.submit(upload)))
+    def _check_room(self, object_size: int) -> None:
+        """The first save knows the object size: check the flash root can hold what this config needs."""
+        check_room(
+            self.layout,
+            object_size,
+            keep=self.keep,
+            durable=self.uploader is not None,
+            replica_sources=len(self.cluster.server.keepers) if self.cluster else 0,
+            world_size=self.world_size,
+        )
 
     def _settle(self, *, wait: bool) -> None:
         """Raise what failed in the background; with ``wait``, first let the pending commit finish."""
@@ -178,112 +187,68 @@ class FlashEngine:
             self._pending = None
             try:
                 future.result()
+            except FlashError as exc:  # FlashSpaceError above all: callers catch it by name
+                exc.add_note(f"(raised by the background commit of flash step {step})")
+                raise
             except BaseException as exc:
                 raise FlashError(f"flash save of step {step} failed in the background: {exc}") from exc
-        for item in list(self._upload_futures):
-            step, future = item
-            if future.done():
-                self._upload_futures.remove(item)
-                if (exc := future.exception()) is not None:
-                    url = self.durable.url if self.durable else "?"
-                    raise FlashError(f"uploading flash step {step} to {url} failed: {exc}") from exc
 
     def wait(self) -> None:
-        """Block until every pending commit, upload and replication is done; raise the first failure."""
+        """Block until every pending commit, upload and replication is done; raise the first failure
+        (a durable copy that failed is raised here once, even when saves only warned about it)."""
         self._settle(wait=True)
         if self.cluster:
             self.cluster.wait()
-        for _, future in list(self._upload_futures):
-            future.exception()
-        self._settle(wait=True)
+        if self.uploader is not None:
+            self.uploader.wait()
 
     # loading
 
     def load(self, state: MutableMapping[str, Any]) -> int | None:
-        """Restore the newest step every rank holds and verifies into ``state`` (in place).
+        """Restore the newest step every rank can obtain from any tier into ``state`` (in place).
 
-        Flash first; then the durable tier; None when neither has a complete step. Steps newer than the
-        one restored are forgotten (they belong to an abandoned timeline).
+        Returns the step, or None when no tier holds any checkpoint of this job. Raises
+        FlashRestoreError when one exists but cannot be read. Steps newer than the one restored are
+        forgotten in every tier (they belong to an abandoned timeline).
         """
         self._check_open()
         if not isinstance(state, MutableMapping):
             raise TypeError(f"state must be a dict (a state dict); got {type(state).__name__}")
         self._settle(wait=True)
+        if self.uploader is not None:
+            self.uploader.drain()  # nothing of this rank may be uploading while the timeline is cut
         self.restored_from = None
-        if self.cluster:
-            found = self.cluster.restore(self.store, self._group)
-            step = None
-            if found is not None:
-                step, verified, self.restored_from = found
-                self._apply(verified, state)
-        else:
-            step = self._load_from(sorted(self.store.own), state, source="flash")
-            self.restored_from = "flash" if step is not None else None
-        if step is None and self.durable is not None:
-            step = self._load_durable(state)
-            self.restored_from = "durable" if step is not None else None
-            if step is not None and self.rank == 0:
-                log.warning("flash: restored step %d from the durable store %s", step, self.durable.url)
+        restored = restore_newest(self.store, self._group, self.copier, self.cluster, self.durable)
+        step = restored.step
+        if restored.verified is not None:
+            started = time.perf_counter()
+            self._apply(restored.verified, state)
+            self.restored_from = restored.source
+            log.log(
+                logging.WARNING if restored.source == "durable" else logging.INFO,
+                "flash: rank %d restored step %d from %s in %.3f s",
+                self.rank,
+                step,
+                self.durable.url if restored.source == "durable" and self.durable else restored.source,
+                time.perf_counter() - started,
+            )
         self.store.drop_newer_than(step)
+        if self.uploader is not None and restored.durable_steps is not None:
+            assert self.durable is not None
+            dropped = self.durable.drop_newer_than(self.rank, step)
+            if dropped:
+                log.warning(
+                    "flash: dropped durable step(s) %s of rank %d: newer than the restored step %s, they "
+                    "could not be restored",
+                    dropped,
+                    self.rank,
+                    step,
+                )
+            self.uploader.restart_at(step, restored.durable_steps)
+            self.uploader.collect_leftovers()  # nothing of this rank is uploading: kills' leftovers can go
         if self.cluster:
             self.cluster.after_restore(step, self._group)
         return step
-
-    def _load_from(self, own_steps: list[int], state: MutableMapping[str, Any], *, source: str) -> int | None:
-        held = self._group.gather(own_steps)
-        common = set(held[0]).intersection(*held[1:])
-        for step in sorted(common, reverse=True):
-            verified = self._verify(step)
-            if all(self._group.gather(verified is not None)):
-                assert verified is not None
-                started = time.perf_counter()
-                self._apply(verified, state)
-                log.info(
-                    "flash: rank %d restored step %d from %s in %.3f s",
-                    self.rank,
-                    step,
-                    source,
-                    time.perf_counter() - started,
-                )
-                return step
-            if verified is None:
-                self.store.drop(step)
-        return None
-
-    def _verify(self, step: int) -> VerifiedObject | None:
-        try:
-            return self.store.verify(step)
-        except CorruptObjectError as exc:
-            log.warning("flash: not loading step %d: %s; falling back to an older step", step, exc)
-            return None
-        except OSError as exc:
-            log.warning("flash: cannot read step %d (%s); falling back to an older step", step, exc)
-            return None
-
-    def _load_durable(self, state: MutableMapping[str, Any]) -> int | None:
-        assert self.durable is not None
-        complete = self.durable.complete_steps(self.world_size)
-        held = self._group.gather(complete)
-        common = sorted(set(held[0]).intersection(*held[1:]), reverse=True)
-        for step in common:
-            record = self.durable.rank_record(step, self.rank)
-            ok = record is not None
-            if ok:
-                if step in self.store.own:
-                    self.store.drop(step)  # the local copy failed verification: replace it
-                try:
-                    self.durable.download(record, self.layout.object_path(step, self.rank))
-                    self.layout.write_commit(record)
-                    self.store.own.add(step)
-                except (OSError, ValueError) as exc:
-                    log.warning("flash: downloading step %d from %s failed: %s", step, self.durable.url, exc)
-                    ok = False
-            if not all(self._group.gather(ok)):
-                continue
-            restored = self._load_from([step], state, source=f"the durable store {self.durable.url}")
-            if restored is not None:
-                return restored
-        return None
 
     def _apply(self, verified: VerifiedObject, state: MutableMapping[str, Any]) -> None:
         skeleton, entries = load_meta(verified.meta)
@@ -310,8 +275,8 @@ class FlashEngine:
             if self.cluster:
                 self.cluster.close()
             self._commits.shutdown(wait=True)
-            if self._uploads is not None:
-                self._uploads.shutdown(wait=True)
+            if self.uploader is not None:
+                self.uploader.close()
             self.store.close()
             self.copier.close()
 

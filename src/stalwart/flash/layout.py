@@ -25,6 +25,8 @@ import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .errors import FlashSpaceError
+
 __all__ = ["CommitRecord", "FlashLayout", "RankLock", "RankLockedError", "default_root"]
 
 ROOT_ENV = "STALWART_FLASH_ROOT"
@@ -170,6 +172,14 @@ class FlashLayout:
                     records[record.rank] = record
         return records
 
+    def commit_index(self) -> list[tuple[int, int, int]]:
+        """(step, rank, world size) of every readable commit record under this root."""
+        return sorted(
+            (step, rank, record.world_size)
+            for step in self.steps()
+            for rank, record in self.commits(step).items()
+        )
+
     def read_commit(self, step: int, rank: int) -> CommitRecord | None:
         try:
             record = CommitRecord.from_json(self.commit_path(step, rank).read_bytes())
@@ -188,8 +198,6 @@ class FlashLayout:
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                from .buffers import FlashSpaceError
-
                 raise FlashSpaceError(
                     exc.errno,
                     f"no space in {path.parent} for the commit record of step {record.step}; "

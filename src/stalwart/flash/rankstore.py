@@ -26,6 +26,7 @@ from typing import Any
 from .board import Board, LocalBoard
 from .buffers import Buffer, BufferPool
 from .copier import Copier
+from .errors import FlashError
 from .layout import CommitRecord, FlashLayout
 from .objects import (
     HEADER_SIZE,
@@ -97,6 +98,12 @@ class RankStore:
 
     # writing
 
+    def object_size(self, skeleton: Any, tensors: Sequence[Any], *, chunk_size: int) -> int:
+        """Bytes of the object a save of these tensors makes (header, data, metadata, chunk hashes)."""
+        entries, _, data_end = plan_tensors(tensors)
+        chunks = -(-(data_end - HEADER_SIZE) // chunk_size)
+        return data_end + 64 + len(self._meta(skeleton, entries)) + 8 * chunks
+
     def stage(
         self, skeleton: Any, tensors: Sequence[Any], *, chunk_size: int, hash_now: bool
     ) -> StagedObject:
@@ -113,7 +120,7 @@ class RankStore:
                 tensors, entries, direct, buffer, data_size, chunk_size, hash_chunks=hash_now
             )
         except BaseException:
-            self.abandon(buffer)
+            self.release(buffer)
             raise
         return StagedObject(buffer, meta, data_size, chunk_size, hashes)
 
@@ -136,12 +143,18 @@ class RankStore:
                 )
             return self.commit(step, staged.buffer, staged.meta, staged.data_size, staged.chunk_size, hashes)
         except BaseException:
-            self.abandon(staged.buffer)
+            self.release(staged.buffer)
             self.layout.remove_step_if_abandoned(step)  # the buffer left it; nothing of this rank remains
             raise
 
-    def abandon(self, buffer: Buffer) -> None:
-        """Give back a buffer whose save failed before it committed."""
+    def acquire(self, size: int) -> Buffer:
+        """A free pool buffer of at least ``size`` bytes, for an object read from a peer or the durable
+        store (verified there, then made this rank's own with ``adopt_pulled``)."""
+        with self.mutex:
+            return self.pool.acquire(size)
+
+    def release(self, buffer: Buffer) -> None:
+        """Give back a buffer that never committed (a failed save, a refused download)."""
         with self.mutex:
             self.pool.release(buffer)
 
@@ -179,6 +192,12 @@ class RankStore:
             ],
         )
         with self.mutex:
+            if step not in self.own and self.layout.read_commit(step, self.rank) is not None:
+                raise FlashError(
+                    f"step {step} of rank {self.rank} of flash job {self.layout.job_id!r} is committed by "
+                    "another run of the job (another world size?); committed steps are never rewritten: "
+                    "restore() first, or use a new job_id"
+                )
             buffer.move(self.layout.object_path(step, self.rank))
             self.layout.write_commit(record)
             self._held[step] = buffer
@@ -198,8 +217,11 @@ class RankStore:
         return verified
 
     def adopt_pulled(self, verified: VerifiedObject, record: CommitRecord) -> None:
-        """Make an object pulled from a peer (already verified, in a pool buffer) this rank's own."""
+        """Make an object pulled from a peer or the durable store (verified, in a pool buffer) this rank's
+        own, in place of a local copy of the same step that failed verification."""
         with self.mutex:
+            if record.step in self.own:
+                self.drop(record.step)
             verified.buffer.move(self.layout.object_path(record.step, self.rank))
             self.layout.write_commit(record)
             self._held[record.step] = verified.buffer
@@ -271,7 +293,10 @@ class RankStore:
                     self.drop(own)
 
     def _clean_stale(self) -> None:
-        """Adopt objects of saves that died before committing; forget commits whose object is gone."""
+        """Adopt objects of saves that died before committing; forget commits whose object is gone.
+
+        Steps committed by another number of ranks are left alone: restore refuses to start over while
+        they exist, and ``commit`` refuses to write over them."""
         own_name = self.layout.object_name(self.rank)
         commit_prefix = f"rank-{self.rank:05d}.commit"
         for step in self.layout.steps():
@@ -283,7 +308,10 @@ class RankStore:
                     ):
                         Path(directory, name).unlink(missing_ok=True)
             has_object = self.layout.object_path(step, self.rank).exists()
-            committed = self.layout.read_commit(step, self.rank) is not None
+            record = self.layout.read_commit(step, self.rank)
+            committed = record is not None
+            if record is not None and record.world_size != self.world_size:
+                continue  # a checkpoint of another world size: not this store's to reuse or drop
             if has_object and not committed:
                 log.info(
                     "flash: adopting the object of an unfinished save of step %d (rank %d)", step, self.rank

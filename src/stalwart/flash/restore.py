@@ -1,0 +1,216 @@
+"""Restore: the newest step that every rank can obtain from some tier, verified on every rank.
+
+Collective (every rank of the job calls it at the same point). The candidates are the steps that are
+whole somewhere: every rank committed them on some node's tmpfs (its own, or a replica on a peer), or in
+the durable store. From the newest down, each rank obtains its object from the cheapest tier that has it
+(its own tmpfs, then a peer, then the durable store), verifies every checksum, and the ranks compare
+notes: all verified, and the step is restored; any rank found it corrupt everywhere, and they try the
+next older step (DESIGN decisions 3 and 10).
+
+What is never done: returning "no checkpoint" while one exists. A step that could not be *read* (the
+flash root has no room for the durable copy, a peer or the store does not answer) raises
+FlashRestoreError on every rank instead of quietly taking an older step, and so does a job whose every
+step is corrupt, or whose checkpoints were saved by another number of ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .errors import FlashRestoreError
+from .objects import CorruptObjectError
+from .rankstore import RankStore, VerifiedObject, verify_mapped
+
+if TYPE_CHECKING:
+    from .cluster import Cluster
+    from .copier import Copier
+    from .durable import DurableTier
+
+__all__ = ["Restored", "restore_newest"]
+
+log = logging.getLogger("stalwart.flash")
+
+_READ_ERRORS = (OSError, ValueError)  # what reading a tier can raise besides corruption
+
+
+@dataclass(frozen=True)
+class Restored:
+    """The outcome of a restore on this rank."""
+
+    step: int | None
+    verified: VerifiedObject | None
+    source: str | None  # "flash", "peer" or "durable"
+    durable_steps: frozenset[int] | None  # complete durable steps, None when the store could not be listed
+
+
+@dataclass(frozen=True)
+class _Attempt:
+    kind: str  # "ok", "corrupt" (unusable everywhere it exists) or "error" (could not be read)
+    message: str = ""
+    verified: VerifiedObject | None = None
+    source: str | None = None
+
+
+def restore_newest(
+    store: RankStore, group: Any, copier: Copier, cluster: Cluster | None, durable: DurableTier | None
+) -> Restored:
+    """Collective: obtain and verify the newest whole step on this rank (see the module docstring)."""
+    job = store.layout.job_id
+    if cluster is not None:
+        holders = cluster.holders(store, group)
+        flash_steps = cluster.whole_steps(holders)
+    else:
+        holders = {}
+        held = group.gather(sorted(store.own))
+        flash_steps = set(held[0]).intersection(*held[1:])
+    durable_steps = _durable_steps(durable, store.world_size, group)
+    candidates = sorted(flash_steps | (durable_steps or set()), reverse=True)
+    skipped: list[str] = []
+    for step in candidates:
+        attempt = _obtain(store, copier, cluster, durable, step, holders, durable_steps or frozenset())
+        notes = group.gather((attempt.kind, attempt.message))
+        errors = [f"rank {rank}: {message}" for rank, (kind, message) in enumerate(notes) if kind == "error"]
+        if errors:
+            raise FlashRestoreError(
+                f"step {step} of flash job {job!r} exists but could not be read, so nothing was restored "
+                f"(an older step would silently lose progress): {'; '.join(errors[:4])}"
+            )
+        if all(kind == "ok" for kind, _ in notes):
+            assert attempt.verified is not None
+            return Restored(step, attempt.verified, attempt.source, durable_steps)
+        bad = "; ".join(
+            f"rank {rank}: {message}" for rank, (kind, message) in enumerate(notes) if kind != "ok"
+        )
+        skipped.append(f"step {step} ({bad})")
+        if store.rank == 0:
+            log.warning("flash: not restoring step %d of job %s: %s; trying an older step", step, job, bad)
+    if candidates:
+        raise FlashRestoreError(
+            f"every step of flash job {job!r} failed verification on some rank, so nothing was restored: "
+            f"{'; '.join(skipped[:4])}. To start over, remove {store.layout.job_dir}"
+            + (f" and {durable.url}" if durable is not None else "")
+            + " or use a new job_id"
+        )
+    _refuse_other_world_sizes(store, group, durable)
+    if durable is not None and durable_steps is None:
+        raise FlashRestoreError(
+            f"flash job {job!r} has no step in tmpfs and its durable store {durable.url} could not be "
+            "listed: whether a checkpoint exists is unknown, so training does not start over"
+        )
+    return Restored(None, None, None, durable_steps)
+
+
+def _durable_steps(durable: DurableTier | None, world_size: int, group: Any) -> frozenset[int] | None:
+    """The durable steps every rank sees complete; None (on every rank) if any rank could not list them."""
+    if durable is None:
+        return frozenset()
+    try:
+        listed: list[int] | None = durable.complete_steps(world_size)
+        problem = ""
+    except Exception as exc:  # an unreachable store: the flash tier may still serve
+        listed, problem = None, f"{type(exc).__name__}: {exc}"
+    seen = group.gather((listed, problem))
+    failures = [message for steps, message in seen if steps is None]
+    if failures:
+        log.warning(
+            "flash: cannot list the durable store %s (%s); restoring from flash only",
+            durable.url,
+            failures[0],
+        )
+        return None
+    return frozenset(set(seen[0][0]).intersection(*(set(steps) for steps, _ in seen[1:])))
+
+
+def _obtain(
+    store: RankStore,
+    copier: Copier,
+    cluster: Cluster | None,
+    durable: DurableTier | None,
+    step: int,
+    holders: dict[tuple[int, int], list[int]],
+    durable_steps: frozenset[int],
+) -> _Attempt:
+    """This rank's object of ``step`` from the cheapest tier that has it intact."""
+    corrupt: list[str] = []
+    errors: list[str] = []
+    if step in store.own:
+        try:
+            return _Attempt("ok", verified=store.verify(step), source="flash")
+        except (CorruptObjectError, OSError) as exc:
+            # Kept as evidence until a copy replaces it or a restore of an older step cuts the timeline:
+            # deleting it here would make the next attempt find "no checkpoint" and start over.
+            log.warning("flash: not loading step %d from tmpfs: %s", step, exc)
+            corrupt.append(str(exc))
+    if cluster is not None and holders.get((step, store.rank)):
+        verified, problems = cluster.pull(store, step, holders[(step, store.rank)])
+        if verified is not None:
+            return _Attempt("ok", verified=verified, source="peer")
+        for kind, message in problems:
+            (corrupt if kind == "corrupt" else errors).append(message)
+    if durable is not None and step in durable_steps:
+        kind, message, verified = _download(store, copier, durable, step)
+        if verified is not None:
+            return _Attempt("ok", verified=verified, source="durable")
+        (corrupt if kind == "corrupt" else errors).append(message)
+    if not corrupt and not errors:
+        corrupt.append(f"no tier holds rank {store.rank}'s object")
+    if errors:
+        return _Attempt("error", "; ".join(errors + corrupt))
+    return _Attempt("corrupt", "; ".join(corrupt))
+
+
+def _download(
+    store: RankStore, copier: Copier, durable: DurableTier, step: int
+) -> tuple[str, str, VerifiedObject | None]:
+    """This rank's durable object of ``step``, read into a pool buffer and verified, then made its own."""
+    where = f"{durable.url} step {step} rank {store.rank}"
+    record = durable.rank_record(step, store.rank)
+    if record is None:
+        return "corrupt", f"{where}: the commit record is gone or unreadable", None
+    try:
+        buffer = store.acquire(record.objects[0]["size"])
+    except _READ_ERRORS as exc:
+        return "error", f"no room in the flash root for {where}: {exc}", None
+    try:
+        durable.read_into(record, buffer.view[: record.objects[0]["size"]])
+        verified = verify_mapped(buffer, record, copier, where=where)
+    except (CorruptObjectError, EOFError) as exc:
+        store.release(buffer)
+        return "corrupt", str(exc), None
+    except _READ_ERRORS as exc:
+        store.release(buffer)
+        return "error", f"reading {where} failed: {type(exc).__name__}: {exc}", None
+    store.adopt_pulled(verified, record)
+    return "ok", "", verified
+
+
+def _refuse_other_world_sizes(store: RankStore, group: Any, durable: DurableTier | None) -> None:
+    """Checkpoints saved by another number of ranks exist: loading nothing would start over silently."""
+    committed: set[tuple[int, int, int]] = set()
+    for items in group.gather(store.layout.commit_index()):  # every node's records: steps span nodes
+        committed.update(items)
+    by_step: dict[int, dict[int, set[int]]] = {}
+    for step, rank, size in committed:
+        by_step.setdefault(step, {}).setdefault(size, set()).add(rank)
+    found = {
+        step: (size, "flash")
+        for step, sizes in by_step.items()
+        for size, ranks in sizes.items()
+        if size != store.world_size and ranks >= set(range(size))
+    }
+    if durable is not None:
+        try:
+            for step, size in durable.other_world_sizes(store.world_size).items():
+                found.setdefault(step, (size, "durable"))
+        except Exception as exc:  # the listing failed just before: that is reported by the caller
+            log.debug("flash: could not list %s for other world sizes: %s", durable.url, exc)
+    seen = [item for items in group.gather(sorted(found.items())) for item in items]
+    if seen:
+        step, (size, tier) = max(seen)
+        raise FlashRestoreError(
+            f"flash job {store.layout.job_id!r} holds step {step} ({tier}) saved by {size} ranks, and none "
+            f"saved by this job's {store.world_size}: resuming at another world size is not supported yet. "
+            "Run with the world size of the checkpoint, or use a new job_id to start over"
+        )
