@@ -46,7 +46,11 @@ def _positive(name: str, value: object, *, optional: bool = False) -> int | None
 
 
 class FlashCheckpointer:
-    """Memory-first checkpoints for a training loop, with a durable copy every so often."""
+    """Memory-first checkpoints for a training loop, with a durable copy every so often.
+
+    A durable outage never costs a flash save: the failed copy is a warning with the lag in steps, raised
+    as FlashError by ``wait()``/``close()``, or by the next save with ``on_durable_error="raise"``.
+    """
 
     def __init__(
         self,
