@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import socket
+import struct
+import threading
 from pathlib import Path
 
 import pytest
@@ -16,7 +20,7 @@ from stalwart.flash.layout import FlashLayout
 from stalwart.flash.objects import TensorRef
 from stalwart.flash.rankstore import RankStore
 from stalwart.flash.replication import Peer, ReplicaKeeper, ReplicationServer, RingPlacement, pull
-from stalwart.flash.transport import AuthError, Connection
+from stalwart.flash.transport import AuthError, Connection, ServerHandshake
 
 
 def peers(layout: dict[str, list[int]]) -> list[Peer]:
@@ -164,3 +168,56 @@ def test_objects_larger_than_the_socket_buffers_move_whole(tmp_path: Path) -> No
         srv.close()
         pool.close()
         copier.close()
+
+
+def serve_one_reply(reply: bytes) -> tuple[tuple[str, int], threading.Thread]:
+    """A server that holds the job secret, answers one request with ``reply`` (a whole frame), closes."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def run() -> None:
+        with listener, listener.accept()[0] as sock:
+            sock.settimeout(10)
+            handshake = ServerHandshake(b"s" * 32)
+            sock.sendall(handshake.hello)
+            answer = b""
+            while len(answer) < handshake.answer_size:
+                answer += sock.recv(handshake.answer_size - len(answer))
+            sock.sendall(handshake.proof(answer, "client"))
+            Connection(sock, "client").recv_header()
+            sock.sendall(reply)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return ("127.0.0.1", listener.getsockname()[1]), thread
+
+
+def _frame(value: object) -> bytes:
+    body = json.dumps(value).encode()
+    return struct.pack(">I", len(body)) + body
+
+
+GOOD = {"step": 7, "rank": 0, "world_size": 1, "objects": [{"name": "x", "size": 5000, "header_hash": 1}]}
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        {"ok": True, "size": 5000, "commit": {**GOOD, "objects": "x"}},
+        {"ok": True, "size": 5000},
+        {"ok": True, "size": "5000", "commit": GOOD},
+        {"ok": True, "size": 5000, "commit": {**GOOD, "step": 8}},
+        {"ok": True, "size": 5000, "commit": {**GOOD, "bogus": 1}},
+        {"ok": True, "size": 5000, "commit": {**GOOD, "objects": [{"size": 5000}]}},
+    ],
+    ids=["objects='x'", "no commit", "size='5000'", "another step", "unknown field", "no header_hash"],
+)
+def test_pull_refuses_a_malformed_reply_with_a_connection_error(reply: dict, tmp_path: Path) -> None:
+    """What a recovery catches (OSError, ValueError), never a TypeError or KeyError from deep inside."""
+    address, thread = serve_one_reply(_frame(reply))
+    pool = BufferPool(tmp_path / "pool")
+    try:
+        with pytest.raises(ConnectionError, match=r"rank 0 (sent a bad commit record|answered for step 7)"):
+            pull(Peer(0, "a", address), 7, 0, b"s" * 32, pool, Copier(1))
+    finally:
+        thread.join(10)
+        pool.close()

@@ -22,14 +22,32 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .board import Board
-from .buffers import Buffer, BufferPool
+from .buffers import Buffer, BufferPool, FlashSpaceError
 from .copier import Copier
 from .layout import CommitRecord, FlashLayout
-from .objects import CorruptObjectError
+from .objects import HEADER_SIZE, CorruptObjectError
 from .rankstore import VerifiedObject, verify_mapped
-from .transport import AuthError, Connection
+from .transport import (
+    HANDSHAKE_DEADLINE,
+    HANDSHAKE_SLOTS,
+    Acceptor,
+    Connection,
+    PeerClosed,
+    ProtocolError,
+    RefusalLog,
+    record_from_wire,
+    short,
+    typed_int,
+)
 
-__all__ = ["Peer", "ReplicaKeeper", "ReplicationServer", "Replicator", "RingPlacement", "pull"]
+__all__ = [
+    "Peer",
+    "ReplicaKeeper",
+    "ReplicationServer",
+    "Replicator",
+    "RingPlacement",
+    "pull",
+]
 
 log = logging.getLogger("stalwart.flash")
 
@@ -125,123 +143,190 @@ class ReplicaKeeper:
 
 
 class ReplicationServer:
-    """Receives replicas for the ranks this one keeps, and serves any committed object of this node."""
+    """Receives replicas for the ranks this one keeps, and serves any committed object of this node.
+
+    Authentication runs in an ``Acceptor`` with its own bounded pool and overall deadline, so clients
+    without the job secret never hold one of the ``max_connections`` session slots. A request that is
+    malformed gets an error reply and a log line; the server goes on serving everyone else.
+    """
 
     def __init__(
-        self, layout: FlashLayout, secret: bytes, copier: Copier, host: str, *, max_connections: int = 4
+        self,
+        layout: FlashLayout,
+        secret: bytes,
+        copier: Copier,
+        host: str,
+        *,
+        max_connections: int = 4,
+        handshake_slots: int = HANDSHAKE_SLOTS,
+        handshake_deadline: float = HANDSHAKE_DEADLINE,
     ) -> None:
+        if isinstance(max_connections, bool) or not isinstance(max_connections, int) or max_connections < 1:
+            raise ValueError(f"max_connections={max_connections!r} is not accepted; use an int >= 1")
         self.layout, self.secret, self.copier = layout, secret, copier
         self.keepers: dict[int, ReplicaKeeper] = {}
-        self._listener = socket.create_server((host, 0))
-        self._listener.settimeout(0.5)
-        self.address: tuple[str, int] = (host, self._listener.getsockname()[1])
+        self.refusals = RefusalLog(log)
+        self.max_connections = max_connections
         self._slots = threading.BoundedSemaphore(max_connections)
+        self._sessions: dict[Connection, threading.Thread] = {}
+        self._lock = threading.Lock()
         self._closed = threading.Event()
-        self._thread = threading.Thread(target=self._accept_loop, name="stalwart-replica-server", daemon=True)
-        self._thread.start()
-
-    def _accept_loop(self) -> None:
-        while not self._closed.is_set():
-            try:
-                sock, peer = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            if not self._slots.acquire(blocking=False):
-                log.warning("flash replication: refusing %s:%s, too many connections", *peer[:2])
-                sock.close()
-                continue
-            threading.Thread(target=self._serve, args=(sock, f"{peer[0]}:{peer[1]}"), daemon=True).start()
-
-    def _serve(self, sock: socket.socket, peer: str) -> None:
+        listener = socket.create_server((host, 0))
+        self.address: tuple[str, int] = (host, listener.getsockname()[1])
         try:
-            conn = Connection.server_handshake(sock, peer, self.secret)
+            self._acceptor = Acceptor(
+                listener,
+                secret,
+                self._start_session,
+                self.refusals,
+                slots=handshake_slots,
+                deadline=handshake_deadline,
+                name="stalwart-replica-server",
+            )
+        except BaseException:
+            listener.close()
+            raise
+
+    def _start_session(self, sock: socket.socket, peer: str) -> None:
+        """An authenticated peer: a thread of its own if a session slot is free."""
+        if self._closed.is_set():
+            sock.close()
+            return
+        if not self._slots.acquire(blocking=False):
+            self.refusals.refuse(
+                "sessions",
+                "flash replication: refusing %s: %d authenticated sessions are open, the most allowed",
+                peer,
+                self.max_connections,
+            )
+            sock.close()
+            return
+        conn = Connection(sock, peer)
+        thread = threading.Thread(
+            target=self._serve, args=(conn,), name="stalwart-replica-session", daemon=True
+        )
+        with self._lock:
+            self._sessions[conn] = thread
+        thread.start()
+
+    def _serve(self, conn: Connection) -> None:
+        try:
             while not self._closed.is_set():
                 try:
                     request = conn.recv_header()
-                except ConnectionError:
+                except (PeerClosed, TimeoutError):
+                    return  # the peer is done, or idle for longer than a socket timeout
+                except ProtocolError as exc:
+                    self.refusals.refuse("request", "flash replication: refused a frame: %s", exc)
+                    if exc.in_sync:
+                        conn.send_header({"ok": False, "error": f"refused: {exc}"})
                     return
-                op = request.get("op")
-                if op == "put":
-                    lower_priority()  # replicas yield to training; serving a recovery (get) does not
-                    self._put(conn, request)
-                elif op == "get":
-                    self._get(conn, request)
-                else:
-                    conn.send_header({"ok": False, "error": f"unknown operation {op!r}"})
-        except AuthError as exc:
-            log.warning("flash replication: %s", exc)
-        except (OSError, ValueError) as exc:
-            log.warning("flash replication: connection from %s failed: %s", peer, exc)
+                if not self._handle(conn, request):
+                    return
+        except OSError as exc:
+            if not self._closed.is_set():
+                self.refusals.refuse(
+                    "connection", "flash replication: connection from %s failed: %s", conn.peer, exc
+                )
+        except Exception:  # a bug, not a peer's mistake: say so, keep serving the others
+            log.error("flash replication: internal error serving %s", conn.peer, exc_info=True)
         finally:
-            sock.close()
-            self._slots.release()
+            with self._lock:
+                self._sessions.pop(conn, None)
+            self._slots.release()  # before the close the peer sees, so it may reconnect at once
+            conn.close()
+
+    def _handle(self, conn: Connection, request: dict) -> bool:
+        """Serve one request; False when the connection must close (unread bytes follow a refused put)."""
+        op = request.get("op")
+        if op == "get":
+            return self._get(conn, request)
+        if op == "put":
+            lower_priority()  # replicas yield to training; serving a recovery (get) does not
+            return self._put(conn, request)
+        return self._refuse(conn, request, f"unknown operation {short(op)}; use 'get' or 'put'", keep=True)
+
+    def _refuse(self, conn: Connection, request: dict, why: str, *, keep: bool) -> bool:
+        self.refusals.refuse(
+            "request",
+            "flash replication: refused a request for %s from %s: %s",
+            short(request.get("object")),
+            conn.peer,
+            why,
+        )
+        conn.send_header({"ok": False, "error": f"refused: {why}"})
+        return keep
 
     def _parse(self, request: dict) -> tuple[int, int] | None:
         name = request.get("object")
         match = _OBJECT.match(name) if isinstance(name, str) else None
-        if match is None:
-            log.warning("flash replication: refused a request for %r: not an object name of this job", name)
-            return None
-        return int(match.group(1)), int(match.group(2))
+        return None if match is None else (int(match.group(1)), int(match.group(2)))
 
-    def _put(self, conn: Connection, request: dict) -> None:
+    def _put(self, conn: Connection, request: dict) -> bool:
         parsed, size = self._parse(request), request.get("size")
-        try:
-            record = CommitRecord(**request["commit"])
-        except (KeyError, TypeError) as exc:
-            record, parsed = None, None
-            log.warning("flash replication: bad commit record from %s: %s", conn.peer, exc)
         keeper = self.keepers.get(parsed[1]) if parsed else None
-        if (
-            parsed is None
-            or record is None
-            or keeper is None
-            or not isinstance(size, int)
-            or (record.step, record.rank) != parsed
-            or size != record.objects[0].get("size")
-        ):
-            conn.send_header({"ok": False, "error": "refused: not a replica this rank keeps"})
-            conn.sock.close()  # the object bytes that follow are not read
-            raise ConnectionError(f"refused a put of {request.get('object')!r} from {conn.peer}")
-        with keeper.mutex:
-            buffer = keeper.pool.acquire(size)
+        if keeper is None:
+            return self._refuse(conn, request, "not a replica this rank keeps", keep=False)
+        try:
+            record = record_from_wire(request.get("commit"))
+        except ValueError as exc:
+            return self._refuse(conn, request, f"bad commit record: {exc}", keep=False)
+        if not typed_int(size) or size != record.objects[0]["size"]:
+            why = f"size={short(size)} is not the commit record's size {record.objects[0]['size']}"
+            return self._refuse(conn, request, why, keep=False)
+        if size < HEADER_SIZE:
+            return self._refuse(conn, request, f"size {size} is smaller than an object header", keep=False)
+        if (record.step, record.rank) != parsed:
+            why = f"the commit record is for step {record.step} of rank {record.rank}, not this object"
+            return self._refuse(conn, request, why, keep=False)
+        try:
+            with keeper.mutex:
+                buffer = keeper.pool.acquire(size)
+        except FlashSpaceError as exc:
+            return self._refuse(conn, request, f"no room for a replica of size {size}: {exc}", keep=False)
+        where = f"replica of {request['object']} from {conn.peer}"
         try:
             conn.recv_into(buffer.view[:size])
-            verify_mapped(
-                buffer, record, self.copier, where=f"replica of {request['object']} from {conn.peer}"
-            )
+            verify_mapped(buffer, record, self.copier, where=where)
         except BaseException as exc:
             with keeper.mutex:
                 keeper.pool.release(buffer)
-            if isinstance(exc, CorruptObjectError):
-                conn.send_header({"ok": False, "error": str(exc)})
-                return
-            raise
+            if isinstance(exc, OSError) or not isinstance(exc, Exception):
+                raise
+            # corrupt, or malformed beyond what its checksums describe: every byte was read, so the
+            # connection stays usable
+            return self._refuse(conn, request, str(exc) or type(exc).__name__, keep=True)
         keeper.accept(record, buffer)
         conn.send_header({"ok": True})
+        return True
 
-    def _get(self, conn: Connection, request: dict) -> None:
+    def _get(self, conn: Connection, request: dict) -> bool:
         parsed = self._parse(request)
         if parsed is None:
-            conn.send_header({"ok": False, "error": "refused: not an object name of this job"})
-            return
+            return self._refuse(conn, request, "not an object name of this job", keep=True)
         record = self.layout.read_commit(*parsed)
         path = self.layout.object_path(*parsed)
         if record is None or not path.exists():
             conn.send_header({"ok": False, "error": f"no committed object {request['object']} here"})
-            return
+            return True
         size = record.objects[0]["size"]
         with open(path, "rb") as file:
             conn.send_header({"ok": True, "size": size, "commit": record.__dict__})
             conn.send_file(file, size)
+        return True
 
     def close(self) -> None:
+        """Stop accepting, end the sessions (their sockets are shut down) and close the keepers."""
         self._closed.set()
-        with contextlib.suppress(OSError):
-            self._listener.close()
-        self._thread.join(timeout=5)
+        self._acceptor.close()
+        with self._lock:
+            sessions = dict(self._sessions)
+        for conn in sessions:
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(socket.SHUT_RDWR)
+        deadline = time.monotonic() + 5
+        for thread in sessions.values():
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
         for keeper in self.keepers.values():
             keeper.close()
 
@@ -264,21 +349,36 @@ def pull(
     try:
         conn.send_header({"op": "get", "object": object_name(step, rank)})
         reply = conn.recv_header()
-        if not reply.get("ok"):
+        if reply.get("ok") is not True:
             raise ConnectionError(
-                f"rank {peer.rank} cannot serve step {step} of rank {rank}: {reply.get('error')}"
+                f"rank {peer.rank} cannot serve step {step} of rank {rank}: {str(reply.get('error'))[:300]}"
             )
-        record = CommitRecord(**reply["commit"])
-        size = int(reply["size"])
+        try:
+            record = record_from_wire(reply.get("commit"))
+        except ValueError as exc:
+            raise ConnectionError(
+                f"rank {peer.rank} sent a bad commit record for step {step}: {exc}"
+            ) from None
+        size = reply.get("size")
+        if (
+            (record.step, record.rank) != (step, rank)
+            or not typed_int(size)
+            or size != record.objects[0]["size"]
+        ):
+            raise ConnectionError(
+                f"rank {peer.rank} answered for step {step} of rank {rank} with step {record.step} of rank "
+                f"{record.rank}, size {short(size)}"
+            )
+        where = f"{object_name(step, rank)} from rank {peer.rank}"
         buffer = pool.acquire(size)
         try:
             conn.recv_into(buffer.view[:size])
-            verified = verify_mapped(
-                buffer, record, copier, where=f"{object_name(step, rank)} from rank {peer.rank}"
-            )
-        except BaseException:
+            verified = verify_mapped(buffer, record, copier, where=where)
+        except BaseException as exc:
             pool.release(buffer)
-            raise
+            if isinstance(exc, (OSError, ValueError)) or not isinstance(exc, Exception):
+                raise
+            raise CorruptObjectError(f"{where}: malformed object ({type(exc).__name__}: {exc})") from exc
         return record, verified
     finally:
         conn.close()

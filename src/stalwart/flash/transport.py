@@ -2,9 +2,15 @@
 
 Every connection proves it belongs to the job: the server sends a nonce, the client answers with the
 HMAC (job secret) of both nonces, and the server proves itself the same way. A frame is a 4-byte
-length and a JSON header; object bytes follow a header raw, sent with ``os.sendfile`` straight from
-the tmpfs file and received with ``recv_into`` straight into a mapped buffer. Every socket has a
-timeout; nothing waits forever on a slow or dead peer.
+length and a JSON object; a commit record in one is checked field by field (``record_from_wire``),
+since a peer with the secret belongs to the job but may still have a bug. Object bytes follow a
+header raw, sent with ``os.sendfile`` straight from the tmpfs file and received with ``recv_into``
+straight into a mapped buffer. Every socket has a timeout; nothing waits forever on a slow or dead peer.
+
+The server side of the handshake runs in one thread over non-blocking sockets (``Acceptor``): a
+client without the secret costs a socket, never a thread or a session slot, and has a few seconds in
+all to prove itself. Refusals are logged at a bounded rate (``RefusalLog``), so a flood of hostile
+connections cannot flood the log either.
 """
 
 from __future__ import annotations
@@ -13,16 +19,43 @@ import contextlib
 import hashlib
 import hmac
 import json
+import logging
 import secrets
+import selectors
 import socket
 import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-__all__ = ["TIMEOUT", "AuthError", "Connection"]
+from .layout import CommitRecord
 
-TIMEOUT = 30.0  # seconds any single socket operation may take
+__all__ = [
+    "HANDSHAKE_DEADLINE",
+    "HANDSHAKE_SLOTS",
+    "TIMEOUT",
+    "Acceptor",
+    "AuthError",
+    "Connection",
+    "PeerClosed",
+    "ProtocolError",
+    "RefusalLog",
+    "ServerHandshake",
+    "record_from_wire",
+]
+
+log = logging.getLogger("stalwart.flash")
+
+TIMEOUT = 30.0  # seconds any single socket operation of an authenticated peer may take
+HANDSHAKE_DEADLINE = 5.0  # seconds in all a client has to prove it knows the job secret
+HANDSHAKE_SLOTS = 64  # handshakes pending at once; a newcomer beyond them drops the oldest
 _MAGIC = b"STWR\x01"
 _NONCE = 16
+_MAC = 32
+_HELLO = len(_MAGIC) + _NONCE
+_ANSWER = _NONCE + _MAC
 _MAX_HEADER = 1 << 20
 
 
@@ -30,12 +63,125 @@ class AuthError(ConnectionError):
     """The peer could not prove it knows the job secret (or spoke another protocol)."""
 
 
+class PeerClosed(ConnectionError):
+    """The peer closed the connection between two frames: how a session normally ends."""
+
+
+class ProtocolError(ConnectionError):
+    """The peer broke the framing or sent a header that is not a JSON object.
+
+    ``in_sync`` is true when the whole frame was read, so an error reply can still be sent on it.
+    """
+
+    def __init__(self, message: str, *, in_sync: bool) -> None:
+        super().__init__(message)
+        self.in_sync = in_sync
+
+
 def _mac(secret: bytes, role: bytes, first: bytes, second: bytes) -> bytes:
     return hmac.new(secret, role + first + second, hashlib.sha256).digest()
 
 
+class ServerHandshake:
+    """The server's half of the handshake without any I/O, so one thread can run many at once."""
+
+    answer_size = _ANSWER
+
+    def __init__(self, secret: bytes) -> None:
+        self._secret = secret
+        self._nonce = secrets.token_bytes(_NONCE)
+        self.hello = _MAGIC + self._nonce
+
+    def proof(self, answer: bytes, peer: str) -> bytes:
+        """Check the client's answer; return the server's proof to send back."""
+        client_nonce, mac = answer[:_NONCE], answer[_NONCE:]
+        if len(answer) != _ANSWER or not hmac.compare_digest(
+            mac, _mac(self._secret, b"C", self._nonce, client_nonce)
+        ):
+            raise AuthError(f"refused a peer from {peer} without the job secret")
+        return _mac(self._secret, b"S", client_nonce, self._nonce)
+
+
+def parse_header(body: bytes, peer: str) -> dict[str, Any]:
+    """A frame's JSON object; anything else is a ``ProtocolError`` (the frame was read whole)."""
+    try:
+        value = json.loads(body.decode("utf-8"))
+    except RecursionError:  # json raises it, not ValueError, for deeply nested arrays and objects
+        raise ProtocolError(f"{peer} sent a header nested too deeply to parse", in_sync=True) from None
+    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ProtocolError(f"{peer} sent a header that is not UTF-8 JSON ({exc})", in_sync=True) from None
+    if not isinstance(value, dict):
+        raise ProtocolError(
+            f"{peer} sent a header that is a JSON {type(value).__name__}, not a JSON object", in_sync=True
+        )
+    return value
+
+
+# messages
+
+_MAX_OBJECT = 1 << 50  # bytes: larger than any flash object (a sanity bound; free space is the real one)
+_RECORD_FIELDS: dict[str, tuple[type, ...]] = {
+    "step": (int,),
+    "rank": (int,),
+    "world_size": (int,),
+    "objects": (list,),
+    "created": (int, float),
+    "host": (str,),
+    "pid": (int,),
+    "format": (int,),
+}
+_ENTRY_FIELDS: dict[str, tuple[type, ...]] = {"name": (str,), "size": (int,), "header_hash": (int,)}
+
+
+def short(value: object, limit: int = 60) -> str:
+    """A value as it may appear in a message: its repr, cut to ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _typed(value: object, kinds: tuple[type, ...]) -> bool:
+    return isinstance(value, kinds) and not isinstance(value, bool)
+
+
+def typed_int(value: object) -> bool:
+    """An int that is not a bool (JSON true is not a size)."""
+    return _typed(value, (int,))
+
+
+def record_from_wire(value: object) -> CommitRecord:
+    """A commit record a peer sent, checked field by field: an authenticated peer is not an infallible
+    one, and a wrong type here would surface far away (or as a thread traceback)."""
+    if not isinstance(value, dict):
+        raise ValueError(f"the commit record is a JSON {type(value).__name__}, not an object")
+    unknown = sorted(set(value) - set(_RECORD_FIELDS))
+    if unknown:
+        raise ValueError(f"the commit record has unknown field(s) {', '.join(map(repr, unknown))}")
+    missing = [name for name in ("step", "rank", "world_size", "objects") if name not in value]
+    if missing:
+        raise ValueError(f"the commit record lacks {', '.join(missing)}")
+    for name, kinds in _RECORD_FIELDS.items():
+        if name in value and not _typed(value[name], kinds):
+            expected = " or ".join(k.__name__ for k in kinds)
+            raise ValueError(f"commit record field {name}={short(value[name])} is not a {expected}")
+    if value["step"] < 0 or value["world_size"] < 1 or not 0 <= value["rank"] < value["world_size"]:
+        raise ValueError(
+            f"commit record step {value['step']}, rank {value['rank']} of world_size {value['world_size']} "
+            "are out of range (step >= 0, 0 <= rank < world_size)"
+        )
+    objects = value["objects"]
+    if len(objects) != 1 or not isinstance(objects[0], dict):
+        raise ValueError(f"commit record objects={short(objects)} is not a list of one JSON object")
+    entry = objects[0]
+    for name, kinds in _ENTRY_FIELDS.items():
+        if not _typed(entry.get(name), kinds):
+            raise ValueError(f"commit record objects[0] lacks a {kinds[0].__name__} {name}: {short(entry)}")
+    if not 0 <= entry["size"] <= _MAX_OBJECT or not 0 <= entry["header_hash"] < 2**64:
+        raise ValueError(f"commit record objects[0] has an out-of-range size or header_hash: {short(entry)}")
+    return CommitRecord(**value)
+
+
 class Connection:
-    """One authenticated connection; ``server_handshake`` / ``connect`` make one."""
+    """One authenticated connection; ``connect`` (client) or an ``Acceptor`` (server) makes one."""
 
     def __init__(self, sock: socket.socket, peer: str) -> None:
         self.sock, self.peer = sock, peer
@@ -46,29 +192,19 @@ class Connection:
         sock = socket.create_connection(address, timeout=timeout)
         conn = cls(sock, f"{address[0]}:{address[1]}")
         try:
-            hello = conn._recv_exact(len(_MAGIC) + _NONCE)
+            sock.settimeout(timeout)  # the handshake is short; a server that stalls it is given up
+            hello = conn._recv_exact(_HELLO)
             if not hello.startswith(_MAGIC):
                 raise AuthError(f"{conn.peer} does not speak the stalwart replication protocol")
             server_nonce, client_nonce = hello[len(_MAGIC) :], secrets.token_bytes(_NONCE)
             sock.sendall(client_nonce + _mac(secret, b"C", server_nonce, client_nonce))
-            proof = conn._recv_exact(32)
+            proof = conn._recv_exact(_MAC)
             if not hmac.compare_digest(proof, _mac(secret, b"S", client_nonce, server_nonce)):
                 raise AuthError(f"{conn.peer} could not prove it belongs to this job")
+            sock.settimeout(TIMEOUT)
         except BaseException:
             sock.close()
             raise
-        return conn
-
-    @classmethod
-    def server_handshake(cls, sock: socket.socket, peer: str, secret: bytes) -> Connection:
-        conn = cls(sock, peer)
-        server_nonce = secrets.token_bytes(_NONCE)
-        sock.sendall(_MAGIC + server_nonce)
-        answer = conn._recv_exact(_NONCE + 32)
-        client_nonce, mac = answer[:_NONCE], answer[_NONCE:]
-        if not hmac.compare_digest(mac, _mac(secret, b"C", server_nonce, client_nonce)):
-            raise AuthError(f"refused a peer from {peer} without the job secret")
-        sock.sendall(_mac(secret, b"S", client_nonce, server_nonce))
         return conn
 
     # frames
@@ -78,13 +214,36 @@ class Connection:
         self.sock.sendall(struct.pack(">I", len(body)) + body)
 
     def recv_header(self) -> dict[str, Any]:
-        (size,) = struct.unpack(">I", self._recv_exact(4))
+        """The next frame's header. ``PeerClosed`` (or ``TimeoutError``) when the peer closed (or was
+        silent) between frames; ``ProtocolError`` for an oversized, truncated or malformed frame."""
+        (size,) = struct.unpack(">I", self._recv_frame(4, first=True))
         if size > _MAX_HEADER:
-            raise ConnectionError(f"{self.peer} sent a {size}-byte header; the limit is {_MAX_HEADER}")
-        value = json.loads(self._recv_exact(size))
-        if not isinstance(value, dict):
-            raise ConnectionError(f"{self.peer} sent a header that is not an object")
-        return value
+            raise ProtocolError(
+                f"{self.peer} sent a {size}-byte header; the limit is {_MAX_HEADER}", in_sync=False
+            )
+        return parse_header(self._recv_frame(size, first=False), self.peer)
+
+    def _recv_frame(self, size: int, *, first: bool) -> bytes:
+        buffer = bytearray(size)
+        view, done = memoryview(buffer), 0
+        while done < size:
+            try:
+                got = self.sock.recv_into(view[done:])
+            except TimeoutError:
+                if first and done == 0:
+                    raise
+                raise ProtocolError(
+                    f"{self.peer} stalled in the middle of a frame ({done} of {size} bytes)", in_sync=False
+                ) from None
+            if got == 0:
+                if first and done == 0:
+                    raise PeerClosed(f"{self.peer} closed the connection")
+                raise ProtocolError(
+                    f"{self.peer} closed the connection in the middle of a frame ({done} of {size} bytes)",
+                    in_sync=False,
+                )
+            done += got
+        return bytes(buffer)
 
     # bulk bytes
 
@@ -115,3 +274,262 @@ class Connection:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.close()
+
+
+@dataclass
+class _Window:
+    start: float
+    logged: int = 0
+    unlogged: int = 0
+
+
+class RefusalLog:
+    """Warnings about refused peers at a bounded rate: per kind of refusal, ``burst`` lines per
+    ``interval`` seconds; the rest are counted, and the count is logged when the interval ends."""
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        *,
+        burst: int = 20,
+        interval: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._logger, self.burst, self.interval, self._clock = logger, burst, interval, clock
+        self._windows: dict[str, _Window] = {}
+        self._lock = threading.Lock()
+
+    def refuse(self, kind: str, message: str, *args: object) -> None:
+        now = self._clock()
+        with self._lock:
+            window, ended = self._windows.get(kind), None
+            if window is not None and now - window.start >= self.interval:
+                ended, window = window, None
+            if window is None:
+                window = self._windows[kind] = _Window(now)
+            log_it = window.logged < self.burst
+            if log_it:
+                window.logged += 1
+            else:
+                window.unlogged += 1
+        if ended is not None:
+            self._summarise(kind, ended)
+        if log_it:
+            self._logger.warning(message, *args)
+
+    def flush_due(self) -> None:
+        """Log the counts of intervals that have ended (called now and then by the acceptor)."""
+        now = self._clock()
+        with self._lock:
+            ended = [
+                (k, w) for k, w in self._windows.items() if w.unlogged and now - w.start >= self.interval
+            ]
+            for kind, _ in ended:
+                del self._windows[kind]
+        for kind, window in ended:
+            self._summarise(kind, window)
+
+    def flush(self) -> None:
+        """Log every count not logged yet (at close)."""
+        with self._lock:
+            ended = [(k, w) for k, w in self._windows.items() if w.unlogged]
+            for kind, _ in ended:
+                del self._windows[kind]
+        for kind, window in ended:
+            self._summarise(kind, window)
+
+    def _summarise(self, kind: str, window: _Window) -> None:
+        if window.unlogged:
+            self._logger.warning(
+                "flash replication: refused %d more (%s) without a line each (at most %d lines per %.0f s)",
+                window.unlogged,
+                kind,
+                self.burst,
+                self.interval,
+            )
+
+
+@dataclass
+class _Pending:
+    peer: str
+    handshake: ServerHandshake
+    started: float
+    answer: bytearray = field(default_factory=bytearray)
+
+
+class Acceptor:
+    """Accepts connections and runs their handshakes in one thread, then hands each authenticated
+    socket to ``on_session(sock, peer)`` (which owns it from then on).
+
+    At most ``slots`` handshakes are pending, each for at most ``deadline`` seconds in all (not per
+    receive: a client sending a byte now and then is dropped all the same). When every slot is taken
+    the oldest pending handshake is dropped for the newcomer: refusing newcomers instead would let a
+    few slow clients lock every peer out, while a legitimate handshake takes one round trip and so is
+    almost never the oldest.
+    """
+
+    def __init__(
+        self,
+        listener: socket.socket,
+        secret: bytes,
+        on_session: Callable[[socket.socket, str], None],
+        refusals: RefusalLog,
+        *,
+        slots: int = HANDSHAKE_SLOTS,
+        deadline: float = HANDSHAKE_DEADLINE,
+        name: str = "stalwart-acceptor",
+    ) -> None:
+        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+            raise ValueError(f"handshake slots={slots!r} is not accepted; use an int >= 1")
+        if isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not deadline > 0:
+            raise ValueError(f"handshake deadline={deadline!r} is not accepted; use seconds > 0")
+        self._listener, self._secret, self._on_session = listener, secret, on_session
+        self.refusals, self.slots, self.deadline = refusals, slots, float(deadline)
+        listener.setblocking(False)
+        self._pending: dict[socket.socket, _Pending] = {}  # oldest first
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._selector.register(listener, selectors.EVENT_READ)
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._closed.set()
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        try:
+            while not self._closed.is_set():
+                for key, _ in self._selector.select(self._next_timeout()):
+                    try:
+                        if key.fileobj is self._listener:
+                            self._accept()
+                        elif key.fileobj is self._wake_r:
+                            with contextlib.suppress(OSError):
+                                self._wake_r.recv(64)
+                        else:
+                            self._receive(key.fileobj)  # type: ignore[arg-type]
+                    except Exception:  # a bug here must not stop the server accepting peers
+                        log.error("flash replication: internal error in the acceptor", exc_info=True)
+                        if key.fileobj in self._pending:
+                            self._forget(key.fileobj)  # type: ignore[arg-type]
+                self._expire()
+                self.refusals.flush_due()
+        finally:
+            for sock in list(self._pending):
+                self._forget(sock)
+            self._selector.close()
+            for sock in (self._listener, self._wake_r, self._wake_w):
+                with contextlib.suppress(OSError):
+                    sock.close()
+            self.refusals.flush()
+
+    def _next_timeout(self) -> float:
+        if not self._pending:
+            return 1.0
+        oldest = next(iter(self._pending.values()))
+        return min(1.0, max(0.0, oldest.started + self.deadline - time.monotonic()))
+
+    def _accept(self) -> None:
+        for _ in range(self.slots):  # a bounded batch, so pending handshakes are read in between
+            try:
+                sock, address = self._listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:  # out of file descriptors, or the client gave up already
+                self.refusals.refuse("accept", "flash replication: accepting a connection failed: %s", exc)
+                if self._pending:
+                    self._drop(next(iter(self._pending)), "accept", "dropped to free a file descriptor")
+                else:
+                    self._closed.wait(0.1)  # the listener stays readable; do not spin
+                return
+            peer = f"{address[0]}:{address[1]}"
+            if len(self._pending) >= self.slots:
+                self._drop(
+                    next(iter(self._pending)),
+                    "handshake slots",
+                    f"dropped for a newcomer ({self.slots} handshakes pending, the most allowed)",
+                )
+            sock.setblocking(False)
+            handshake = ServerHandshake(self._secret)
+            try:
+                if sock.send(handshake.hello) != len(handshake.hello):
+                    raise ConnectionError("the hello did not fit the socket buffer")
+            except OSError as exc:
+                self.refusals.refuse(
+                    "handshake", "flash replication: handshake with %s failed: %s", peer, exc
+                )
+                sock.close()
+                continue
+            self._pending[sock] = _Pending(peer, handshake, time.monotonic())
+            self._selector.register(sock, selectors.EVENT_READ)
+
+    def _receive(self, sock: socket.socket) -> None:
+        pending = self._pending.get(sock)
+        if pending is None:
+            return
+        try:
+            data = sock.recv(_ANSWER - len(pending.answer))
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._drop(sock, "handshake", f"failed during the handshake ({exc})")
+            return
+        if not data:
+            self._drop(sock, "handshake", "closed the connection during the handshake")
+            return
+        pending.answer += data
+        if len(pending.answer) < _ANSWER:
+            return
+        self._forget(sock, close=False)
+        try:
+            proof = pending.handshake.proof(bytes(pending.answer), pending.peer)
+            if sock.send(proof) != len(proof):
+                raise ConnectionError("the proof did not fit the socket buffer")
+        except AuthError as exc:
+            self.refusals.refuse("secret", "flash replication: %s", exc)
+            sock.close()
+            return
+        except OSError as exc:
+            self.refusals.refuse(
+                "handshake", "flash replication: handshake with %s failed: %s", pending.peer, exc
+            )
+            sock.close()
+            return
+        try:
+            self._on_session(sock, pending.peer)
+        except Exception:
+            log.error("flash replication: internal error starting a session", exc_info=True)
+            sock.close()
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for sock, pending in list(self._pending.items()):
+            if now - pending.started < self.deadline:
+                break  # oldest first: the rest are younger
+            self._drop(sock, "handshake deadline", f"dropped: no handshake within {self.deadline:g} s")
+
+    def _drop(self, sock: socket.socket, kind: str, what: str) -> None:
+        pending = self._pending[sock]
+        self.refusals.refuse(
+            kind,
+            "flash replication: %s %s after %.1f s, %d of %d handshake bytes received",
+            pending.peer,
+            what,
+            time.monotonic() - pending.started,
+            len(pending.answer),
+            _ANSWER,
+        )
+        self._forget(sock)
+
+    def _forget(self, sock: socket.socket, *, close: bool = True) -> None:
+        self._pending.pop(sock, None)
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            self._selector.unregister(sock)
+        if close:
+            sock.close()
