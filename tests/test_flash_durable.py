@@ -286,9 +286,10 @@ def test_a_durable_outage_costs_no_save_and_no_unbounded_memory(
     assert flash.layout.complete_steps(1) == [steps - 1, steps]  # every flash save was made
 
     # a new process on an empty flash root cannot tell whether a checkpoint exists: an error, not None
-    with sw.FlashCheckpointer("job", root=tmp_path / "empty", durable=url, storage_options=options) as other:
-        with pytest.raises(sw.FlashRestoreError, match="could not be listed"):
-            other.restore(blank())
+    other = sw.FlashCheckpointer("job", root=tmp_path / "empty", durable=url, storage_options=options)
+    with pytest.raises(sw.FlashRestoreError, match="could not be listed"):
+        other.restore(blank())
+    other.close()
 
     server.up()  # the store is back: the next durable save catches up
     flash.save(steps + 1, state_of(steps + 1))

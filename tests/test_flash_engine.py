@@ -265,7 +265,7 @@ def test_a_failed_upload_surfaces_on_the_next_call(layout: FlashLayout, tmp_path
     blocker.write_text("a file where the durable store should be a directory")
     engine = FlashEngine(layout, durable=DurableTier(blocker.as_uri()))
     engine.save(1, {"w": torch.zeros(10)}, durable=True)
-    with pytest.raises(FlashError, match="the durable copy of flash step 1 .* failed"):
+    with pytest.raises(FlashError, match=r"the durable copy of flash step 1 .* failed"):
         engine.wait()
     engine.save(2, {"w": torch.ones(10)})  # training goes on; the flash step is committed
     engine.close()

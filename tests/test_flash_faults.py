@@ -16,7 +16,6 @@ import os
 import random
 import shutil
 import signal
-import subprocess
 import time
 import traceback
 from collections.abc import Iterator
