@@ -182,6 +182,24 @@ def test_a_save_without_checkpoint_id_takes_the_step_after_the_newest(tmp_path: 
     _loads(tmp_path, 9, _state(4))
 
 
+def test_saves_with_dcp_plan_caching_write_their_own_steps(tmp_path: Path) -> None:
+    """With plan caching DCP hands a rank the final plan of the previous save when nothing changed: the
+    step must not travel in it."""
+    writer = FlashStorageWriter("job", root=tmp_path, keep=5)
+    saved = {}
+    for step in (1, 2, None, None):  # explicit ids, then the next step twice
+        state = _state(len(saved) + 1)
+        planner = DefaultSavePlanner(enable_plan_caching=True)
+        if step is None:
+            dcp.save(state, storage_writer=writer, planner=planner)
+        else:
+            dcp.save(state, checkpoint_id=step, storage_writer=writer, planner=planner)
+        saved[writer.step] = state
+    assert sorted(saved) == [1, 2, 3, 4]
+    for step, want in saved.items():
+        _loads(tmp_path, step, want)
+
+
 # multi-rank cases
 
 

@@ -97,18 +97,17 @@ def _default_rank() -> int:
 
 @dataclass(frozen=True)
 class _LocalInfo:
-    """What a rank tells the coordinator in its local plan."""
+    """What a rank tells the coordinator in its local plan: the step it is about to save."""
 
-    step: int | None  # the step its checkpoint_id names; None: the step after the newest
-    newest: int | None  # the newest step directory of the job it sees
+    step: int
 
 
 @dataclass(frozen=True)
 class _SaveInfo:
-    """What the coordinator sends each rank in its final plan: the step, and the rank's place in the group
-    that saves it (DCP passes no group size, and the group may be a subgroup or a single process)."""
+    """What the coordinator sends each rank in its final plan: the rank's place in the group that saves
+    (DCP passes no group size, and the group may be a subgroup or a single process). Not the step: with
+    DCP's plan caching a rank may get the final plan of an earlier save."""
 
-    step: int
     rank: int
     world_size: int
 
@@ -154,7 +153,7 @@ class FlashStorageWriter(StorageWriter):
         self._mapped: list[Buffer] = []  # buffers kept mapped between saves
         self._finalizer = weakref.finalize(self, _unmap, self._mapped)
         self._requested: int | None = None  # the step the checkpoint_id of the coming save names
-        self._local: _LocalInfo | None = None
+        self._planned: int | None = None  # the step of the save under way
         self.step: int | None = None  # the step of the newest save (chosen by the coordinator)
         self.rank, self.world_size = 0, 1  # in the group of the newest save
         self.is_coordinator = False
@@ -183,32 +182,29 @@ class FlashStorageWriter(StorageWriter):
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         requested, self._requested = self._requested, None  # a later save without checkpoint_id: next step
-        if requested is not None:
-            own = [s for s in self.layout.steps() if self.layout.read_commit(s, self.rank) is not None]
+        steps = self.layout.steps()  # no rank writes before the plan is agreed: all see the same steps
+        if requested is None:
+            self._planned = steps[-1] + 1 if steps else 0
+        else:
+            own = [s for s in steps if self.layout.read_commit(s, self.rank) is not None]
             if own and requested <= own[-1]:
                 raise ValueError(
                     f"flash step {requested} is not newer than step {own[-1]}, already saved by this rank"
                 )
-        steps = self.layout.steps()
-        self._local = _LocalInfo(requested, steps[-1] if steps else None)
-        return dataclasses.replace(plan, storage_data=self._local)
+            self._planned = requested
+        return dataclasses.replace(plan, storage_data=_LocalInfo(self._planned))
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
-        """The coordinator picks the step for every rank and tells each its place in the saving group."""
-        infos = [p.storage_data for p in plans if isinstance(p.storage_data, _LocalInfo)]
-        infos = infos or ([self._local] if self._local is not None else [])
-        asked = {info.step for info in infos}
-        if len(asked) > 1:
-            named = ", ".join("none" if s is None else str(s) for s in sorted(asked, key=lambda s: s or -1))
+        """The coordinator checks that every rank saves the same step and tells each its place in the
+        group that saves it."""
+        steps = sorted({p.storage_data.step for p in plans if isinstance(p.storage_data, _LocalInfo)})
+        if len(steps) > 1:
             raise ValueError(
-                f"the ranks name different flash steps ({named}); give every rank the same checkpoint_id"
+                f"the ranks name different flash steps ({', '.join(map(str, steps))}); give every rank the "
+                "same checkpoint_id"
             )
-        step = asked.pop() if asked else None
-        if step is None:
-            seen = [info.newest for info in infos if info.newest is not None]
-            step = max(seen) + 1 if seen else 0
         return [
-            dataclasses.replace(plan, storage_data=_SaveInfo(step, rank, len(plans)))
+            dataclasses.replace(plan, storage_data=_SaveInfo(rank, len(plans)))
             for rank, plan in enumerate(plans)
         ]
 
@@ -219,15 +215,18 @@ class FlashStorageWriter(StorageWriter):
                 "the final save plan lost FlashStorageWriter's SavePlan.storage_data; a SavePlanner must "
                 "keep it from prepare_global_plan to write_data (FileSystemWriter needs that too)"
             )
-        self.step, self.rank, self.world_size = info.step, info.rank, info.world_size
+        if self._planned is None:
+            raise ValueError("FlashStorageWriter.write_data was called before prepare_local_plan")
+        step, self._planned = self._planned, None
+        self.step, self.rank, self.world_size = step, info.rank, info.world_size
         store = self._take_rank()
         try:
             newest = max(store.own, default=None)
-            if newest is not None and info.step <= newest:
+            if newest is not None and step <= newest:
                 raise ValueError(
-                    f"flash step {info.step} is not newer than step {newest}, already saved by this rank"
+                    f"flash step {step} is not newer than step {newest}, already saved by this rank"
                 )
-            results = self._write(store, info.step, plan, planner)
+            results = self._write(store, step, plan, planner)
         finally:
             self._release_rank()  # a non-coordinator's save ends here; the coordinator's at finish
             if not self.is_coordinator:
