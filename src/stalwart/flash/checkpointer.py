@@ -181,7 +181,7 @@ class FlashCheckpointer:
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step={step!r} is not accepted; use an int >= 0")
         engine = self.engine
-        engine.wait()  # a save still committing is part of what may be abandoned
+        engine.wait()  # a save still committing or uploading is part of what may be abandoned
         abandoned = sorted(s for s in engine.store.own if s > step)
         if abandoned:
             log.warning(
@@ -192,6 +192,24 @@ class FlashCheckpointer:
                 self.job_id,
             )
             engine.store.drop_newer_than(step)
+        if engine.durable is not None and engine.uploader is not None:
+            # as restore does: a durable copy of an abandoned step must neither be restored later nor
+            # stand in the way of the new timeline's copy of the same step number
+            try:
+                durable_steps = frozenset(engine.durable.complete_steps(engine.world_size))
+                dropped = engine.durable.drop_newer_than(engine.rank, step)
+            except Exception as exc:  # a tier that is down does not stop training (DESIGN decision 11)
+                log.warning(
+                    "flash: cannot forget the durable steps after step %d in %s (%s): a restore from the "
+                    "durable store could pick one of the abandoned timeline",
+                    step,
+                    engine.durable.url,
+                    exc,
+                )
+            else:
+                if dropped:
+                    log.warning("flash: dropped durable step(s) %s of rank %d too", dropped, engine.rank)
+                engine.uploader.restart_at(step, durable_steps)
         if engine.cluster:
             engine.cluster.after_restore(step, engine._group)  # facts and replicas of those steps go too
         self.last_saved_step = max(engine.store.own, default=None)
