@@ -102,3 +102,145 @@ def save_and_load_two_ranks(rank: int, world_size: int, port: int, root: str, ou
         if dist.is_initialized():
             dist.destroy_process_group()
         os._exit(0 if result["ok"] else 1)  # no lingering threads keep the child alive
+
+
+def _init(rank: int, world_size: int, port: int) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=60),
+    )
+
+
+def _finish(rank: int, out: str, result: dict) -> None:
+    import torch.distributed as dist
+
+    Path(out, f"result-{rank}.json").write_text(json.dumps(result))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    os._exit(0 if result["ok"] else 1)  # no lingering threads keep the child alive
+
+
+def _lock_is_free(root: str, job: str, rank: int) -> bool:
+    from stalwart.flash.layout import FlashLayout, RankLockedError
+
+    try:
+        FlashLayout(root, job).lock(rank).release()
+    except RankLockedError:
+        return False
+    return True
+
+
+def failed_save_then_new_writers(rank: int, world_size: int, port: int, root: str, out: str) -> None:
+    """Step 1 fails on rank 1 inside write_data (so the coordinator never gets finish); new writers then
+    save step 2 on both ranks. Records whether each rank's lock is free after each save."""
+    warnings.simplefilter("ignore")
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+    from stalwart import FlashStorageReader, FlashStorageWriter
+
+    class FailingPlanner(DefaultSavePlanner):
+        def resolve_data(self, write_item):
+            raise OSError("simulated failure on rank 1")
+
+    result: dict = {"rank": rank, "ok": False}
+    try:
+        _init(rank, world_size, port)
+        key = f"rank{rank}"
+        first = FlashStorageWriter("job", root=root)
+        try:
+            dcp.save(
+                {key: torch.full((1000,), rank)},
+                checkpoint_id=1,
+                storage_writer=first,
+                planner=FailingPlanner() if rank == 1 else None,
+            )
+            result["first_error"] = "no error"
+        except CheckpointException as exc:
+            result["first_error"] = str(exc)
+        result["lock_free_after_failure"] = _lock_is_free(root, "job", rank)
+        dist.barrier()
+        state = {"shared": torch.arange(4000.0) * 3, key: torch.full((1000,), 10 + rank)}
+        second = FlashStorageWriter("job", root=root)
+        dcp.save(state, checkpoint_id=2, storage_writer=second)
+        result["lock_free_after_save"] = _lock_is_free(root, "job", rank)
+        dist.barrier()
+        reader = FlashStorageReader("job", root=root)
+        result["latest_step"] = reader.latest_step()
+        target = {"shared": torch.zeros(4000), key: torch.zeros(1000, dtype=torch.int64)}
+        dcp.load(target, checkpoint_id=2, storage_reader=reader)
+        result["loaded"] = all(torch.equal(target[k], state[k]) for k in state)
+        try:  # the ranks disagree on the step: refused before anything is written
+            dcp.save(state, checkpoint_id=3 + rank, storage_writer=second)
+            result["mixed_error"] = "no error"
+        except CheckpointException as exc:
+            result["mixed_error"] = str(exc)
+        result["steps_after"] = FlashStorageReader("job", root=root).layout.steps()
+        dist.barrier()
+        result["ok"] = True
+    except BaseException:
+        result["error"] = traceback.format_exc()
+    finally:
+        _finish(rank, out, result)
+
+
+def subgroup_and_no_dist(rank: int, world_size: int, port: int, root: str, out: str) -> None:
+    """World of 3: ranks 1 and 2 save job "group" through a subgroup, rank 2 saves job "solo" alone with
+    no_dist=True, rank 1 tries use_collectives=False on job "nocoll"."""
+    warnings.simplefilter("ignore")
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    from stalwart import FlashStorageReader, FlashStorageWriter
+
+    result: dict = {"rank": rank, "ok": False}
+    try:
+        _init(rank, world_size, port)
+        group = dist.new_group([1, 2])  # every rank takes part in creating it
+        if rank in (1, 2):
+            key = f"rank{rank}"
+            state = {"shared": torch.arange(3000.0) * 7, key: torch.full((500,), rank)}
+            writer = FlashStorageWriter("group", root=root)
+            dcp.save(state, checkpoint_id=5, storage_writer=writer, process_group=group)
+            dist.barrier(group)
+            reader = FlashStorageReader("group", root=root)
+            result["group_latest_step"] = reader.latest_step()
+            target = {"shared": torch.zeros(3000), key: torch.zeros(500, dtype=torch.int64)}
+            dcp.load(target, checkpoint_id=5, storage_reader=reader, process_group=group)
+            result["group_loaded"] = all(torch.equal(target[k], state[k]) for k in state)
+        dist.barrier()
+        if rank == 2:
+            state = {"solo": torch.linspace(0, 1, 700)}
+            writer = FlashStorageWriter("solo", root=root)
+            dcp.save(state, checkpoint_id=3, storage_writer=writer, no_dist=True)
+            reader = FlashStorageReader("solo", root=root)
+            result["solo_latest_step"] = reader.latest_step()
+            target = {"solo": torch.zeros(700)}
+            dcp.load(target, checkpoint_id=3, storage_reader=reader, no_dist=True)
+            result["solo_loaded"] = torch.equal(target["solo"], state["solo"])
+        if rank == 1:
+            try:
+                dcp.save(
+                    {"x": torch.ones(10)},
+                    checkpoint_id=1,
+                    storage_writer=FlashStorageWriter("nocoll", root=root),
+                    use_collectives=False,
+                )
+                result["no_collectives_error"] = "no error"
+            except Exception as exc:
+                result["no_collectives_error"] = str(exc)
+        dist.barrier()
+        result["ok"] = True
+    except BaseException:
+        result["error"] = traceback.format_exc()
+    finally:
+        _finish(rank, out, result)

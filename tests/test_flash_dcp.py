@@ -261,16 +261,6 @@ def test_a_reused_reader_without_checkpoint_id_loads_the_latest_step(tmp_path: P
         writer.close()
 
 
-def test_saving_without_checkpoint_id_says_one_is_needed(tmp_path: Path) -> None:
-    writer = FlashStorageWriter("job", root=tmp_path)
-    try:
-        with pytest.raises(BaseException) as info:  # a CheckpointException
-            dcp.save(_tensor_state(1), storage_writer=writer)
-    finally:
-        writer.close()
-    assert "needs checkpoint_id" in str(_failure(info.value))
-
-
 # 4. corruption
 
 

@@ -19,11 +19,12 @@ import mmap
 import os
 import secrets
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import FlashSpaceError
 
-__all__ = ["Buffer", "BufferPool", "FlashSpaceError"]
+__all__ = ["Buffer", "BufferPool", "FlashSpaceError", "Mappings"]
 
 log = logging.getLogger("stalwart.flash")
 
@@ -71,6 +72,19 @@ class Buffer:
         """The file's size now: touching a mapped page beyond it would kill the process with SIGBUS."""
         return os.fstat(self._fd).st_size
 
+    def stands_for(self, path: Path) -> bool:
+        """Whether this mapping is as good as mapping ``path`` anew: ``path`` names the very file it maps
+        (same inode, which cannot be reused while this buffer holds it open) at the mapped size."""
+        if self._fd < 0:
+            return False
+        try:
+            named = os.stat(path)
+        except OSError:
+            return False
+        mapped = os.fstat(self._fd)
+        same = (named.st_dev, named.st_ino) == (mapped.st_dev, mapped.st_ino)
+        return same and named.st_size == self.capacity
+
     def grow(self, capacity: int) -> None:
         """Make room for a larger state in place: only the new pages are allocated and faulted."""
         if capacity <= self.capacity:
@@ -110,16 +124,43 @@ class Buffer:
         return f"Buffer({self.path}, {human_bytes(self.capacity)})"
 
 
-class BufferPool:
-    """The free buffers of one rank, in ``directory``; adopts what an earlier process left there."""
+class Mappings:
+    """Buffers an earlier holder of a rank in this process left mapped (``BufferPool.detach``), offered to
+    the next holder: mapping and faulting in a large file again costs about as much as copying into it."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, buffers: Sequence[Buffer] = ()) -> None:
+        self._buffers = list(buffers)
+
+    def take(self, path: Path) -> Buffer | None:
+        """The mapping that stands for ``path``, if one does (it is then the caller's)."""
+        for buffer in self._buffers:
+            if buffer.stands_for(path):
+                self._buffers.remove(buffer)
+                buffer.path = Path(path)
+                return buffer
+        return None
+
+    def close(self) -> None:
+        """Unmap what nobody took (the files themselves are left alone)."""
+        for buffer in self._buffers:
+            buffer.close()
+        self._buffers.clear()
+
+
+class BufferPool:
+    """The free buffers of one rank, in ``directory``; adopts what an earlier process left there (reusing
+    ``mapped`` where one of those mappings still stands for a file)."""
+
+    def __init__(self, directory: Path, mapped: Mappings | None = None) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self._free: list[Buffer] = []
         for path in sorted(self.directory.glob("buf-*")):
             if path.name.endswith(".tmp"):
                 path.unlink(missing_ok=True)
+                continue
+            if mapped is not None and (reused := mapped.take(path)) is not None:
+                self._free.append(reused)
                 continue
             try:
                 self._free.append(Buffer(path, path.stat().st_size))
@@ -165,6 +206,11 @@ class BufferPool:
             self._free.append(Buffer(target, target.stat().st_size, populate=False))
         except (OSError, ValueError):
             target.unlink(missing_ok=True)
+
+    def detach(self) -> list[Buffer]:
+        """Give up the free buffers, still mapped; their files stay in the pool for its next holder."""
+        free, self._free = self._free, []
+        return free
 
     def close(self) -> None:
         """Unmap and delete the free buffers: their memory goes back to the system."""

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .board import Board, LocalBoard
-from .buffers import Buffer, BufferPool
+from .buffers import Buffer, BufferPool, Mappings
 from .copier import Copier
 from .errors import FlashError
 from .layout import CommitRecord, FlashLayout
@@ -79,7 +79,9 @@ class RankStore:
         keep: int,
         copier: Copier,
         board: Board | None = None,
+        mapped: Sequence[Buffer] = (),
     ) -> None:
+        """``mapped``: what ``close(keep_mapped=True)`` of an earlier store of this rank handed back."""
         self.layout, self.rank, self.world_size, self.keep = layout, rank, world_size, keep
         self.copier = copier
         self.board: Board = board or LocalBoard(layout, world_size)
@@ -89,12 +91,15 @@ class RankStore:
         self._pins: dict[int, int] = {}  # steps being read (uploads): not dropped until unpinned
         self.own: set[int] = set()
         self._meta_cache: tuple[Any, list, bytes] | None = None
+        reuse = Mappings(mapped)
         try:
-            self.pool = BufferPool(layout.pool_dir(rank))
-            self._clean_stale()
+            self.pool = BufferPool(layout.pool_dir(rank), reuse)
+            self._clean_stale(reuse)
         except BaseException:
             self._lock.release()
             raise
+        finally:
+            reuse.close()
 
     # writing
 
@@ -292,7 +297,7 @@ class RankStore:
                 if step is None or own > step:
                     self.drop(own)
 
-    def _clean_stale(self) -> None:
+    def _clean_stale(self, mapped: Mappings) -> None:
         """Adopt objects of saves that died before committing; forget commits whose object is gone.
 
         Steps committed by another number of ranks are left alone: restore refuses to start over while
@@ -321,6 +326,8 @@ class RankStore:
                 self.layout.remove_commit(step, self.rank)
             elif committed:
                 self.own.add(step)
+                if (buffer := mapped.take(self.layout.object_path(step, self.rank))) is not None:
+                    self._held[step] = buffer
             self.layout.remove_step_if_abandoned(step)
         complete = self.layout.complete_steps(self.world_size)
         if complete:
@@ -330,13 +337,21 @@ class RankStore:
 
     # life cycle
 
-    def close(self) -> None:
+    def close(self, *, keep_mapped: bool = False) -> list[Buffer]:
+        """Unmap, free the pool and release the lock. With ``keep_mapped`` the mappings (free and
+        committed) are handed back instead, for the next store of this rank in this process, and the
+        pool's files stay: a writer that holds its rank only while saving keeps its buffers warm."""
         with self.mutex:
-            for buffer in self._held.values():
-                buffer.close()
+            kept: list[Buffer] = []
+            if keep_mapped:
+                kept = [*self._held.values(), *self.pool.detach()]
+            else:
+                for buffer in self._held.values():
+                    buffer.close()
+                self.pool.close()
             self._held.clear()
-            self.pool.close()
             self._lock.release()
+            return kept
 
 
 def verify_object(

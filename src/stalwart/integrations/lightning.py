@@ -31,6 +31,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import AsyncCheckpointIO, CheckpointIO, TorchCheckpointIO
+from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 from lightning_utilities.core.apply_func import apply_to_collection
 
 from ..checkpoint.latest import latest_checkpoint
@@ -54,26 +55,33 @@ _STEP = re.compile(r"^step-(\d+)$")
 # the CheckpointIO
 
 
-class FlashCheckpointIO(CheckpointIO):
+class FlashCheckpointIO(_WrappingCheckpointIO):
     """Paths under the flash job directory go to the flash tier; every other path to ``checkpoint_io``.
 
     Flash saves return once the state is copied into tmpfs (the commit runs in the background); for
     asynchronous regular files wrap Lightning's IO: ``FlashCheckpointIO(flash, AsyncCheckpointIO())``.
+    Like Lightning's own wrappers, it lets the strategy supply the innermost IO where none is given.
+    A committed flash step is never rewritten: saving its path again is an error.
     """
 
     def __init__(
         self, flash: FlashCheckpointer | None = None, checkpoint_io: CheckpointIO | None = None
     ) -> None:
+        super().__init__(checkpoint_io)
         flash = flash if flash is not None else default_flash()
         if flash is None:
             raise ValueError(
                 "outside a stalwart task, pass one: FlashCheckpointIO(sw.FlashCheckpointer('job-id'))"
             )
         self.flash = flash
-        if isinstance(checkpoint_io, AsyncCheckpointIO) and checkpoint_io.checkpoint_io is None:
-            checkpoint_io.checkpoint_io = TorchCheckpointIO()
-        self.checkpoint_io = checkpoint_io if checkpoint_io is not None else TorchCheckpointIO()
         self._held: tuple[int, dict[str, Any]] | None = None
+
+    def _base(self) -> CheckpointIO:
+        """The IO for regular paths; used outside a strategy, the innermost IO is Lightning's default."""
+        if not self._base_checkpoint_io_configured:
+            self.checkpoint_io = TorchCheckpointIO()  # Lightning's setter configures nested wrappers too
+        assert self.checkpoint_io is not None
+        return self.checkpoint_io
 
     def path(self, step: int) -> str:
         """The path that names ``step`` in the flash tier (its step directory)."""
@@ -92,9 +100,19 @@ class FlashCheckpointIO(CheckpointIO):
     ) -> None:
         step = self.step_of(path)
         if step is None:
-            self.checkpoint_io.save_checkpoint(checkpoint, path, storage_options=storage_options)
-        else:
-            self.flash.save(step, encode_checkpoint(checkpoint))
+            self._base().save_checkpoint(checkpoint, path, storage_options=storage_options)
+            return
+        if storage_options is not None:
+            raise TypeError(
+                "`Trainer.save_checkpoint(..., storage_options=...)` is not supported for the flash path "
+                f"{os.fspath(path)}: the flash tier takes no storage options (its durable copies take "
+                "theirs from FlashCheckpointer(storage_options=...))"
+            )
+        if not self.flash.save(step, encode_checkpoint(checkpoint)):
+            raise ValueError(
+                f"flash step {step} of job {self.flash.job_id!r} is already committed, and committed steps "
+                "are never rewritten; save this state to a regular .ckpt path, or under a newer step"
+            )
 
     def load_checkpoint(
         self, path: str | os.PathLike[str], map_location: Any = None, weights_only: bool | None = None
@@ -104,7 +122,7 @@ class FlashCheckpointIO(CheckpointIO):
             kwargs = {"map_location": map_location} if map_location is not None else {}
             if weights_only is not None:  # (Lightning before 2.4 has no weights_only)
                 kwargs["weights_only"] = weights_only
-            return self.checkpoint_io.load_checkpoint(path, **kwargs)
+            return self._base().load_checkpoint(path, **kwargs)
         if self._held is not None and self._held[0] == step:
             state, self._held = self._held[1], None
         else:
@@ -126,10 +144,13 @@ class FlashCheckpointIO(CheckpointIO):
 
     def remove_checkpoint(self, path: str | os.PathLike[str]) -> None:
         if self.step_of(path) is None:  # flash steps are retired by the flash tier's own retention
-            self.checkpoint_io.remove_checkpoint(path)
+            self._base().remove_checkpoint(path)
 
     def teardown(self) -> None:
-        self.checkpoint_io.teardown()
+        """Wait for every IO it wraps (an asynchronous IO's teardown waits only for its own thread, not
+        for the IOs it wraps in turn), then for the flash commits."""
+        for io_ in _wrapped(self.checkpoint_io):
+            io_.teardown()
         self.flash.wait()
 
 
@@ -148,13 +169,20 @@ def install_io(trainer: Trainer, flash: FlashCheckpointer | None = None) -> Flas
     return installed
 
 
+def _wrapped(io_: CheckpointIO | None) -> list[CheckpointIO]:
+    """``io_`` and the IOs it wraps, outermost first (the order in which saves are handed inwards)."""
+    chain = []
+    while io_ is not None:
+        chain.append(io_)
+        io_ = io_.checkpoint_io if isinstance(io_, _WrappingCheckpointIO) else None
+    return chain
+
+
 def _flush_files(trainer: Trainer) -> None:
     """Wait for asynchronous regular files (flash commits need no wait: they are found only once whole)."""
-    current = trainer.strategy.checkpoint_io
-    if isinstance(current, FlashCheckpointIO):
-        current = current.checkpoint_io
-    if isinstance(current, AsyncCheckpointIO):
-        current.teardown()  # waits for its thread; its next save starts a new one
+    for io_ in _wrapped(trainer.strategy.checkpoint_io):
+        if isinstance(io_, AsyncCheckpointIO):
+            io_.teardown()  # waits for its thread; its next save starts a new one
 
 
 # the callbacks
@@ -209,6 +237,14 @@ class FlashCheckpointCallback(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.enabled and stage == "fit":
             install_io(trainer, self.flash)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Training starts at the restored step (or 0). That state exists already, so it is not saved
+        again; flash steps newer than it (a resume from an older checkpoint) are an abandoned timeline."""
+        self._last_step = trainer.global_step  # the same on every rank: they call save_checkpoint together
+        if self.enabled and trainer.is_global_zero:  # Lightning writes checkpoints from global rank 0
+            assert self.flash is not None
+            self.flash.continue_from(trainer.global_step)
 
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
