@@ -175,44 +175,13 @@ class FlashCheckpointer:
 
     def continue_from(self, step: int) -> list[int]:
         """Training goes on from ``step``, restored from elsewhere (e.g. a regular checkpoint file): the
-        flash steps this rank saved after it belong to an abandoned timeline, so they are forgotten (as
-        ``restore`` forgets them), with a warning that names them. Returns them. With several nodes this
-        is a collective: call it on every rank."""
+        steps this rank saved after it belong to an abandoned timeline, so they are forgotten in every tier
+        (as ``restore`` forgets them), with a warning that names them. Returns the flash steps forgotten.
+        With several nodes this is a collective: call it on every rank."""
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step={step!r} is not accepted; use an int >= 0")
-        engine = self.engine
-        engine.wait()  # a save still committing or uploading is part of what may be abandoned
-        abandoned = sorted(s for s in engine.store.own if s > step)
-        if abandoned:
-            log.warning(
-                "flash: training continues from step %d restored from elsewhere; the newer flash steps %s "
-                "of job %r belong to an abandoned timeline and are forgotten",
-                step,
-                ", ".join(map(str, abandoned)),
-                self.job_id,
-            )
-            engine.store.drop_newer_than(step)
-        if engine.durable is not None and engine.uploader is not None:
-            # as restore does: a durable copy of an abandoned step must neither be restored later nor
-            # stand in the way of the new timeline's copy of the same step number
-            try:
-                durable_steps = frozenset(engine.durable.complete_steps(engine.world_size))
-                dropped = engine.durable.drop_newer_than(engine.rank, step)
-            except Exception as exc:  # a tier that is down does not stop training (DESIGN decision 11)
-                log.warning(
-                    "flash: cannot forget the durable steps after step %d in %s (%s): a restore from the "
-                    "durable store could pick one of the abandoned timeline",
-                    step,
-                    engine.durable.url,
-                    exc,
-                )
-            else:
-                if dropped:
-                    log.warning("flash: dropped durable step(s) %s of rank %d too", dropped, engine.rank)
-                engine.uploader.restart_at(step, durable_steps)
-        if engine.cluster:
-            engine.cluster.after_restore(step, engine._group)  # facts and replicas of those steps go too
-        self.last_saved_step = max(engine.store.own, default=None)
+        abandoned = self.engine.continue_from(step)
+        self.last_saved_step = max(self.engine.store.own, default=None)
         return abandoned
 
     @property

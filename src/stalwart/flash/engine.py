@@ -232,23 +232,61 @@ class FlashEngine:
                 self.durable.url if restored.source == "durable" and self.durable else restored.source,
                 time.perf_counter() - started,
             )
+        self._cut_timeline(step, restored.durable_steps)
+        return step
+
+    def continue_from(self, step: int) -> list[int]:
+        """Training goes on from ``step``, restored from elsewhere (a regular checkpoint file): this
+        rank's steps after it belong to an abandoned timeline and are forgotten in every tier, as after
+        ``load``. Returns the flash steps forgotten. Collective with several nodes."""
+        self._check_open()
+        _check_int("step", step, 0)
+        self._settle(wait=True)
+        if self.uploader is not None:
+            self.uploader.drain()
+        abandoned = sorted(s for s in self.store.own if s > step)
+        if abandoned:
+            log.warning(
+                "flash: training continues from step %d restored from elsewhere; the newer flash steps %s of "
+                "job %r belong to an abandoned timeline and are forgotten",
+                step,
+                ", ".join(map(str, abandoned)),
+                self.layout.job_id,
+            )
+        self._cut_timeline(step, None)
+        return abandoned
+
+    def _cut_timeline(self, step: int | None, durable_steps: frozenset[int] | None) -> None:
+        """Forget this rank's steps after ``step`` in every tier: they must never be restored, nor stand in
+        the way of the new timeline's steps of the same numbers. ``durable_steps``: the store's complete
+        steps if just listed (None: list them now)."""
         self.store.drop_newer_than(step)
-        if self.uploader is not None and restored.durable_steps is not None:
-            assert self.durable is not None
-            dropped = self.durable.drop_newer_than(self.rank, step)
-            if dropped:
+        if self.uploader is not None and self.durable is not None:
+            try:
+                if durable_steps is None:
+                    durable_steps = frozenset(self.durable.complete_steps(self.world_size))
+                dropped = self.durable.drop_newer_than(self.rank, step)
+            except Exception as exc:  # a tier that is down does not stop training (DESIGN decision 11)
                 log.warning(
-                    "flash: dropped durable step(s) %s of rank %d: newer than the restored step %s, they "
-                    "could not be restored",
-                    dropped,
-                    self.rank,
+                    "flash: cannot forget the durable steps after step %s in %s (%s): a restore from the "
+                    "durable store could pick one of the abandoned timeline",
                     step,
+                    self.durable.url,
+                    exc,
                 )
-            self.uploader.restart_at(step, restored.durable_steps)
-            self.uploader.collect_leftovers()  # nothing of this rank is uploading: kills' leftovers can go
+            else:
+                if dropped:
+                    log.warning(
+                        "flash: dropped durable step(s) %s of rank %d: newer than step %s, where training "
+                        "goes on",
+                        dropped,
+                        self.rank,
+                        step,
+                    )
+                self.uploader.restart_at(step, durable_steps)
+                self.uploader.collect_leftovers()  # nothing of this rank uploads now: kills' leftovers go
         if self.cluster:
             self.cluster.after_restore(step, self._group)
-        return step
 
     def _apply(self, verified: VerifiedObject, state: MutableMapping[str, Any]) -> None:
         skeleton, entries = load_meta(verified.meta)
