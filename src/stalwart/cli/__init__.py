@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from .. import __version__
+from ..runtime.store import RunStoreError
 from .errors import CliError
 from .inputs import add_run_options, parse_task_inputs
 from .k8s import add_k8s_parser
@@ -49,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as exc:
         print(f"stalwart: error: {exc}", file=sys.stderr)
         return exc.code
+    except RunStoreError as exc:  # a damaged runs.db: which file, and what to do about it
+        print(f"stalwart: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("stalwart: interrupted", file=sys.stderr)
         return 130

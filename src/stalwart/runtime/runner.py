@@ -221,6 +221,7 @@ class _Runner:
         self.module, self.qualname, self.file = task.reference()
         self.home = Path(options.home).expanduser() if options.home else config.home()
         self.store = RunStore(self.home / "runs.db")
+        self.store.check()  # a damaged file is reported before any attempt, never worked around
 
     def run(self) -> Run:
         retries = self.task.retries
