@@ -181,12 +181,15 @@ class RunStore:
             )
         self.add_event(run_id, None, "run_started", f"task {task}, at most {max_attempts} attempts")
 
-    def reopen_run(self, run_id: str, max_attempts: int) -> None:
+    def reopen_run(self, run_id: str, max_attempts: int, inputs: dict | None = None) -> None:
+        """Mark a run running again for more attempts (with new inputs when it is run again anew)."""
         with self._connect() as db:
             db.execute(
                 "UPDATE runs SET status='running', ended=NULL, error=NULL, max_attempts=? WHERE id=?",
                 (max_attempts, run_id),
             )
+            if inputs is not None:
+                db.execute("UPDATE runs SET inputs=? WHERE id=?", (json.dumps(inputs), run_id))
         self.add_event(run_id, None, "run_resumed", f"at most {max_attempts} more attempts")
 
     def finish_run(self, run_id: str, status: str, error: str | None = None) -> None:
