@@ -35,7 +35,8 @@ __all__ = [
 REPORT_PREFIX = "worker-failure-"
 AGENT_STOP_SIGNAL = signal.SIGTERM  # what torch elastic's agent sends the workers it tears down
 
-# Messages of collectives whose peer went away (gloo, NCCL, the c10d store): a consequence, not a cause.
+# Messages of torch.distributed's errors (RuntimeError subclasses) when a peer went away, from gloo,
+# NCCL or the c10d store: a consequence of another worker's failure, not a cause.
 _PEER_LOSS_TEXT = (
     "Connection closed by peer",
     "Connection reset by peer",
@@ -73,12 +74,13 @@ def peer_loss(exc: BaseException) -> str | None:
         if current is None or id(current) in seen:
             continue
         seen.add(id(current))
-        text = str(current)
-        found = next((t for t in _PEER_LOSS_TEXT if t in text), None)
-        if found is not None:
-            return found
-        if type(current).__name__ == "DistNetworkError":
-            return f"{type(current).__name__}: {text[:120]}"
+        if isinstance(current, RuntimeError):  # what torch.distributed raises; not a user's OSError
+            text = str(current)
+            found = next((t for t in _PEER_LOSS_TEXT if t in text), None)
+            if found is not None:
+                return found
+            if type(current).__name__ == "DistNetworkError":
+                return f"{type(current).__name__}: {text[:120]}"
         todo += [current.__cause__, current.__context__]
     return None
 

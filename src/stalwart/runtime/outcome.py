@@ -117,4 +117,7 @@ def load_output(attempt_dir: str | Path) -> Any:
 
 
 def _unpickle_output(result: AttemptResult) -> Any:
-    return None if result.output_pickle is None else loads(result.output_pickle)
+    if result.output_pickle is None:
+        # A result file of an older stalwart held the output itself, already unpickled with the result.
+        return vars(result).get("output")
+    return loads(result.output_pickle)
