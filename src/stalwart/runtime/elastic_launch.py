@@ -170,8 +170,8 @@ def run_worker(attempt_dir: str) -> None:
         if reason is None:
             raise
         print(
-            f"stalwart: rank {report.rank} stopped: it lost its connection to another worker ({reason}); "
-            "the worker that failed first is the cause",
+            f"stalwart: rank {report.rank} stopped: it lost its connection to another worker ({reason}), "
+            "which failed first",
             file=sys.stderr,
             flush=True,
         )
