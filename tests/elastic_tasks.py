@@ -78,3 +78,25 @@ def two_nodes() -> int:
 @env.task(elastic=sw.Elastic(nnodes=2, nproc_per_node=1, rdzv_configs={"join_timeout": 5}))
 def lonely_node() -> int:
     return _sum_of_ranks()
+
+
+@env.task(retries=2, elastic=sw.Elastic(nproc_per_node=2, max_restarts=2, monitor_interval=0.2))
+def refuses_on_rank_one(marker: str) -> None:
+    """Rank 1 raises NonRetryableError; ``marker`` gets a line for each time it does."""
+    dist.init_process_group("gloo")
+    if sw.ctx().rank == 1:
+        with open(marker, "a") as fh:
+            restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+            fh.write(f"attempt {sw.ctx().attempt} round {restarts}\n")
+        raise sw.NonRetryableError("rank one's configuration is wrong")
+    dist.barrier()
+
+
+@env.task(elastic=sw.Elastic(nproc_per_node=2, max_restarts=0, monitor_interval=3))
+def killed_while_its_peer_waits() -> None:
+    """Rank 1 dies by SIGKILL; rank 0, waiting for it in a barrier, fails with a gloo error after it."""
+    dist.init_process_group("gloo")
+    dist.barrier()
+    if sw.ctx().rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    dist.barrier()

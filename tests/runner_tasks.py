@@ -112,3 +112,11 @@ class Unpicklable:
 @env.task
 def returns_unpicklable() -> object:
     return Unpicklable()
+
+
+@env.task(retries=3)
+def touches(marker: str) -> str:
+    """Appends a line to ``marker`` each time it runs, so a test can count its executions."""
+    with open(marker, "a") as fh:
+        fh.write(f"attempt {sw.ctx().attempt}\n")
+    return marker

@@ -470,3 +470,24 @@ def test_required_input_of_a_type_the_command_line_cannot_give(tmp_path, stalwar
     err = capsys.readouterr().err
     assert "needs inputs whose type the command line cannot give" in err and "'model'" in err
     assert "Traceback" not in err
+
+
+def test_running_a_succeeded_run_id_again_shows_its_output_and_rerun_forces_an_attempt(
+    stalwart_home: Path, tasks_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["run", str(tasks_file), "explode", "--message", "x", "--run-id", "once-1"]
+    assert main(["run", str(tasks_file), "survive", "--run-id", "once-1"]) == 0
+    capsys.readouterr()
+    assert main(["run", str(tasks_file), "survive", "--run-id", "once-1"]) == 0
+    out, err = capsys.readouterr()
+    assert "attempt 0 about to die" not in out + err  # nothing ran
+    assert "run once-1 already succeeded (attempt 1); not running it again" in err and "--rerun" in err
+    assert "output: 'resumed from step-1 after 2 steps'" in out
+    assert [a.number for a in store(stalwart_home).attempts("once-1")] == [0, 1]
+
+    assert main(["run", str(tasks_file), "survive", "--run-id", "once-1", "--rerun"]) == 0
+    out, err = capsys.readouterr()
+    assert "resuming run once-1" in err and "run once-1 succeeded after 3 attempts" in out
+    assert [a.number for a in store(stalwart_home).attempts("once-1")] == [0, 1, 2]
+    assert main(args) == 2  # another task's run id: refused, as before
+    assert "belongs to task 'survive'" in capsys.readouterr().err

@@ -33,8 +33,80 @@ def test_a_worker_exception_reaches_the_caller_with_its_rank_and_traceback(stalw
     with pytest.raises(sw.RunFailedError) as info:
         sw.run(elastic_tasks.raises_on_rank_one)
     message = str(info.value)
-    assert "worker rank 1 of the elastic task failed" in message
-    assert "ValueError: rank one is unhappy" in message and "elastic_tasks.py" in message
+    assert (
+        "worker rank 1 of the elastic task failed first: it raised ValueError: rank one is unhappy" in message
+    )
+    assert "elastic_tasks.py" in message and "in raises_on_rank_one" in message  # rank 1's traceback
+    assert isinstance(info.value.__cause__, ValueError)  # the rank's own exception, as for a plain task
+    assert str(info.value.__cause__) == "rank one is unhappy"
+
+
+def test_the_first_worker_to_fail_is_named_not_the_peer_that_failed_after_it(stalwart_home: Path) -> None:
+    with pytest.raises(sw.RunFailedError) as info:
+        sw.run(elastic_tasks.killed_while_its_peer_waits)
+    message = str(info.value)
+    assert "worker rank 1 of the elastic task failed first: it was killed by SIGKILL" in message
+    assert "worker rank 0 of the elastic task failed first" not in message
+    assert "Connection closed by peer" not in message.split("failed first", 1)[1].split("\n", 1)[0]
+
+
+def test_non_retryable_error_in_a_worker_stops_restarts_and_retries(
+    stalwart_home: Path, tmp_path: Path
+) -> None:
+    marker = tmp_path / "raised"
+    with pytest.raises(sw.RunFailedError) as info:
+        sw.run(elastic_tasks.refuses_on_rank_one, marker=str(marker))
+    assert marker.read_text().splitlines() == ["attempt 0 round 0"]  # no group restart, no task retry
+    assert len(info.value.run.attempts) == 1
+    assert isinstance(info.value.__cause__, sw.NonRetryableError)
+    assert "rank one's configuration is wrong" in str(info.value)
+
+
+SCRIPT_WITH_A_CLASS = """
+from dataclasses import dataclass
+
+import stalwart as sw
+
+env = sw.TaskEnvironment(name="cfg")
+
+
+@dataclass
+class Config:
+    lr: float
+    rank: int
+
+
+@env.task(retries=2, elastic=sw.Elastic(nproc_per_node=2, monitor_interval=0.2))
+def train(lr: float = 0.1) -> Config:
+    with open("executions.txt", "a") as fh:
+        fh.write(f"rank {sw.ctx().rank}\\n")
+    return Config(lr, sw.ctx().rank)
+
+
+if __name__ == "__main__":
+    run = sw.run(train, lr=0.5)
+    print("OUTPUT", type(run.output).__module__, run.output, len(run.attempts))
+"""
+
+
+def test_an_elastic_task_returns_an_object_of_a_class_of_its_script(
+    stalwart_home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the task writes executions.txt to its working directory
+    script = tmp_path / "cfg_script.py"
+    script.write_text(SCRIPT_WITH_A_CLASS)
+    proc = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "OUTPUT __main__ Config(lr=0.5, rank=0) 1" in proc.stdout
+    assert sorted((tmp_path / "executions.txt").read_text().splitlines()) == ["rank 0", "rank 1"]
+
+    from stalwart.cli import main
+
+    assert main(["run", str(script), "train", "--lr", "0.25", "--run-id", "cfg-cli", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "run cfg-cli succeeded after 1 attempt" in out and "output: Config(lr=0.25, rank=0)" in out
 
 
 def test_a_lone_node_gives_up_after_the_join_timeout_and_says_why(

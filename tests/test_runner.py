@@ -251,3 +251,50 @@ def test_a_named_run_new_to_this_machine_continues_after_the_attempts_of_its_sto
         tasks.resumable, total=3
     )
     assert run.output == 3 and [a.number for a in run.attempts] == [2]
+
+
+def test_a_run_that_succeeded_returns_its_output_instead_of_running_again(
+    stalwart_home: Path, tmp_path: Path
+) -> None:
+    marker = tmp_path / "executions"
+    first = sw.with_runcontext(run_id="done-once").run(tasks.touches, marker=str(marker))
+    again = sw.with_runcontext(run_id="done-once").run(tasks.touches, marker=str(marker))
+    assert marker.read_text().splitlines() == ["attempt 0"]  # the task body ran once
+    assert again.status == "succeeded" and again.output == first.output == str(marker)
+    assert [a.number for a in again.attempts] == [0]
+    kinds = [e.kind for e in store(stalwart_home).events("done-once")]
+    assert kinds.count("attempt_started") == 1 and kinds[-1] == "run_already_succeeded"
+
+    forced = sw.with_runcontext(run_id="done-once", rerun=True).run(tasks.touches, marker=str(marker))
+    assert marker.read_text().splitlines() == ["attempt 0", "attempt 1"]
+    assert forced.status == "succeeded" and [a.number for a in forced.attempts] == [0, 1]
+
+
+def test_the_output_of_a_succeeded_run_comes_back_as_the_object_it_was(stalwart_home: Path) -> None:
+    first = sw.with_runcontext(run_id="point-once").run(tasks.scale, point=tasks.Point(1, 2), factor=3)
+    again = sw.with_runcontext(run_id="point-once").run(tasks.scale, point=tasks.Point(1, 2), factor=3)
+    assert again.output == first.output == tasks.Point(3, 6)
+    with pytest.raises(ValueError, match=r"already succeeded with other inputs.*rerun=True"):
+        sw.with_runcontext(run_id="point-once").run(tasks.scale, point=tasks.Point(1, 2), factor=4)
+
+
+def test_a_succeeded_run_whose_output_file_is_gone_says_so(stalwart_home: Path, tmp_path: Path) -> None:
+    first = sw.with_runcontext(run_id="gone-output").run(tasks.add, 1)
+    result = Path(first.attempts[0].log_dir) / "result.pkl"
+    result.unlink()
+    with pytest.raises(FileNotFoundError, match=f"its output is no longer available: {result} is missing"):
+        sw.with_runcontext(run_id="gone-output").run(tasks.add, 1)
+    assert sw.with_runcontext(run_id="gone-output", rerun=True).run(tasks.add, 1).output == 2
+
+
+def test_retry_messages_number_attempts_as_recorded_and_blame_no_oom_without_evidence(
+    stalwart_home: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("WARNING", logger="stalwart"):
+        run = sw.with_runcontext(echo=False).run(tasks.killed_first, value=1)
+    first = run.attempts[0]
+    assert first.error == "was killed by SIGKILL"  # a deliberate kill: no guess about the OOM killer
+    retry = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+    expected = "attempt 0 was killed by SIGKILL; retrying as attempt 1 (the last allowed is attempt 3)"
+    assert retry == [f"run {run.id}: {expected}"]
+    assert "OOM" not in caplog.text and " of 4" not in caplog.text

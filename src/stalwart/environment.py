@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Generic, ParamSpec, TypeVar
 
+from . import config
 from .elastic import Elastic
 from .resources import Resources
 from .retry import RetryStrategy, as_retry_strategy
@@ -60,12 +61,8 @@ def _check_elastic(value: object) -> Elastic | None:
 
 
 def _check_store(value: object) -> str | None:
-    if value is not None and (not isinstance(value, str) or not value):
-        raise ValueError(
-            f"checkpoint_store={value!r} is not accepted; use an fsspec URL such as 's3://bucket/prefix' "
-            "or 'file:///data/ckpt', or None for the default under STALWART_HOME"
-        )
-    return value
+    """A store URL fsspec can open here, checked once where it is declared rather than in each attempt."""
+    return None if value is None else config.check_store_url(value)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from .. import __version__
+from ..runtime.store import RunStoreError
 from .errors import CliError
 from .inputs import add_run_options, parse_task_inputs
 from .k8s import add_k8s_parser
@@ -49,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as exc:
         print(f"stalwart: error: {exc}", file=sys.stderr)
         return exc.code
+    except RunStoreError as exc:  # a damaged runs.db: which file, and what to do about it
+        print(f"stalwart: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("stalwart: interrupted", file=sys.stderr)
         return 130
@@ -83,7 +87,7 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Run TASK from FILE.py with retries; its inputs are given as --name value. "
         "`stalwart run FILE.py TASK --help` lists them.",
         usage="stalwart run FILE.py TASK [--input value ...] [--run-id ID] [--checkpoint-store URL] "
-        "[--quiet]",
+        "[--quiet] [--rerun]",
     )
     add_run_options(run, defaults=True)
     run.add_argument("file", metavar="FILE.py", help="the Python file that defines the task")
@@ -154,7 +158,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         run_id = run_options.get("run_id", given["run:run_id"])
         store_url = run_options.get("checkpoint_store", given["run:checkpoint_store"])
         quiet = bool(run_options.get("quiet", False) or given["run:quiet"])
-        return _execute(task, positional, inputs, run_id, store_url, quiet)
+        rerun = bool(run_options.get("rerun", False) or given["run:rerun"])
+        return _execute(task, positional, inputs, run_id, store_url, quiet, rerun)
 
 
 def _execute(
@@ -164,19 +169,21 @@ def _execute(
     run_id: str | None,
     store: str | None,
     quiet: bool,
+    rerun: bool = False,
 ) -> int:
     from ..runtime.runner import RunFailedError, new_run_id, with_runcontext
 
     try:
         # Name the run up front (as the runner would) so it can be announced before the first attempt.
         options = with_runcontext(
-            run_id=run_id or new_run_id(task.name), checkpoint_store=store, echo=not quiet
+            run_id=run_id or new_run_id(task.name), checkpoint_store=store, echo=not quiet, rerun=rerun
         )
     except ValueError as exc:
         raise CliError(str(exc)) from None
     assert options.run_id is not None
-    if not quiet:
-        verb = "resuming" if _run_exists(options.run_id) else "starting"
+    status = _run_status(options.run_id)
+    if not quiet and (status != "succeeded" or rerun):  # a run that succeeded: the runner says so
+        verb = "starting" if status is None else "resuming"
         print(
             f"stalwart: {verb} run {options.run_id} of task {task.name} "
             f"(at most {task.retries.max_attempts} attempt{'s' * (task.retries.max_attempts != 1)})",
@@ -190,6 +197,8 @@ def _execute(
         return 1
     except (TypeError, ValueError) as exc:  # inputs that do not pickle, a run id of another task...
         raise CliError(str(exc)) from None
+    except FileNotFoundError as exc:  # a run that succeeded, whose output file is gone
+        raise CliError(str(exc), 1) from None
     except KeyboardInterrupt:
         print(f"stalwart: interrupted; run {options.run_id} is marked aborted", file=sys.stderr)
         return 130
@@ -200,9 +209,11 @@ def _execute(
     return 0
 
 
-def _run_exists(run_id: str) -> bool:
+def _run_status(run_id: str) -> str | None:
+    """The recorded status of a run, or None when there is no such run."""
     store = open_store()
-    return store is not None and store.get_run(run_id) is not None
+    record = store.get_run(run_id) if store is not None else None
+    return record.status if record is not None else None
 
 
 def _short_repr(value: Any) -> str:

@@ -33,7 +33,13 @@ _NONE = frozenset({"none", "null"})
 _SEQUENCES = (list, tuple, set, frozenset, collections.abc.Sequence, collections.abc.MutableSequence)
 
 _RUN_OPTIONS = {
-    "run_id": (("--run-id",), {"metavar": "ID", "help": "name the run; an existing id resumes that run"}),
+    "run_id": (
+        ("--run-id",),
+        {
+            "metavar": "ID",
+            "help": "name the run; an existing id resumes that run (one that succeeded: its output)",
+        },
+    ),
     "checkpoint_store": (
         ("--checkpoint-store",),
         {"metavar": "URL", "help": "fsspec URL under which the run's checkpoints live"},
@@ -42,18 +48,24 @@ _RUN_OPTIONS = {
         ("--quiet", "-q"),
         {"action": "store_true", "help": "do not copy the attempts' output to this terminal"},
     ),
+    "rerun": (
+        ("--rerun",),
+        {"action": "store_true", "help": "start a new attempt even if the run already succeeded"},
+    ),
 }
+
+_FLAGS = frozenset({"quiet", "rerun"})
 
 
 def add_run_options(
     parser: argparse.ArgumentParser | Any, *, defaults: bool, taken: frozenset[str] = frozenset()
 ) -> None:
-    """Add --run-id/--checkpoint-store/--quiet, skipping option strings a task input already uses."""
+    """Add --run-id/--checkpoint-store/--quiet/--rerun, skipping option strings a task input already uses."""
     for name, (flags, kwargs) in _RUN_OPTIONS.items():
         free = [flag for flag in flags if flag not in taken]
         if not free:
             continue
-        default = (False if name == "quiet" else None) if defaults else argparse.SUPPRESS
+        default = (False if name in _FLAGS else None) if defaults else argparse.SUPPRESS
         parser.add_argument(*free, dest=f"run:{name}", default=default, **kwargs)
 
 

@@ -12,6 +12,7 @@ import argparse
 import sys
 from typing import Any
 
+from ..config import CHECKPOINT_STORE_ENV, check_store_url
 from .errors import CliError
 from .inputs import parse_task_inputs
 from .script import script_task
@@ -149,6 +150,8 @@ def _render(args: argparse.Namespace, command: str) -> tuple[dict, dict[str, Any
         run_id = options.get("run_id") or new_run_id(task.name)
         store = checkpoint_store_for(task, options.get("checkpoint_store"))
         try:
+            # the pods open it, not this machine: its scheme is checked, not whether s3fs is here
+            check_store_url(store, _store_field(task, options), here=False)
             manifest = render(
                 task,
                 options.get("kind"),
@@ -171,6 +174,13 @@ def _render(args: argparse.Namespace, command: str) -> tuple[dict, dict[str, Any
             file=sys.stderr,
         )
     return manifest, options
+
+
+def _store_field(task: Any, options: dict[str, Any]) -> str:
+    """Where the pods' checkpoint store was named, for an error message about it."""
+    if options.get("checkpoint_store"):
+        return "--checkpoint-store"
+    return "checkpoint_store" if task.checkpoint_store else CHECKPOINT_STORE_ENV
 
 
 def _split_options(task: Any, argv: list[str], command: str) -> tuple[dict[str, Any], list[str]]:

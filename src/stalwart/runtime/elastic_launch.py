@@ -3,7 +3,10 @@
 The attempt process is the torch elastic agent (``elastic_launch``, c10d rendezvous): it restarts the
 worker group up to ``max_restarts`` times, and after that the attempt fails and task-level retries
 take over. Workers find the task the way an attempt does, read ``RANK``/``LOCAL_RANK``/``WORLD_SIZE``
-through ``ctx()``, and rank 0's return value is the task's output.
+through ``ctx()``, and rank 0's return value is the task's output: it stays pickled until the runner,
+where the task's script is ``__main__``, unpickles it. A worker that raises leaves a report that names
+the first failure of the group (``elastic_failures``); a NonRetryableError there ends the attempt
+without restarting the group.
 
 Several nodes rendezvous at ``STALWART_RDZV_ENDPOINT`` (or ``PET_RDZV_ENDPOINT``, which the Kubeflow
 training operator sets); one node picks a free port on 127.0.0.1.
@@ -12,17 +15,29 @@ training operator sets); one node picks a free port on 127.0.0.1.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import os
 import pickle
 import socket
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..elastic import Elastic
+from .elastic_failures import (
+    WorkerFailedError,
+    any_non_retryable,
+    attempt_result,
+    clear_reports,
+    first_failure,
+    peer_loss,
+    write_report,
+)
 from .processes import die_with_parent
-from .protocol import SPEC_FILE, AttemptSpec, write_atomic
+from .protocol import SPEC_FILE, AttemptSpec, dumps_output, write_atomic
 
 __all__ = ["launch"]
 
@@ -52,8 +67,42 @@ def _endpoint(elastic: Elastic) -> str:
     return f"127.0.0.1:{_free_port()}"
 
 
-def launch(spec: AttemptSpec, attempt_dir: Path) -> Any:
-    """Run the task through torch elastic; returns rank 0's value (None on nodes without rank 0)."""
+@dataclass
+class _Rounds:
+    failed: int = 0  # worker-group rounds that failed
+
+
+@contextlib.contextmanager
+def _agent_watching_reports(attempt_dir: Path) -> Iterator[_Rounds]:
+    """Have torch elastic's agent count failed rounds and not restart after a NonRetryableError.
+
+    ``launch_agent`` builds a ``LocalElasticAgent`` and offers no hook between "a worker failed" and
+    "restart the group", so the agent class is swapped, for this call, for a subclass that reads the
+    workers' reports there. Should torch rename these internals, restarts simply happen as before.
+    """
+    import torch.distributed.launcher.api as launcher
+
+    base = launcher.LocalElasticAgent
+    rounds = _Rounds()
+
+    class Agent(base):  # type: ignore[misc, valid-type]
+        def _monitor_workers(self, worker_group: Any) -> Any:
+            result = super()._monitor_workers(worker_group)
+            if result.is_failed():
+                rounds.failed += 1
+                if any_non_retryable(result.failures, attempt_dir):
+                    self._remaining_restarts = 0
+            return result
+
+    launcher.LocalElasticAgent = Agent
+    try:
+        yield rounds
+    finally:
+        launcher.LocalElasticAgent = base
+
+
+def launch(spec: AttemptSpec, attempt_dir: Path) -> bytes | None:
+    """Run the task through torch elastic; returns rank 0's value, pickled (None on nodes without rank 0)."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -78,11 +127,13 @@ def launch(spec: AttemptSpec, attempt_dir: Path) -> Any:
     )
     output_file = Path(attempt_dir) / OUTPUT_FILE
     output_file.unlink(missing_ok=True)
+    clear_reports(attempt_dir)
     try:
         # Workers are fresh interpreters started from a command, as torchrun starts them: with a Python
         # callable, torch elastic forks workers through multiprocessing, and on this torch version the
         # first gloo process group after a worker-group restart fails to connect.
-        elastic_launch(config, sys.executable)("-m", "stalwart.runtime.elastic_launch", str(attempt_dir))
+        with _agent_watching_reports(Path(attempt_dir)) as rounds:
+            elastic_launch(config, sys.executable)("-m", "stalwart.runtime.elastic_launch", str(attempt_dir))
     except RendezvousTimeoutError as exc:
         raise RendezvousFailed(
             f"rendezvous of run {run_id} at {config.rdzv_endpoint} timed out after {elastic.join_timeout} s "
@@ -90,22 +141,41 @@ def launch(spec: AttemptSpec, attempt_dir: Path) -> Any:
             f"id and {ENDPOINT_ENV}, or lower nnodes; rdzv_configs['join_timeout'] sets the wait ({exc})"
         ) from None
     except ChildFailedError as exc:
-        rank, failure = exc.get_first_failure()
-        raise RuntimeError(
-            f"worker rank {rank} of the elastic task failed (exit code {failure.exitcode}) after "
-            f"{elastic.max_restarts} restart(s) of the worker group:\n{failure.message}"
-        ) from None
+        first, others = first_failure(exc.failures, attempt_dir)
+        raise WorkerFailedError(attempt_result(first, others, max(rounds.failed - 1, 0))) from None
     if not output_file.exists():
         return None  # rank 0 ran on another node
-    return pickle.loads(output_file.read_bytes())
+    return output_file.read_bytes()
 
 
 def run_worker(attempt_dir: str) -> None:
-    """A torch elastic worker: the task itself. Rank 0 leaves its value in the attempt directory."""
+    """A torch elastic worker: the task itself. Rank 0 leaves its value in the attempt directory.
+
+    A worker that raises reports it for the agent (``elastic_failures``). One that only lost a peer
+    (another worker died under a collective) says so in one line instead of a traceback: the
+    traceback of a consequence reads as a second failure.
+    """
     from torch.distributed.elastic.multiprocessing.errors import record
 
+    from .worker import failure_result
+
     die_with_parent()  # the agent (the attempt process) may be killed before it can stop its workers
-    record(_run)(attempt_dir)
+    try:
+        record(_run)(attempt_dir)
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        reason = peer_loss(exc)
+        report = write_report(attempt_dir, failure_result(exc), reason is not None)
+        if reason is None:
+            raise
+        print(
+            f"stalwart: rank {report.rank} stopped: it lost its connection to another worker ({reason}), "
+            "which failed first",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(1)
 
 
 def _separate_restart_rounds() -> None:
@@ -138,20 +208,24 @@ def _separate_restart_rounds() -> None:
 
 
 def _run(attempt_dir: str) -> None:
-    from .worker import resolve
+    from .worker import load
 
     _separate_restart_rounds()
     spec: AttemptSpec = pickle.loads((Path(attempt_dir) / SPEC_FILE).read_bytes())
     for entry in reversed(spec.sys_path):
         if entry not in sys.path:
             sys.path.insert(0, entry)
-    func = resolve(spec)
-    args, kwargs = pickle.loads(spec.inputs)
-    output = func(*args, **kwargs)
-    if inspect.iscoroutine(output):
-        output = asyncio.run(output)
+    func, args, kwargs = load(spec)
+    try:
+        output = func(*args, **kwargs)
+        if inspect.iscoroutine(output):
+            output = asyncio.run(output)
+    except SystemExit as exc:
+        if exc.code in (0, None):  # as a plain task: exiting is not returning a value
+            raise RuntimeError("the task called sys.exit(0) instead of returning") from None
+        raise
     if int(os.environ.get("RANK", "0")) == 0:
-        write_atomic(Path(attempt_dir) / OUTPUT_FILE, pickle.dumps(output))
+        write_atomic(Path(attempt_dir) / OUTPUT_FILE, dumps_output(output))
 
 
 if __name__ == "__main__":

@@ -8,12 +8,12 @@ environment variables, and reads the output or the exception back from a result 
 from __future__ import annotations
 
 import codecs
+import contextlib
 import logging
 import os
 import pickle
 import re
 import secrets
-import signal
 import subprocess
 import sys
 import threading
@@ -25,18 +25,10 @@ from typing import Any, TextIO
 from .. import config
 from ..environment import Task
 from ..retry import NonRetryableError, RetryStrategy
+from .outcome import Outcome, load_output, oom_kill_count, read_outcome
 from .processes import kill_tree
-from .protocol import (
-    RESULT_FILE,
-    SPEC_FILE,
-    STDERR_FILE,
-    STDOUT_FILE,
-    AttemptResult,
-    AttemptSpec,
-    loads,
-    write_atomic,
-)
-from .store import AttemptRecord, RunStore
+from .protocol import RESULT_FILE, SPEC_FILE, STDERR_FILE, STDOUT_FILE, AttemptSpec, loads, write_atomic
+from .store import AttemptRecord, RunRecord, RunStore
 from .worker import IMPORTING_ENV
 
 __all__ = ["Run", "RunFailedError", "RunOptions", "new_run_id", "run", "with_runcontext"]
@@ -80,27 +72,16 @@ class RemoteTraceback(Exception):
 
 
 @dataclass(frozen=True)
-class _Outcome:
-    ok: bool
-    status: str
-    description: str | None
-    exit_code: int | None
-    result: AttemptResult | None
-
-    @property
-    def retryable(self) -> bool:
-        return self.result is None or self.result.retryable
-
-
-@dataclass(frozen=True)
 class RunOptions:
     """Per-run settings; ``with_runcontext(...).run(task, ...)`` uses them.
 
-    - ``run_id``: name the run; an existing run id resumes that run (its checkpoints, next attempt number).
+    - ``run_id``: name the run; an existing run id resumes that run (its checkpoints, next attempt number),
+      and one that already succeeded is not run again: its recorded output comes back.
     - ``checkpoint_store``: fsspec URL under which the run's task checkpoints live.
     - ``storage_options``: fsspec options for that store (e.g. ``{"endpoint_url": ...}`` for S3).
     - ``home``: directory of run records and logs (default ``$STALWART_HOME`` or ``~/.stalwart``).
     - ``echo``: copy each attempt's stdout/stderr to this process's while it runs.
+    - ``rerun``: start a new attempt even if the run already succeeded.
     """
 
     run_id: str | None = None
@@ -108,6 +89,7 @@ class RunOptions:
     storage_options: dict | None = None
     home: str | os.PathLike | None = None
     echo: bool = True
+    rerun: bool = False
 
     def __post_init__(self) -> None:
         if self.run_id is not None and (not isinstance(self.run_id, str) or not _RUN_ID.match(self.run_id)):
@@ -115,15 +97,12 @@ class RunOptions:
                 f"run_id={self.run_id!r} is not accepted; use 1-63 lowercase letters, digits and '-', "
                 "starting and ending with a letter or digit"
             )
-        if self.checkpoint_store is not None and (
-            not isinstance(self.checkpoint_store, str) or not self.checkpoint_store
-        ):
-            raise ValueError(
-                f"checkpoint_store={self.checkpoint_store!r} is not accepted; use an fsspec URL such as "
-                "'s3://bucket/prefix' or 'file:///data/ckpt'"
-            )
+        if self.checkpoint_store is not None:
+            config.check_store_url(self.checkpoint_store)
         if self.storage_options is not None and not isinstance(self.storage_options, dict):
             raise ValueError(f"storage_options={self.storage_options!r} is not accepted; use a dict or None")
+        if not isinstance(self.rerun, bool):
+            raise ValueError(f"rerun={self.rerun!r} is not accepted; use True or False")
 
     def run(self, task: Task, /, *args: Any, **inputs: Any) -> Run:
         """Run ``task`` with these inputs; return the Run or raise RunFailedError."""
@@ -137,9 +116,10 @@ def with_runcontext(
     storage_options: dict | None = None,
     home: str | os.PathLike | None = None,
     echo: bool = True,
+    rerun: bool = False,
 ) -> RunOptions:
     """Settings for the next run: ``stalwart.with_runcontext(run_id="exp-1").run(train, epochs=5)``."""
-    return RunOptions(run_id, checkpoint_store, storage_options, home, echo)
+    return RunOptions(run_id, checkpoint_store, storage_options, home, echo, rerun)
 
 
 def run(task: Task, /, *args: Any, **inputs: Any) -> Run:
@@ -155,17 +135,6 @@ def new_run_id(task_name: str) -> str:
     """A fresh run id: the task's name as a slug plus 8 random hex digits (a valid Kubernetes name)."""
     slug = re.sub(r"[^a-z0-9]+", "-", task_name.lower()).strip("-")[:40].strip("-") or "run"
     return f"{slug}-{secrets.token_hex(4)}"
-
-
-def _describe_exit(code: int) -> str:
-    if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        hint = " (the kernel's OOM killer sends SIGKILL too)" if -code == signal.SIGKILL else ""
-        return f"killed by {name}{hint}"
-    return f"exited with code {code} without reporting a result"
 
 
 class _Tail(threading.Thread):
@@ -221,60 +190,107 @@ class _Runner:
         self.module, self.qualname, self.file = task.reference()
         self.home = Path(options.home).expanduser() if options.home else config.home()
         self.store = RunStore(self.home / "runs.db")
+        self.store.check()  # a damaged file is reported before any attempt, never worked around
 
     def run(self) -> Run:
         retries = self.task.retries
-        run_id, checkpoint_uri, first = self._open_run(retries)
-        outcome: _Outcome | None = None
-        for retry in range(retries.max_attempts):
-            number = first + retry
-            if retry:
-                delay = retries.delay(retry)
+        existing = self.store.get_run(self.options.run_id) if self.options.run_id else None
+        if existing is not None and existing.task != self.task.name:
+            raise ValueError(
+                f"run {existing.id!r} belongs to task {existing.task!r}, not {self.task.name!r}; "
+                "choose another run_id"
+            )
+        if existing is not None and existing.status == "succeeded" and not self.options.rerun:
+            return self._already_succeeded(existing)
+        if existing is not None and existing.checkpoint_uri:
+            config.check_store_url(
+                existing.checkpoint_uri, f"the checkpoint store of run {existing.id}", load=True
+            )
+        else:
+            config.check_store_url(*self._store_base(), load=True)  # no attempt for a store no retry can fix
+        run_id, checkpoint_uri, first = self._open_run(existing, retries)
+        last = first + retries.max_attempts - 1  # attempt numbers as recorded, from 0
+        outcome: Outcome | None = None
+        for number in range(first, last + 1):
+            if outcome is not None:
+                delay = retries.delay(number - first)
                 log.warning(
-                    "run %s: attempt %d %s; retrying in %.1f s (attempt %d of %d)",
+                    "run %s: attempt %d %s; retrying as attempt %d%s (the last allowed is attempt %d)",
                     run_id,
                     number - 1,
-                    outcome.description if outcome else "failed",
-                    delay,
-                    retry + 1,
-                    retries.max_attempts,
+                    outcome.description,
+                    number,
+                    f" in {delay:.1f} s" if delay else "",
+                    last,
                 )
                 if delay:
                     self.store.add_event(run_id, number, "backoff", f"{delay:.3f} s")
                     time.sleep(delay)
-            outcome = self._attempt(run_id, number, checkpoint_uri, first + retries.max_attempts)
+            outcome = self._attempt(run_id, number, checkpoint_uri, last + 1)
             if outcome.ok:
                 self.store.finish_run(run_id, "succeeded")
-                return self._record(run_id, "succeeded", outcome.result.output if outcome.result else None)
+                return self._record(run_id, "succeeded", outcome.output)
             if not outcome.retryable:
-                log.warning("run %s: attempt %d raised a NonRetryableError; not retrying", run_id, number)
+                log.warning("run %s: attempt %d cannot succeed on a retry; not retrying", run_id, number)
                 break
         assert outcome is not None
-        self.store.finish_run(run_id, "failed", outcome.description)
-        raise self._failure(run_id, outcome)
+        self.store.finish_run(run_id, "failed", f"attempt {number} {outcome.description}")
+        raise self._failure(run_id, number, outcome)
 
-    def _open_run(self, retries: RetryStrategy) -> tuple[str, str, int]:
-        run_id = self.options.run_id
-        existing = self.store.get_run(run_id) if run_id else None
+    def _shown_inputs(self) -> dict[str, str]:
+        """The inputs as recorded (reprs, defaults included), to show and to compare runs by."""
+        bound = self.task.signature.bind(*self.args, **self.inputs)
+        bound.apply_defaults()
+        return {name: repr(value)[:200] for name, value in bound.arguments.items()}
+
+    def _already_succeeded(self, existing: RunRecord) -> Run:
+        """A run that succeeded is not run again: its recorded output comes back (rerun=True forces)."""
+        run_id = existing.id
+        shown = self._shown_inputs()
+        if existing.inputs != shown:
+            raise ValueError(
+                f"run {run_id!r} already succeeded with other inputs ({_inputs_text(existing.inputs)}; "
+                f"now {_inputs_text(shown)}); choose another run_id, or pass rerun=True (--rerun) to run "
+                "it again with these"
+            )
+        attempts = self.store.attempts(run_id)
+        winner = next((a for a in reversed(attempts) if a.status == "succeeded"), None)
+        if winner is None or not winner.log_dir:
+            raise FileNotFoundError(
+                f"run {run_id} is recorded as succeeded but no attempt of it is; rerun=True (--rerun) "
+                "runs the task again"
+            )
+        result = Path(winner.log_dir) / RESULT_FILE
+        if not result.exists():
+            raise FileNotFoundError(
+                f"run {run_id} already succeeded (attempt {winner.number}), but its output is no longer "
+                f"available: {result} is missing; rerun=True (--rerun) runs the task again"
+            )
+        output = load_output(winner.log_dir)
+        log.warning(
+            "run %s already succeeded (attempt %d); not running it again (rerun=True, or --rerun on the "
+            "command line, starts a new attempt)",
+            run_id,
+            winner.number,
+        )
+        self.store.add_event(run_id, None, "run_already_succeeded", f"output of attempt {winner.number}")
+        return self._record(run_id, "succeeded", output)
+
+    def _open_run(self, existing: RunRecord | None, retries: RetryStrategy) -> tuple[str, str, int]:
         if existing is not None:
-            if existing.task != self.task.name:
-                raise ValueError(
-                    f"run {run_id!r} belongs to task {existing.task!r}, not {self.task.name!r}; "
-                    "choose another run_id"
-                )
+            run_id = existing.id
             if existing.status == "running":
                 log.warning("run %s is marked running; resuming it (its runner is presumed dead)", run_id)
             previous = self.store.attempts(run_id)
             first = previous[-1].number + 1 if previous else 0
-            self.store.reopen_run(run_id, retries.max_attempts)
+            inputs = self._shown_inputs() if self.options.rerun else None
+            self.store.reopen_run(run_id, retries.max_attempts, inputs)
             return run_id, existing.checkpoint_uri or self._checkpoint_uri(run_id), first
-        run_id = run_id or new_run_id(self.task.name)
+        run_id = self.options.run_id or new_run_id(self.task.name)
         checkpoint_uri = self._checkpoint_uri(run_id)
-        shown = {
-            name: repr(value)[:200]
-            for name, value in self.task.signature.bind(*self.args, **self.inputs).arguments.items()
-        }
-        self.store.create_run(run_id, self.task.name, retries.max_attempts, checkpoint_uri, shown)
+        self.store.create_run(
+            run_id, self.task.name, retries.max_attempts, checkpoint_uri, self._shown_inputs()
+        )
         # A named run new to this machine (a replacement pod, a new host) continues after the attempts
         # its checkpoint store has seen, so their checkpoints count as earlier attempts'.
         first = self._attempts_in_store(checkpoint_uri) if self.options.run_id else 0
@@ -295,13 +311,18 @@ class _Runner:
         attempts = [int(m.group(1)) for name in names if (m := re.match(r"^a(\d{5})\.s\d{6}$", name))]
         return max(attempts) + 1 if attempts else 0
 
+    def _store_base(self) -> tuple[str, str]:
+        """The store this run's checkpoints go under, and where it was named (for error messages)."""
+        if self.options.checkpoint_store:
+            return self.options.checkpoint_store, "checkpoint_store"
+        if self.task.checkpoint_store:
+            return self.task.checkpoint_store, "checkpoint_store"
+        if os.environ.get(config.CHECKPOINT_STORE_ENV):
+            return os.environ[config.CHECKPOINT_STORE_ENV], config.CHECKPOINT_STORE_ENV
+        return (self.home / "checkpoints").resolve().as_uri(), "checkpoint_store"
+
     def _checkpoint_uri(self, run_id: str) -> str:
-        base = self.options.checkpoint_store or self.task.checkpoint_store
-        if base is None:
-            base = (
-                os.environ.get(config.CHECKPOINT_STORE_ENV) or (self.home / "checkpoints").resolve().as_uri()
-            )
-        return f"{base.rstrip('/')}/{run_id}"
+        return f"{self._store_base()[0].rstrip('/')}/{run_id}"
 
     def _environment(
         self, run_id: str, number: int, checkpoint_uri: str, attempt_dir: Path, max_attempts: int
@@ -328,7 +349,7 @@ class _Runner:
             env[config.STORAGE_OPTIONS_ENV] = json.dumps(self.options.storage_options)
         return env
 
-    def _attempt(self, run_id: str, number: int, checkpoint_uri: str, attempt_limit: int) -> _Outcome:
+    def _attempt(self, run_id: str, number: int, checkpoint_uri: str, attempt_limit: int) -> Outcome:
         attempt_dir = self.home / "runs" / run_id / f"attempt-{number}"
         attempt_dir.mkdir(parents=True, exist_ok=True)
         spec = AttemptSpec(
@@ -337,6 +358,7 @@ class _Runner:
         write_atomic(attempt_dir / SPEC_FILE, pickle.dumps(spec))
         env = self._environment(run_id, number, checkpoint_uri, attempt_dir, attempt_limit)
         done = threading.Event()
+        oom_before = oom_kill_count()  # evidence, not a guess, for an attempt killed by SIGKILL
         with open(attempt_dir / STDOUT_FILE, "wb") as out, open(attempt_dir / STDERR_FILE, "wb") as err:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "stalwart.runtime.worker", str(attempt_dir)],
@@ -346,47 +368,31 @@ class _Runner:
                 env=env,
                 start_new_session=True,
             )
-        self.store.start_attempt(run_id, number, proc.pid, str(attempt_dir))
         tails = []
-        if self.options.echo:
-            tails = [
-                _Tail(attempt_dir / STDOUT_FILE, sys.stdout, done),
-                _Tail(attempt_dir / STDERR_FILE, sys.stderr, done),
-            ]
-            for tail in tails:
-                tail.start()
         try:
+            self.store.start_attempt(run_id, number, proc.pid, str(attempt_dir))
+            if self.options.echo:
+                tails = [
+                    _Tail(attempt_dir / STDOUT_FILE, sys.stdout, done),
+                    _Tail(attempt_dir / STDERR_FILE, sys.stderr, done),
+                ]
+                for tail in tails:
+                    tail.start()
             code = proc.wait()
         except BaseException:
             _kill_group(proc)
-            self.store.finish_attempt(run_id, number, "aborted", None, "the runner was interrupted")
-            self.store.finish_run(run_id, "aborted", "the runner was interrupted")
+            with contextlib.suppress(Exception):  # the records themselves may be what failed
+                self.store.finish_attempt(run_id, number, "aborted", None, "the runner was interrupted")
+                self.store.finish_run(run_id, "aborted", "the runner was interrupted")
             raise
         finally:
             done.set()
             for tail in tails:
                 tail.join(timeout=5)
         _kill_group(proc)  # workers the attempt started must not outlive it
-        outcome = self._outcome(attempt_dir, code)
+        outcome = read_outcome(attempt_dir, code, (oom_before, oom_kill_count()))
         self.store.finish_attempt(run_id, number, outcome.status, code, outcome.description)
         return outcome
-
-    @staticmethod
-    def _outcome(attempt_dir: Path, code: int) -> _Outcome:
-        result: AttemptResult | None = None
-        result_path = attempt_dir / RESULT_FILE
-        if result_path.exists():
-            try:
-                result = loads(result_path.read_bytes())
-            except Exception as exc:
-                return _Outcome(False, "failed", f"its result could not be read: {exc}", code, None)
-        if result is not None and result.ok and code == 0:
-            return _Outcome(True, "succeeded", None, code, result)
-        if result is not None and not result.ok:
-            return _Outcome(
-                False, "failed", f"raised {result.error_type}: {result.error_message}", code, result
-            )
-        return _Outcome(False, "killed" if code < 0 else "exited", _describe_exit(code), code, None)
 
     def _record(self, run_id: str, status: str, output: Any) -> Run:
         record = self.store.get_run(run_id)
@@ -400,16 +406,17 @@ class _Runner:
             home=self.home,
         )
 
-    def _failure(self, run_id: str, outcome: _Outcome) -> RunFailedError:
+    def _failure(self, run_id: str, number: int, outcome: Outcome) -> RunFailedError:
         run = self._record(run_id, "failed", None)
         count = len(run.attempts)
         message = (
             f"run {run_id} of task {self.task.name!r} failed after {count} attempt{'s' * (count != 1)}: "
-            f"the last {outcome.description}"
+            f"attempt {number} {outcome.description}"
         )
         result = outcome.result
         if result is not None and result.traceback:
-            message += f"\n\nTraceback of the task in its attempt process:\n{result.traceback.rstrip()}"
+            where = "that worker" if result.description else "its attempt process"
+            message += f"\n\nTraceback of the task in {where}:\n{result.traceback.rstrip()}"
         logs = run.attempts[-1].log_dir if run.attempts else None
         if logs:
             message += f"\n(attempt logs: {logs})"
@@ -423,6 +430,10 @@ class _Runner:
                 cause.__cause__ = RemoteTraceback(result.traceback)
                 error.__cause__ = cause
         return error
+
+
+def _inputs_text(inputs: dict[str, str]) -> str:
+    return ", ".join(f"{name}={value}" for name, value in inputs.items()) or "no inputs"
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

@@ -1,7 +1,8 @@
 """Run records in SQLite: runs, their attempts, and events, under the stalwart home directory.
 
 Short-lived connections in WAL mode, so the runner, the CLI and other runners can read and write the
-same file at once.
+same file at once. A damaged file is reported as ``RunStoreError`` naming it and what to do; it is never
+repaired, replaced or deleted here, since it holds the records of every other run.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["AttemptRecord", "EventRecord", "RunRecord", "RunStore"]
+__all__ = ["AttemptRecord", "EventRecord", "RunRecord", "RunStore", "RunStoreError"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -50,6 +51,41 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_by_run ON events(run_id, time);
 CREATE INDEX IF NOT EXISTS runs_by_created ON runs(created);
 """
+
+# SQLite's primary result codes for a file that is not (or no longer) a well-formed database.
+_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
+
+
+class RunStoreError(RuntimeError):
+    """The run-record database cannot be used; the message names the file and what to do."""
+
+    def __init__(self, message: str, path: Path) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+def _is_damaged(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)  # Python >= 3.11
+    if code is not None:
+        return code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB)
+    text = str(exc)
+    return "malformed" in text or "not a database" in text
+
+
+def _damaged(path: Path, detail: str) -> RunStoreError:
+    return RunStoreError(
+        f"the run records file {path} is damaged ({detail}); stalwart leaves it as it is. "
+        f"Move it aside to start a new one: mv {path} {path}.damaged (the records of the other runs may "
+        f"be recovered from the moved file with `sqlite3 {path}.damaged .recover`; checkpoints and "
+        "attempt logs are kept elsewhere and are not affected)",
+        path,
+    )
+
+
+def _store_error(path: Path, exc: sqlite3.Error) -> RunStoreError:
+    if _is_damaged(exc):
+        return _damaged(path, str(exc))
+    return RunStoreError(f"cannot use the run records file {path}: {exc}", path)
 
 
 @dataclass(frozen=True)
@@ -106,14 +142,31 @@ class RunStore:
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=30)
+        try:
+            db = sqlite3.connect(self.path, timeout=30)
+        except sqlite3.Error as exc:
+            raise _store_error(self.path, exc) from exc
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA busy_timeout=30000")
             with db:
                 yield db
+        except sqlite3.Error as exc:
+            raise _store_error(self.path, exc) from exc
         finally:
             db.close()
+
+    def check(self) -> None:
+        """Raise RunStoreError if any page of the file is damaged (SQLite's quick_check).
+
+        The runner checks before a run, so damage is reported before an attempt starts rather than
+        by whichever write first touches a bad page.
+        """
+        with self._connect() as db:
+            rows = db.execute("PRAGMA quick_check").fetchall()
+        if rows != [("ok",)]:
+            detail = " ".join(str(row[0]) for row in rows[:3])
+            raise _damaged(self.path, " ".join(detail.split())[:300])
 
     # writes
 
@@ -128,12 +181,15 @@ class RunStore:
             )
         self.add_event(run_id, None, "run_started", f"task {task}, at most {max_attempts} attempts")
 
-    def reopen_run(self, run_id: str, max_attempts: int) -> None:
+    def reopen_run(self, run_id: str, max_attempts: int, inputs: dict | None = None) -> None:
+        """Mark a run running again for more attempts (with new inputs when it is run again anew)."""
         with self._connect() as db:
             db.execute(
                 "UPDATE runs SET status='running', ended=NULL, error=NULL, max_attempts=? WHERE id=?",
                 (max_attempts, run_id),
             )
+            if inputs is not None:
+                db.execute("UPDATE runs SET inputs=? WHERE id=?", (json.dumps(inputs), run_id))
         self.add_event(run_id, None, "run_resumed", f"at most {max_attempts} more attempts")
 
     def finish_run(self, run_id: str, status: str, error: str | None = None) -> None:

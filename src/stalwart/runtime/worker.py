@@ -3,7 +3,9 @@
 It imports the task's module the way multiprocessing's spawn does (a script as ``__mp_main__``, so its
 ``if __name__ == "__main__":`` block does not run again), calls the function, and writes the result
 or the exception with its traceback. Exit code 0 means success, 1 an exception in the task; anything
-else (a signal, an OOM kill) the runner sees from the exit status alone.
+else (a signal, an OOM kill) the runner sees from the exit status alone. A task that cannot even be
+loaded (its script fails to import, the function is not where it was, the inputs do not unpickle)
+fails with ``TaskLoadError``, which is not retried: the next attempt would load the same files.
 """
 
 from __future__ import annotations
@@ -17,12 +19,22 @@ import pickle
 import sys
 import traceback
 import types
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..retry import NonRetryableError
+from .elastic_failures import WorkerFailedError
 from .processes import die_with_parent
-from .protocol import RESULT_FILE, SPEC_FILE, AttemptResult, AttemptSpec, write_atomic
+from .protocol import (
+    RESULT_FILE,
+    SPEC_FILE,
+    AttemptResult,
+    AttemptSpec,
+    TaskLoadError,
+    dumps_output,
+    write_atomic,
+)
 
 IMPORTING_ENV = "STALWART_IMPORTING_TASK_MODULE"
 
@@ -69,7 +81,29 @@ def resolve(spec: AttemptSpec) -> Any:
     return getattr(target, "func", target)  # a Task, or the plain function it wraps
 
 
-def _failure(exc: BaseException) -> AttemptResult:
+def load(spec: AttemptSpec) -> tuple[Callable[..., Any], tuple, dict]:
+    """The task's function and inputs, or TaskLoadError saying why they could not be loaded."""
+    where = spec.file if spec.module == "__main__" else spec.module
+    try:
+        func = resolve(spec)
+        args, kwargs = pickle.loads(spec.inputs)
+    except (Exception, SystemExit) as exc:
+        hint = ""
+        if isinstance(exc, AttributeError) and spec.qualname.split(".")[-1] in str(exc):
+            hint = (
+                "; define the task at the top level of its module, not under "
+                '`if __name__ == "__main__":`, so a fresh process finds it'
+            )
+        if isinstance(exc, SystemExit):
+            exc_text = f"it called sys.exit({exc.code!r}) while being imported"
+        else:
+            exc_text = f"{type(exc).__name__}: {exc}"
+        raise TaskLoadError(f"could not load task {spec.qualname} from {where}: {exc_text}{hint}") from exc
+    return func, args, kwargs
+
+
+def failure_result(exc: BaseException) -> AttemptResult:
+    """An exception as the runner reads it: type, message, traceback, the pickle if it round-trips."""
     try:
         pickled: bytes | None = pickle.dumps(exc)
         pickle.loads(pickled)
@@ -99,26 +133,25 @@ def main(argv: list[str]) -> int:
         if spec.elastic is not None:
             from .elastic_launch import launch
 
-            output = launch(spec, attempt_dir)
+            output_pickle = launch(spec, attempt_dir)  # rank 0's value, pickled where it was made
         else:
-            func = resolve(spec)
-            args, kwargs = pickle.loads(spec.inputs)
+            func, args, kwargs = load(spec)
             output = func(*args, **kwargs)
             if inspect.iscoroutine(output):
                 output = asyncio.run(output)
-        result = AttemptResult(ok=True, output=output)
-        try:
-            payload = pickle.dumps(result)
-        except Exception as exc:
-            raise NonRetryableError(
-                f"the task returned a {type(output).__name__} that cannot be pickled: {exc}"
-            ) from exc
+            output_pickle = dumps_output(output)
+        result = AttemptResult(ok=True, output_pickle=output_pickle)
+        payload = pickle.dumps(result)
     except BaseException as exc:  # every failure, SystemExit included, is reported to the runner
         if isinstance(exc, SystemExit) and exc.code in (0, None):
             exc = RuntimeError("the task called sys.exit(0) instead of returning")
-        result = _failure(exc)
+        if isinstance(exc, WorkerFailedError):  # the workers printed their own tracebacks
+            result = exc.result
+            print(f"stalwart: {result.description}", file=sys.stderr)
+        else:
+            result = failure_result(exc)
+            traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
         payload = pickle.dumps(result)
-        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
     write_atomic(attempt_dir / RESULT_FILE, payload)
