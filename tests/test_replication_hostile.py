@@ -520,7 +520,7 @@ def test_a_flood_of_refusals_is_logged_at_a_bounded_rate_and_counted(
 
 def test_refusal_log_rate(caplog: pytest.LogCaptureFixture) -> None:
     """A burst of lines per kind of refusal, then one line per interval counting the rest."""
-    from stalwart.flash.transport import RefusalLog
+    from stalwart.flash.acceptor import RefusalLog
 
     now = [0.0]
     refusals = RefusalLog(logging.getLogger("stalwart.flash"), burst=3, interval=10.0, clock=lambda: now[0])

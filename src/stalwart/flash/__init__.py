@@ -1,10 +1,12 @@
 """The memory-first checkpoint tier: state in pre-faulted tmpfs buffers, committed per rank per step.
 
 Read a save from the top down: ``checkpointer`` (policy: when, where) -> ``engine`` (save, load,
-background commit, the durable copy) -> ``rankstore`` (one rank's objects: commit order, retention,
-verification) -> ``copier`` (the one copy, with checksums) -> ``buffers`` (the mmap'd pool) and
-``layout`` (names on disk); ``objects`` is the byte format and ``board`` says which steps are safe.
-Several nodes: ``cluster`` (joining, recovery) over ``replication`` (placement, server, sender) and
-``transport`` (the authenticated wire). ``durable`` is the fsspec copy, ``dcp`` the
+background commit) -> ``rankstore`` (one rank's objects: commit order, retention, verification) ->
+``copier`` (the one copy, with checksums) -> ``buffers`` (the mmap'd pool) and ``layout`` (names on
+disk); ``objects`` is the byte format, ``board`` says which steps are safe, ``capacity`` what a
+configuration needs, ``errors`` what is raised. A restore: ``restore`` (the newest step any tier holds
+intact). Several nodes: ``cluster`` (joining, pulls) over ``replication`` (placement, server, sender),
+``transport`` (the authenticated wire) and ``acceptor`` (handshakes of unknown clients). The durable
+copy: ``uploader`` (one at a time, failures as lag) over ``durable`` (the fsspec format); ``dcp`` is the
 torch.distributed.checkpoint adapter.
 """

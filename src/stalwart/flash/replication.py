@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .acceptor import Acceptor, RefusalLog
 from .board import Board
 from .buffers import Buffer, BufferPool, FlashSpaceError
 from .copier import Copier
@@ -30,11 +31,9 @@ from .rankstore import VerifiedObject, verify_mapped
 from .transport import (
     HANDSHAKE_DEADLINE,
     HANDSHAKE_SLOTS,
-    Acceptor,
     Connection,
     PeerClosed,
     ProtocolError,
-    RefusalLog,
     record_from_wire,
     short,
     typed_int,
