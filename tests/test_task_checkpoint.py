@@ -840,6 +840,40 @@ def test_save_missing_path(store: Store, tmp_path: Path) -> None:
     assert store.checkpoint(1).load_sync() is None
 
 
+def test_failed_write_leaves_no_partial_object(store: Store) -> None:
+    """DurableStore.open_write: a block that raises leaves no object, on a local disk as on object stores."""
+    raw = store.raw()
+    with pytest.raises(RuntimeError, match="writer died"), raw.open_write("a00000.s000001/payload") as writer:
+        writer.write(os.urandom(100_000))
+        raise RuntimeError("writer died")
+    assert not store.exists("a00000.s000001/payload")
+    assert store.versions() == []
+
+
+def test_a_discarded_upload_is_not_finished_by_the_garbage_collector(
+    s3_bucket: tuple[str, dict], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An aborted S3 upload must be closed: else its __del__ tries to upload the buffer discard() dropped."""
+    import gc
+
+    uri, options = s3_bucket
+    unraisable: list[str] = []
+    monkeypatch.setattr(
+        sys, "unraisablehook", lambda u: unraisable.append(f"{u.exc_type.__name__}: {u.exc_value}")
+    )
+
+    def fail_a_write() -> None:
+        with DurableStore(uri, options).open_write("a00000.s000001/payload") as writer:
+            writer.write(b"x" * 1000)
+            raise RuntimeError("writer died")
+
+    with pytest.raises(RuntimeError, match="writer died"):
+        fail_a_write()
+    gc.collect()
+    assert unraisable == []
+    assert Store("s3", uri, options).versions() == []
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
