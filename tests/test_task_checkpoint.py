@@ -840,6 +840,23 @@ def test_save_missing_path(store: Store, tmp_path: Path) -> None:
     assert store.checkpoint(1).load_sync() is None
 
 
+@pytest.mark.parametrize("link", ["absolute", "relative"])
+def test_refused_directory_save_leaves_nothing_behind(store: Store, tmp_path: Path, link: str) -> None:
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not part of the checkpoint")
+    src = tmp_path / "ckpt-dir"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "weights.bin").write_bytes(os.urandom(1000))
+    os.symlink(outside if link == "absolute" else "../../outside.txt", src / "sub" / "escape")
+
+    cp = store.checkpoint(0)
+    with pytest.raises(ValueError, match=r"points outside .*ckpt-dir"):
+        cp.save_sync(src)
+    assert store.versions() == []  # no payload.tar, not even an empty version prefix
+    assert store.checkpoint(1).load_sync() is None
+    assert cp.save_sync(b"next save").name == "a00000.s000001"
+
+
 def test_failed_write_leaves_no_partial_object(store: Store) -> None:
     """DurableStore.open_write: a block that raises leaves no object, on a local disk as on object stores."""
     raw = store.raw()

@@ -19,10 +19,11 @@ import shutil
 import stat
 import tarfile
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["UnsafeArchiveError", "pack_directory", "safe_extract"]
+__all__ = ["DirectoryScan", "UnsafeArchiveError", "pack_directory", "safe_extract", "scan_directory"]
 
 # Same bound as Linux's MAXSYMLINKS: deeper chains are treated as loops.
 _MAX_SYMLINK_HOPS = 40
@@ -110,11 +111,58 @@ def _walk_sorted(root: Path, rel: str = "") -> Iterator[tuple[str, os.DirEntry[s
             yield from _walk_sorted(root, relname)
 
 
-def pack_directory(src: Path, dest: Path | BinaryIO) -> int:
+@dataclass(frozen=True)
+class DirectoryScan:
+    """A directory tree checked by :func:`scan_directory`, ready for :func:`pack_directory`."""
+
+    src: Path
+    entries: list[tuple[str, os.DirEntry[str]]]
+    file_bytes: int  # sum of the regular files' sizes
+
+
+def scan_directory(src: Path) -> DirectoryScan:
+    """Walk ``src`` and check that it can be archived, raising ValueError before anything is written.
+
+    Symlinks are accepted only if they resolve inside ``src``; devices, FIFOs and sockets are refused,
+    as :func:`safe_extract` would refuse them.
+    """
+    src = Path(src)
+    if not src.is_dir():
+        raise NotADirectoryError(f"pack_directory: source {src} is not a directory")
+    entries = list(_walk_sorted(src))
+    links = {rel: os.readlink(entry.path) for rel, entry in entries if entry.is_symlink()}
+    file_bytes = 0
+    for rel, entry in entries:
+        st = entry.stat(follow_symlinks=False)
+        mode = st.st_mode
+        if stat.S_ISLNK(mode):
+            target = links[rel]
+            parent = rel.split("/")[:-1]
+            if (
+                _is_absolute(target)
+                or not _lexically_inside(parent, target)
+                or _resolve_inside([*parent, *target.split("/")], links) is None
+            ):
+                raise ValueError(
+                    f"pack_directory: symlink {src / rel} -> {target!r} points outside {src}; "
+                    "only relative links that stay inside the directory can be archived"
+                )
+        elif stat.S_ISREG(mode):
+            file_bytes += st.st_size
+        elif not stat.S_ISDIR(mode):
+            raise ValueError(
+                f"pack_directory: {src / rel} is not a regular file, directory or symlink "
+                f"(mode {stat.filemode(mode)}); it cannot be archived"
+            )
+    return DirectoryScan(src, entries, file_bytes)
+
+
+def pack_directory(src: Path, dest: Path | BinaryIO, *, scan: DirectoryScan | None = None) -> int:
     """Write the contents of ``src`` to ``dest`` as an uncompressed PAX tar and return its size in bytes.
 
     ``dest`` is a path, or a writable binary file object that receives the archive as a stream (how a
-    checkpoint uploads a directory without a temporary copy).
+    checkpoint uploads a directory without a temporary copy). ``scan``, from :func:`scan_directory`,
+    lets a caller check the tree before it opens ``dest``.
 
     Members are named relative to ``src`` and written in sorted pre-order with ownership normalised, so the
     same tree always gives the same member list. Symlinks are kept only if they resolve inside ``src``;
@@ -133,27 +181,11 @@ def pack_directory(src: Path, dest: Path | BinaryIO) -> int:
             raise ValueError(f"pack_directory: destination {dest} is inside the source directory {src}")
 
     # Collect and validate everything first so a bad tree fails before any byte is written.
-    entries = list(_walk_sorted(src))
-    links = {rel: os.readlink(entry.path) for rel, entry in entries if entry.is_symlink()}
-    for rel, entry in entries:
-        mode = entry.stat(follow_symlinks=False).st_mode
-        if stat.S_ISLNK(mode):
-            target = links[rel]
-            parent = rel.split("/")[:-1]
-            if (
-                _is_absolute(target)
-                or not _lexically_inside(parent, target)
-                or _resolve_inside([*parent, *target.split("/")], links) is None
-            ):
-                raise ValueError(
-                    f"pack_directory: symlink {src / rel} -> {target!r} points outside {src}; "
-                    "only relative links that stay inside the directory can be archived"
-                )
-        elif not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-            raise ValueError(
-                f"pack_directory: {src / rel} is not a regular file, directory or symlink "
-                f"(mode {stat.filemode(mode)}); it cannot be archived"
-            )
+    if scan is None:
+        scan = scan_directory(src)
+    elif scan.src != src:
+        raise ValueError(f"pack_directory: the scan given is of {scan.src}, not of {src}")
+    entries = scan.entries
 
     if writer is not None:
         counted = _CountingWriter(writer)

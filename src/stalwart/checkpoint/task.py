@@ -130,7 +130,7 @@ class Checkpoint:
 
     def save_sync(self, data: Any) -> CheckpointInfo:
         """Save a new version; it becomes visible only once whole (commit marker written last)."""
-        kind, encoding, filename, total = _classify(data)
+        kind, encoding, filename, total, scan = _classify(data)  # refuses bad input before any write
         version = self._next_version()
         started = time.monotonic()
         from .progress import transfer_progress
@@ -141,7 +141,7 @@ class Checkpoint:
                 f"{version}/{'payload.tar' if kind == 'directory' else 'payload'}", bar.update
             ) as writer,
         ):
-            _write_payload(writer, data, kind, encoding)
+            _write_payload(writer, data, kind, encoding, scan)
         attempt, seq = (int(g) for g in _VERSION.match(version).groups())  # type: ignore[union-attr]
         info = CheckpointInfo(
             name=version,
@@ -291,27 +291,32 @@ class Checkpoint:
             )
 
 
-def _classify(data: Any) -> tuple[str, str, str | None, int | None]:
-    """(kind, encoding, original file name, size if known) of what is being saved."""
+def _classify(data: Any) -> tuple[str, str, str | None, int | None, Any]:
+    """(kind, encoding, original file name, size if known, directory scan) of what is being saved.
+
+    A directory is checked whole here (links leaving it, devices...), so a refused save writes nothing.
+    """
     if isinstance(data, (bytes, bytearray, memoryview)):
-        return "bytes", "raw", None, memoryview(data).nbytes
+        return "bytes", "raw", None, memoryview(data).nbytes, None
     if isinstance(data, (str, os.PathLike)):
         path = Path(data)
         if path.is_dir():
-            total = sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
-            return "directory", "tar", path.name, total
+            from .archive import scan_directory
+
+            scan = scan_directory(path)
+            return "directory", "tar", path.name, scan.file_bytes, scan
         if path.is_file():
-            return "file", "raw", path.name, path.stat().st_size
+            return "file", "raw", path.name, path.stat().st_size, None
         raise FileNotFoundError(
             f"cannot save checkpoint: {str(data)!r} is neither a file nor a directory; pass bytes, a path "
             "to a file or directory, or an object (wrap a plain string, e.g. {'text': s})"
         )
     if "torch" in sys.modules:
-        return "object", "torch", None, None
-    return "object", "pickle", None, None
+        return "object", "torch", None, None, None
+    return "object", "pickle", None, None, None
 
 
-def _write_payload(writer: Any, data: Any, kind: str, encoding: str) -> None:
+def _write_payload(writer: Any, data: Any, kind: str, encoding: str, scan: Any = None) -> None:
     if kind == "bytes":
         view = memoryview(data).cast("B")
         for start in range(0, len(view), CHUNK):
@@ -323,7 +328,7 @@ def _write_payload(writer: Any, data: Any, kind: str, encoding: str) -> None:
     elif kind == "directory":
         from .archive import pack_directory
 
-        pack_directory(Path(data), writer)
+        pack_directory(Path(data), writer, scan=scan)
     elif encoding == "torch":
         import torch
 
