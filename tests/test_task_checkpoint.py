@@ -35,6 +35,7 @@ import stalwart
 from stalwart import config
 from stalwart.checkpoint import store as store_module
 from stalwart.checkpoint.archive import UnsafeArchiveError
+from stalwart.checkpoint.restore import BOOKKEEPING
 from stalwart.checkpoint.store import DurableStore
 from stalwart.checkpoint.task import Checkpoint, CheckpointInfo
 
@@ -125,6 +126,14 @@ def snapshot(root: Path) -> dict[str, tuple]:
     return out
 
 
+def restored_entries(path: Path) -> list[str]:
+    """What a restore left in ``path``, besides its bookkeeping (which must hold no scratch either)."""
+    if (path / BOOKKEEPING).exists():
+        leftovers = [p.name for p in (path / BOOKKEEPING).iterdir() if p.name.startswith("scratch-")]
+        assert leftovers == [], f"scratch left behind in {path / BOOKKEEPING}: {leftovers}"
+    return sorted(p.name for p in path.iterdir() if p.name != BOOKKEEPING)
+
+
 def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == LOGGER and r.levelno == logging.WARNING]
 
@@ -204,7 +213,8 @@ def test_directory_round_trip(store: Store, tmp_path: Path) -> None:
 
     cp = store.checkpoint(1, path=tmp_path / "restore")
     restored = cp.load_sync()
-    assert restored == cp.path == tmp_path / "restore"
+    assert restored == cp.path / info.name and cp.path == tmp_path / "restore"
+    assert restored_entries(cp.path) == [info.name]
     assert snapshot(restored) == expected
     assert cp.load_object() == restored
     # the downloaded archive is not left behind next to the restore directory
@@ -611,7 +621,7 @@ def test_corrupt_newest_falls_back_to_older(
     assert cp.load_object() == good
     messages = warnings_of(caplog)
     assert any(f"{store.uri}/{name}" in m for m in messages), messages
-    assert os.listdir(cp.path) == ["payload"]
+    assert restored_entries(cp.path) == ["payload"]
 
 
 @pytest.mark.parametrize("corrupt", ["flipped-byte", "truncated"])
@@ -629,7 +639,7 @@ def test_only_version_corrupt_loads_none(
     messages = warnings_of(caplog)
     assert any(f"{store.uri}/{name}" in m for m in messages), messages
     assert any("failed verification" in m for m in messages), messages
-    assert list(cp.path.iterdir()) == []  # no corrupt bytes left where the task would look
+    assert restored_entries(cp.path) == []  # no corrupt bytes left where the task would look
 
 
 def test_corrupt_tensor_checkpoint_falls_back(
@@ -821,7 +831,7 @@ def test_hostile_archive_is_refused(store: Store, tmp_path: Path, hostile: str) 
         cp.load_sync()
     assert not (work / "escape").exists()
     assert not (tmp_path / "escape").exists()
-    assert list((work / "restore").iterdir()) == []  # refused before anything was extracted
+    assert restored_entries(work / "restore") == []  # refused before anything was extracted
     assert sorted(p.name for p in work.iterdir()) == ["restore"]  # the downloaded archive is removed too
 
 

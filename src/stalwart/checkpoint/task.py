@@ -18,7 +18,6 @@ import logging
 import os
 import pickle
 import re
-import shutil
 import socket
 import sys
 import tempfile
@@ -206,8 +205,10 @@ class Checkpoint:
     def load_sync(self) -> Path | None:
         """Restore the previous attempts' newest checkpoint; None when there is none.
 
-        Returns ``path / "payload"`` for bytes, files and objects, or ``path`` holding the restored
-        directory. A version whose bytes fail their checksum is skipped with a warning.
+        Returns ``path / "payload"`` for bytes, files and objects, or ``path / <version>`` holding the
+        restored directory. A version whose bytes fail their checksum is skipped with a warning. Safe to
+        call from many processes sharing ``path`` at once (the workers of a node): one restores, the
+        others reuse its verified result.
         """
         if self._restored is not None:
             return self._restored[1]
@@ -246,20 +247,23 @@ class Checkpoint:
         return path.read_bytes()
 
     def _restore(self, info: CheckpointInfo) -> Path:
-        target = self.path
-        for child in target.iterdir():  # a fresh restore: nothing left from another version
-            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
-        download = target / "payload" if info.kind != "directory" else target.parent / f".{info.name}.tar"
-        self._download(info, download)
-        if info.kind == "directory":
+        from .restore import RestoreArea
+
+        area = RestoreArea(self.path)
+        if info.kind != "directory":
+            return area.file(info.name, info.sha256, lambda dest: self._download(info, dest))
+
+        def build(dest: Path) -> None:
             from .archive import safe_extract
 
+            archive = area.scratch(".tar")
             try:
-                safe_extract(download, target)
+                self._download(info, archive)
+                safe_extract(archive, dest)
             finally:
-                download.unlink(missing_ok=True)
-            return target
-        return download
+                archive.unlink(missing_ok=True)
+
+        return area.directory(info.name, build)
 
     def _download(self, info: CheckpointInfo, dest: Path) -> None:
         import hashlib
