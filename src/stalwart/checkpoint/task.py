@@ -39,7 +39,13 @@ _VERSION = re.compile(r"^a(\d{5})\.s(\d{6})$")
 
 
 class CorruptCheckpointError(ValueError):
-    """A checkpoint's bytes do not match the size or checksum its commit marker recorded."""
+    """A checkpoint cannot be loaded: its bytes do not match the size or checksum its commit marker
+    recorded, its marker is unreadable, or its archive is refused. ``load_sync`` raises it when
+    checkpoints exist but none of them can be loaded; ``skipped`` lists ``(version, reason)``."""
+
+    def __init__(self, message: str, skipped: list[tuple[str, str]] | None = None) -> None:
+        super().__init__(message)
+        self.skipped = skipped or []
 
 
 @dataclass(frozen=True)
@@ -107,18 +113,23 @@ class Checkpoint:
 
     def list(self) -> list[CheckpointInfo]:
         """Committed versions, oldest first."""
-        infos = []
+        return self._scan()[0]
+
+    def _scan(self) -> tuple[list[CheckpointInfo], list[tuple[str, str]]]:
+        """Committed versions, oldest first, and (version, why) of those whose marker is unreadable."""
+        infos, unreadable = [], []
         for name in self.store.glob(f"*/{COMMIT}"):
             version = name.split("/", 1)[0]
             if not _VERSION.match(version):
                 continue
             try:
-                infos.append(CheckpointInfo(**json.loads(self.store.read_bytes(name))["info"]))
+                infos.append(_parse_marker(version, self.store.read_bytes(name)))
             except (ValueError, KeyError, TypeError) as exc:
                 log.warning(
                     "ignoring checkpoint %s/%s: unreadable commit marker (%s)", self.uri, version, exc
                 )
-        return sorted(infos, key=lambda info: (info.attempt, info.seq))
+                unreadable.append((version, f"unreadable commit marker ({exc})"))
+        return sorted(infos, key=lambda info: (info.attempt, info.seq)), unreadable
 
     def previous(self) -> CheckpointInfo | None:
         """The newest version saved by an earlier attempt, or None."""
@@ -203,26 +214,44 @@ class Checkpoint:
     # loading
 
     def load_sync(self) -> Path | None:
-        """Restore the previous attempts' newest checkpoint; None when there is none.
+        """Restore the previous attempts' newest loadable checkpoint; None when there is none.
 
         Returns ``path / "payload"`` for bytes, files and objects, or ``path / <version>`` holding the
-        restored directory. A version whose bytes fail their checksum is skipped with a warning. Safe to
-        call from many processes sharing ``path`` at once (the workers of a node): one restores, the
-        others reuse its verified result.
+        restored directory. A version whose bytes fail their checksum, or whose archive is refused, is
+        skipped with a warning for the next older one; if versions exist but none can be loaded, raises
+        CorruptCheckpointError listing each one and why. Safe to call from many processes sharing
+        ``path`` at once (the workers of a node): one restores, the others reuse its verified result.
         """
         if self._restored is not None:
             return self._restored[1]
-        candidates = [info for info in self.list() if info.attempt < self.attempt]
+        from .archive import UnsafeArchiveError
+
+        infos, unreadable = self._scan()
+        candidates = [info for info in infos if info.attempt < self.attempt]
+        skipped = [(v, why) for v, why in unreadable if int(v[1:6]) < self.attempt]
+        cause: Exception | None = None
         for info in reversed(candidates):
             try:
                 restored = self._restore(info)
             except CorruptCheckpointError as exc:
                 log.warning("skipping corrupt checkpoint: %s", exc)
-                continue
-            self._restored = (info, restored)
-            return restored
-        if candidates:
-            log.warning("every earlier checkpoint under %s failed verification; starting fresh", self.uri)
+                skipped.append((info.name, str(exc)))
+                cause = exc
+            except UnsafeArchiveError as exc:
+                log.warning("skipping refused checkpoint %s/%s: %s", self.uri, info.name, exc)
+                skipped.append((info.name, str(exc)))
+                cause = exc
+            else:
+                self._restored = (info, restored)
+                return restored
+        if skipped:
+            listing = "; ".join(f"{version}: {why}" for version, why in sorted(skipped, reverse=True))
+            raise CorruptCheckpointError(
+                f"{len(skipped)} earlier checkpoint(s) under {self.uri} exist but none can be loaded, so "
+                f"this attempt does not start from scratch over them: {listing}. Remove those versions "
+                "from the store to start over deliberately",
+                skipped,
+            ) from cause
         return None
 
     async def load(self) -> Path | None:
@@ -293,6 +322,24 @@ class Checkpoint:
                 f"{self.uri}/{name} holds {size} bytes with sha256 {digest.hexdigest()[:12]}..., "
                 f"but its commit marker recorded {info.size} bytes with sha256 {info.sha256[:12]}..."
             )
+
+
+_KINDS = {"bytes": ("raw",), "file": ("raw",), "directory": ("tar",), "object": ("torch", "pickle")}
+
+
+def _parse_marker(version: str, raw: bytes) -> CheckpointInfo:
+    """The CheckpointInfo in a commit marker of ``version``; ValueError, KeyError or TypeError if none.
+
+    Names from a marker end up in local paths, so the marker must describe the version it sits in.
+    """
+    info = CheckpointInfo(**json.loads(raw)["info"])
+    if info.name != version:
+        raise ValueError(f"the marker describes version {info.name!r}")
+    if info.encoding not in _KINDS.get(info.kind, ()):
+        raise ValueError(f"unknown kind/encoding {info.kind!r}/{info.encoding!r}")
+    if not isinstance(info.size, int) or info.size < 0 or not re.fullmatch(r"[0-9a-f]{64}", str(info.sha256)):
+        raise ValueError("size or sha256 is malformed")
+    return info
 
 
 def _classify(data: Any) -> tuple[str, str, str | None, int | None, Any]:
