@@ -1,8 +1,13 @@
 from __future__ import annotations
 
+import errno
 import io
+import json
 import os
+import shutil
 import stat
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -345,3 +350,173 @@ def test_pack_directory_streams_into_a_file_object(tmp_path: Path) -> None:
         src / "deep" / "er" / "data.bin"
     ).read_bytes()
     assert (tmp_path / "out" / "note.txt").read_text() == "hello"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bounds: what extraction writes is bounded by the archive's own size, and by the free space
+# ---------------------------------------------------------------------------------------------------------
+
+TIB = 2**40
+
+
+def _pax_sparse_tar(path: Path, realsize: int = TIB) -> Path:
+    """A PAX (GNU sparse 1.0) member declaring ``realsize`` bytes, of which the archive stores four."""
+    sparse_map = b"1\n0\n4\n"
+    body = sparse_map + b"\0" * (512 - len(sparse_map)) + b"DATA"
+    info = tarfile.TarInfo("GNUSparseFile.0/huge.bin")
+    info.size = len(body)
+    info.pax_headers = {
+        "GNU.sparse.major": "1",
+        "GNU.sparse.minor": "0",
+        "GNU.sparse.name": "huge.bin",
+        "GNU.sparse.realsize": str(realsize),
+    }
+    return _write_tar(path, [_file("benign.txt", b"fine"), (info, body)])
+
+
+def _gnu_tar_sparse(tmp_path: Path, fmt: str) -> Path:
+    """GNU tar's own sparse archive of a 1 TiB file holding one byte."""
+    if shutil.which("tar") is None:
+        pytest.skip("GNU tar is not installed")
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(src / "huge.bin", "wb") as fh:
+        fh.truncate(TIB)
+        fh.seek(2**20)
+        fh.write(b"x")
+    out = tmp_path / f"{fmt}.tar"
+    subprocess.run(
+        ["tar", "--sparse", f"--format={fmt}", "-cf", str(out), "-C", str(src), "huge.bin"], check=True
+    )
+    return out
+
+
+@pytest.mark.parametrize("maker", ["pax-crafted", "gnu", "posix"])
+def test_sparse_member_is_refused(tmp_path: Path, maker: str) -> None:
+    if maker == "pax-crafted":
+        tar_path = _pax_sparse_tar(tmp_path / "sparse.tar")
+    else:
+        tar_path = _gnu_tar_sparse(tmp_path, maker)
+    assert tar_path.stat().st_size < 64 * 1024  # a 1 TiB member in a few blocks
+    dest = tmp_path / "dest"
+    with pytest.raises(UnsafeArchiveError, match=r"sparse member declaring 1099511627776 bytes") as excinfo:
+        safe_extract(tar_path, dest)
+    assert excinfo.value.member == "huge.bin"
+    assert list(dest.iterdir()) == []
+
+
+class _Zeros(io.RawIOBase):
+    def __init__(self, size: int) -> None:
+        self.left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:  # type: ignore[no-untyped-def]
+        n = min(len(buf), self.left)
+        buf[:n] = bytes(n)
+        self.left -= n
+        return n
+
+
+@pytest.mark.parametrize("codec", ["gz", "bz2", "xz"])
+def test_compressed_archive_is_refused_before_decompressing(tmp_path: Path, codec: str) -> None:
+    """A 64 MiB file of zeros compresses to a few KiB: compressed archives can expand without bound."""
+    bomb = tmp_path / f"bomb.tar.{codec}"
+    info = tarfile.TarInfo("zeros.bin")
+    info.size = (
+        64 * 2**20 if codec == "gz" else 2**20
+    )  # bz2 and xz are slow to build; the magic is what counts
+    with tarfile.open(bomb, f"w:{codec}", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(info, io.BufferedReader(_Zeros(info.size)))
+    assert bomb.stat().st_size * 100 < info.size
+    dest = tmp_path / "dest"
+    names = {"gz": "gzip", "bz2": "bzip2", "xz": "xz"}
+    with pytest.raises(UnsafeArchiveError, match=rf"{names[codec]}-compressed archive") as excinfo:
+        safe_extract(bomb, dest)
+    assert excinfo.value.member == bomb.name
+    assert list(dest.iterdir()) == []
+
+
+def test_member_declaring_more_than_the_archive_holds_is_refused(tmp_path: Path) -> None:
+    info, data = _file("liar.bin", b"x" * 100)
+    info.pax_headers = {"size": str(10**12)}  # PAX overrides the header's size on reading
+    tar_path = _write_tar(tmp_path / "liar.tar", [_file("benign.txt", b"fine"), (info, data)])
+    dest = tmp_path / "dest"
+    with pytest.raises(
+        UnsafeArchiveError, match=r"declares 1000000000000 bytes, but the \d+-byte archive"
+    ) as e:
+        safe_extract(tar_path, dest)
+    assert e.value.member == "liar.bin"
+    assert list(dest.iterdir()) == []
+
+
+def test_truncated_archive_is_refused_and_writes_nothing(tmp_path: Path) -> None:
+    tar_path = _write_tar(
+        tmp_path / "whole.tar", [_file("a.txt", b"fine"), _file("big.bin", os.urandom(100_000))]
+    )
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(tar_path.read_bytes()[: 4 * 512 + 10_000])  # inside big.bin's data
+    dest = tmp_path / "dest"
+    with pytest.raises(
+        UnsafeArchiveError, match=r"declares 100000 bytes, but the 12048-byte archive"
+    ) as excinfo:
+        safe_extract(cut, dest)
+    assert excinfo.value.member == "big.bin"
+    assert list(dest.iterdir()) == []
+
+
+@pytest.mark.parametrize("data", [b"", b"this is not a tar archive" * 40], ids=["empty", "garbage"])
+def test_unreadable_archive_is_refused(tmp_path: Path, data: bytes) -> None:
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(data)
+    with pytest.raises(UnsafeArchiveError, match="unreadable tar archive") as excinfo:
+        safe_extract(bad, tmp_path / "dest")
+    assert excinfo.value.member == "bad.tar"
+
+
+_EXTRACT_ON_SMALL_FS = """
+import errno, json, os, sys
+from pathlib import Path
+from stalwart.checkpoint.archive import safe_extract
+
+mount, results = Path(sys.argv[1]), {}
+for name in sys.argv[2:]:
+    dest = mount / Path(name).stem
+    try:
+        safe_extract(Path(name), dest)
+        results[name] = {"ok": True}
+    except OSError as exc:
+        results[name] = {"errno": exc.errno, "message": str(exc)}
+    results[name]["written"] = sorted(str(p.relative_to(dest)) for p in dest.rglob("*"))
+print(json.dumps(results))
+"""
+
+
+def test_extraction_stops_before_writing_when_the_free_space_is_short(tmp_path: Path) -> None:
+    """On a real 1 MiB tmpfs (a private mount namespace), an honest 1.8 MB archive is refused whole."""
+    mount = tmp_path / "small-fs"
+    mount.mkdir()
+    big = _write_tar(tmp_path / "big.tar", [_file(f"part{i}.bin", os.urandom(600_000)) for i in range(3)])
+    small = _write_tar(tmp_path / "small.tar", [_file("part.bin", os.urandom(200_000))])
+    script = 'mount -t tmpfs -o size=1m tmpfs "$1" && shift && exec "$@"'
+    cmd = ["unshare", "--mount", "--map-root-user", "sh", "-c", script, "sh", str(mount)]
+    probe = (
+        subprocess.run([*cmd, "true"], capture_output=True, text=True) if shutil.which("unshare") else None
+    )
+    if probe is None or probe.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs in a private namespace here: {probe and probe.stderr}")
+    proc = subprocess.run(
+        [*cmd, sys.executable, "-c", _EXTRACT_ON_SMALL_FS, str(mount), str(big), str(small)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(Path(archive.__file__).resolve().parents[2])},
+    )
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(proc.stdout)
+    assert results[str(small)] == {"ok": True, "written": ["part.bin"]}  # the check is not over-cautious
+    refused = results[str(big)]
+    assert refused["errno"] == errno.ENOSPC, refused
+    assert "bytes are free there; nothing was extracted" in refused["message"]
+    assert refused["written"] == []

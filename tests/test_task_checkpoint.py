@@ -35,8 +35,9 @@ import stalwart
 from stalwart import config
 from stalwart.checkpoint import store as store_module
 from stalwart.checkpoint.archive import UnsafeArchiveError
+from stalwart.checkpoint.restore import BOOKKEEPING
 from stalwart.checkpoint.store import DurableStore
-from stalwart.checkpoint.task import Checkpoint, CheckpointInfo
+from stalwart.checkpoint.task import Checkpoint, CheckpointInfo, CorruptCheckpointError
 
 LOGGER = "stalwart.checkpoint"
 SRC = str(Path(stalwart.__file__).resolve().parents[1])  # so subprocesses import the same stalwart
@@ -125,6 +126,14 @@ def snapshot(root: Path) -> dict[str, tuple]:
     return out
 
 
+def restored_entries(path: Path) -> list[str]:
+    """What a restore left in ``path``, besides its bookkeeping (which must hold no scratch either)."""
+    if (path / BOOKKEEPING).exists():
+        leftovers = [p.name for p in (path / BOOKKEEPING).iterdir() if p.name.startswith("scratch-")]
+        assert leftovers == [], f"scratch left behind in {path / BOOKKEEPING}: {leftovers}"
+    return sorted(p.name for p in path.iterdir() if p.name != BOOKKEEPING)
+
+
 def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == LOGGER and r.levelno == logging.WARNING]
 
@@ -204,7 +213,8 @@ def test_directory_round_trip(store: Store, tmp_path: Path) -> None:
 
     cp = store.checkpoint(1, path=tmp_path / "restore")
     restored = cp.load_sync()
-    assert restored == cp.path == tmp_path / "restore"
+    assert restored == cp.path / info.name and cp.path == tmp_path / "restore"
+    assert restored_entries(cp.path) == [info.name]
     assert snapshot(restored) == expected
     assert cp.load_object() == restored
     # the downloaded archive is not left behind next to the restore directory
@@ -611,25 +621,48 @@ def test_corrupt_newest_falls_back_to_older(
     assert cp.load_object() == good
     messages = warnings_of(caplog)
     assert any(f"{store.uri}/{name}" in m for m in messages), messages
-    assert os.listdir(cp.path) == ["payload"]
+    assert restored_entries(cp.path) == ["payload"]
 
 
 @pytest.mark.parametrize("corrupt", ["flipped-byte", "truncated"])
-def test_only_version_corrupt_loads_none(
+def test_only_version_corrupt_is_an_error(
     store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture, corrupt: str
 ) -> None:
+    """A checkpoint that exists but cannot be read is an error, never "no checkpoint" (a fresh start)."""
     info = store.checkpoint(0).save_sync(os.urandom(10_000))
     name = f"{info.name}/payload"
     store.put(name, CORRUPTIONS[corrupt](store.get(name)))
 
     caplog.set_level(logging.WARNING, logger=LOGGER)
     cp = store.checkpoint(1, path=tmp_path / "restore")
-    assert cp.load_sync() is None
-    assert cp.load_object() is None
+    for load in (cp.load_sync, cp.load_object):
+        with pytest.raises(CorruptCheckpointError, match="exist but none can be loaded") as raised:
+            load()
+        assert f"{info.name}: {store.uri}/{name} holds" in str(raised.value)
+        assert [version for version, _ in raised.value.skipped] == [info.name]
     messages = warnings_of(caplog)
     assert any(f"{store.uri}/{name}" in m for m in messages), messages
-    assert any("failed verification" in m for m in messages), messages
-    assert list(cp.path.iterdir()) == []  # no corrupt bytes left where the task would look
+    assert restored_entries(cp.path) == []  # no corrupt bytes left where the task would look
+
+
+def test_every_version_unloadable_lists_each_and_why(store: Store, tmp_path: Path) -> None:
+    cp0 = store.checkpoint(0, keep=5)
+    corrupt = cp0.save_sync(b"a" * 1000)
+    store.put(f"{corrupt.name}/payload", b"b" * 1000)
+    missing = cp0.save_sync(b"c" * 1000)
+    raw = store.raw()
+    raw.fs.rm(raw.path(f"{missing.name}/payload"))
+    torn = cp0.save_sync(b"d" * 1000)
+    store.put(f"{torn.name}/COMMIT.json", b'{"format": 1, "info": {"na')
+
+    with pytest.raises(CorruptCheckpointError) as raised:
+        store.checkpoint(1, path=tmp_path / "restore").load_sync()
+    assert "3 earlier checkpoint(s)" in str(raised.value)
+    reasons = dict(raised.value.skipped)
+    assert set(reasons) == {corrupt.name, missing.name, torn.name}
+    assert "sha256" in reasons[corrupt.name]
+    assert "missing although its commit marker exists" in reasons[missing.name]
+    assert "unreadable commit marker" in reasons[torn.name]
 
 
 def test_corrupt_tensor_checkpoint_falls_back(
@@ -673,6 +706,29 @@ def test_unreadable_commit_marker_is_ignored(
     assert [i.name for i in cp.list()] == ["a00000.s000001"]
     assert cp.load_sync().read_bytes() == b"older"
     assert any(newer.name in m for m in warnings_of(caplog))
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("name", "a00000.s000001"), ("name", "../../escape"), ("kind", "symlink"), ("sha256", "../x")],
+)
+def test_commit_marker_describing_something_else_is_unreadable(
+    store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture, field: str, value: str
+) -> None:
+    """Names in a marker end up in local paths: a marker must describe the version it sits in."""
+    cp0 = store.checkpoint(0)
+    cp0.save_sync(b"older")
+    newer = cp0.save_sync(b"newer")
+    marker = json.loads(store.get(f"{newer.name}/COMMIT.json"))
+    marker["info"][field] = value
+    store.put(f"{newer.name}/COMMIT.json", json.dumps(marker).encode())
+
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    cp = store.checkpoint(1, path=tmp_path / "work" / "restore")
+    assert [i.name for i in cp.list()] == ["a00000.s000001"]
+    assert cp.load_sync().read_bytes() == b"older"
+    assert any(newer.name in m and "unreadable commit marker" in m for m in warnings_of(caplog))
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["restore"]
 
 
 def test_corrupt_directory_falls_back(store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -817,12 +873,74 @@ def test_hostile_archive_is_refused(store: Store, tmp_path: Path, hostile: str) 
 
     cp = store.checkpoint(1, path=work / "restore")
     assert [i.kind for i in cp.list()] == ["directory"]  # a committed, checksum-valid version
-    with pytest.raises(UnsafeArchiveError):
+    # refused, and no other version to fall back to: an error naming the refusal, not "no checkpoint"
+    with pytest.raises(CorruptCheckpointError, match="refusing to extract archive member") as raised:
         cp.load_sync()
+    assert isinstance(raised.value.__cause__, UnsafeArchiveError)
     assert not (work / "escape").exists()
     assert not (tmp_path / "escape").exists()
-    assert list((work / "restore").iterdir()) == []  # refused before anything was extracted
+    assert restored_entries(work / "restore") == []  # refused before anything was extracted
     assert sorted(p.name for p in work.iterdir()) == ["restore"]  # the downloaded archive is removed too
+
+
+def _sparse_tar(realsize: int = 2**40) -> bytes:
+    """A PAX (GNU sparse 1.0) member declaring 1 TiB, of which the archive stores four bytes."""
+    sparse_map = b"1\n0\n4\n"
+    body = sparse_map + b"\0" * (512 - len(sparse_map)) + b"DATA"
+    info = tarfile.TarInfo("GNUSparseFile.0/huge.bin")
+    info.pax_headers = {
+        "GNU.sparse.major": "1",
+        "GNU.sparse.minor": "0",
+        "GNU.sparse.name": "huge.bin",
+        "GNU.sparse.realsize": str(realsize),
+    }
+    return _tar([(info, body)])
+
+
+def _gzip_bomb(size: int = 16 * 2**20) -> bytes:
+    buf = io.BytesIO()
+    info = tarfile.TarInfo("zeros.bin")
+    info.size = size
+    with tarfile.open(fileobj=buf, mode="w:gz", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(info, io.BytesIO(bytes(size)))
+    return buf.getvalue()
+
+
+REFUSED = {
+    **{name: (lambda work, make=make: _tar(make(work))) for name, make in HOSTILE.items()},
+    "sparse-1TiB": lambda work: _sparse_tar(),
+    "gzip-bomb": lambda work: _gzip_bomb(),
+    "unreadable-header": lambda work: b"this is not a tar archive" * 40,
+}
+
+
+@pytest.mark.parametrize("refused", list(REFUSED), ids=list(REFUSED))
+def test_refused_newest_archive_falls_back_to_the_previous_version(
+    store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture, refused: str
+) -> None:
+    """A committed archive that extraction refuses is skipped like a corrupt one, with a warning (why)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    older = tmp_path / "older"
+    _build_tree(older)
+    good = store.checkpoint(0).save_sync(older)
+    payload = REFUSED[refused](work)
+    name = "a00000.s000002"
+    store.put(f"{name}/payload.tar", payload)
+    store.raw().commit(f"{name}/COMMIT.json", commit_marker(name, "directory", "tar", payload, "evil"))
+
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    cp = store.checkpoint(1, path=work / "restore")
+    assert [i.name for i in cp.list()] == [good.name, name]
+    restored = cp.load_sync()
+    # names first: reading a restored 1 TiB sparse member would take hours
+    assert sorted(p.relative_to(restored).as_posix() for p in restored.rglob("*")) == sorted(snapshot(older))
+    assert restored == cp.path / good.name
+    assert snapshot(restored) == snapshot(older)
+    messages = warnings_of(caplog)
+    assert any(name in m and "refusing to extract archive member" in m for m in messages), messages
+    assert not (work / "escape").exists() and not (tmp_path / "escape").exists()
+    assert restored_entries(cp.path) == [good.name]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -838,6 +956,57 @@ def test_save_missing_path(store: Store, tmp_path: Path) -> None:
         cp.save_sync(tmp_path / "missing.bin")
     assert store.versions() == []  # nothing half-written
     assert store.checkpoint(1).load_sync() is None
+
+
+@pytest.mark.parametrize("link", ["absolute", "relative"])
+def test_refused_directory_save_leaves_nothing_behind(store: Store, tmp_path: Path, link: str) -> None:
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not part of the checkpoint")
+    src = tmp_path / "ckpt-dir"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "weights.bin").write_bytes(os.urandom(1000))
+    os.symlink(outside if link == "absolute" else "../../outside.txt", src / "sub" / "escape")
+
+    cp = store.checkpoint(0)
+    with pytest.raises(ValueError, match=r"points outside .*ckpt-dir"):
+        cp.save_sync(src)
+    assert store.versions() == []  # no payload.tar, not even an empty version prefix
+    assert store.checkpoint(1).load_sync() is None
+    assert cp.save_sync(b"next save").name == "a00000.s000001"
+
+
+def test_failed_write_leaves_no_partial_object(store: Store) -> None:
+    """DurableStore.open_write: a block that raises leaves no object, on a local disk as on object stores."""
+    raw = store.raw()
+    with pytest.raises(RuntimeError, match="writer died"), raw.open_write("a00000.s000001/payload") as writer:
+        writer.write(os.urandom(100_000))
+        raise RuntimeError("writer died")
+    assert not store.exists("a00000.s000001/payload")
+    assert store.versions() == []
+
+
+def test_a_discarded_upload_is_not_finished_by_the_garbage_collector(
+    s3_bucket: tuple[str, dict], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An aborted S3 upload must be closed: else its __del__ tries to upload the buffer discard() dropped."""
+    import gc
+
+    uri, options = s3_bucket
+    unraisable: list[str] = []
+    monkeypatch.setattr(
+        sys, "unraisablehook", lambda u: unraisable.append(f"{u.exc_type.__name__}: {u.exc_value}")
+    )
+
+    def fail_a_write() -> None:
+        with DurableStore(uri, options).open_write("a00000.s000001/payload") as writer:
+            writer.write(b"x" * 1000)
+            raise RuntimeError("writer died")
+
+    with pytest.raises(RuntimeError, match="writer died"):
+        fail_a_write()
+    gc.collect()
+    assert unraisable == []
+    assert Store("s3", uri, options).versions() == []
 
 
 @pytest.mark.parametrize(

@@ -3,23 +3,27 @@
 A checkpoint that is a directory (for example a sharded state dict) is shipped to object storage as one
 uncompressed PAX tar: a single object is atomic to upload and cheap to list. Checkpoints may come back from
 shared buckets, so extraction treats the archive as untrusted and validates every member *before* writing
-anything: a refused archive leaves the destination untouched.
+anything: a refused archive leaves the destination untouched, and what is written is bounded by the
+archive's own size (no sparse members, no compression).
 """
 
 from __future__ import annotations
 
 import copy
+import errno
 import os
 import posixpath
 import re
 import secrets
+import shutil
 import stat
 import tarfile
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["UnsafeArchiveError", "pack_directory", "safe_extract"]
+__all__ = ["DirectoryScan", "UnsafeArchiveError", "pack_directory", "safe_extract", "scan_directory"]
 
 # Same bound as Linux's MAXSYMLINKS: deeper chains are treated as loops.
 _MAX_SYMLINK_HOPS = 40
@@ -31,7 +35,8 @@ _WINDOWS_DRIVE = re.compile(r"[A-Za-z]:[\\/]")
 
 
 class UnsafeArchiveError(ValueError):
-    """An archive member would write outside the destination or create something that is not plain data."""
+    """An archive is refused: a member would write outside the destination, create something that is not
+    plain data, or declare more data than the archive holds; or the archive cannot be read as a plain tar."""
 
     def __init__(self, member: str, reason: str) -> None:
         super().__init__(f"refusing to extract archive member {member!r}: {reason}")
@@ -106,11 +111,58 @@ def _walk_sorted(root: Path, rel: str = "") -> Iterator[tuple[str, os.DirEntry[s
             yield from _walk_sorted(root, relname)
 
 
-def pack_directory(src: Path, dest: Path | BinaryIO) -> int:
+@dataclass(frozen=True)
+class DirectoryScan:
+    """A directory tree checked by :func:`scan_directory`, ready for :func:`pack_directory`."""
+
+    src: Path
+    entries: list[tuple[str, os.DirEntry[str]]]
+    file_bytes: int  # sum of the regular files' sizes
+
+
+def scan_directory(src: Path) -> DirectoryScan:
+    """Walk ``src`` and check that it can be archived, raising ValueError before anything is written.
+
+    Symlinks are accepted only if they resolve inside ``src``; devices, FIFOs and sockets are refused,
+    as :func:`safe_extract` would refuse them.
+    """
+    src = Path(src)
+    if not src.is_dir():
+        raise NotADirectoryError(f"pack_directory: source {src} is not a directory")
+    entries = list(_walk_sorted(src))
+    links = {rel: os.readlink(entry.path) for rel, entry in entries if entry.is_symlink()}
+    file_bytes = 0
+    for rel, entry in entries:
+        st = entry.stat(follow_symlinks=False)
+        mode = st.st_mode
+        if stat.S_ISLNK(mode):
+            target = links[rel]
+            parent = rel.split("/")[:-1]
+            if (
+                _is_absolute(target)
+                or not _lexically_inside(parent, target)
+                or _resolve_inside([*parent, *target.split("/")], links) is None
+            ):
+                raise ValueError(
+                    f"pack_directory: symlink {src / rel} -> {target!r} points outside {src}; "
+                    "only relative links that stay inside the directory can be archived"
+                )
+        elif stat.S_ISREG(mode):
+            file_bytes += st.st_size
+        elif not stat.S_ISDIR(mode):
+            raise ValueError(
+                f"pack_directory: {src / rel} is not a regular file, directory or symlink "
+                f"(mode {stat.filemode(mode)}); it cannot be archived"
+            )
+    return DirectoryScan(src, entries, file_bytes)
+
+
+def pack_directory(src: Path, dest: Path | BinaryIO, *, scan: DirectoryScan | None = None) -> int:
     """Write the contents of ``src`` to ``dest`` as an uncompressed PAX tar and return its size in bytes.
 
     ``dest`` is a path, or a writable binary file object that receives the archive as a stream (how a
-    checkpoint uploads a directory without a temporary copy).
+    checkpoint uploads a directory without a temporary copy). ``scan``, from :func:`scan_directory`,
+    lets a caller check the tree before it opens ``dest``.
 
     Members are named relative to ``src`` and written in sorted pre-order with ownership normalised, so the
     same tree always gives the same member list. Symlinks are kept only if they resolve inside ``src``;
@@ -129,27 +181,11 @@ def pack_directory(src: Path, dest: Path | BinaryIO) -> int:
             raise ValueError(f"pack_directory: destination {dest} is inside the source directory {src}")
 
     # Collect and validate everything first so a bad tree fails before any byte is written.
-    entries = list(_walk_sorted(src))
-    links = {rel: os.readlink(entry.path) for rel, entry in entries if entry.is_symlink()}
-    for rel, entry in entries:
-        mode = entry.stat(follow_symlinks=False).st_mode
-        if stat.S_ISLNK(mode):
-            target = links[rel]
-            parent = rel.split("/")[:-1]
-            if (
-                _is_absolute(target)
-                or not _lexically_inside(parent, target)
-                or _resolve_inside([*parent, *target.split("/")], links) is None
-            ):
-                raise ValueError(
-                    f"pack_directory: symlink {src / rel} -> {target!r} points outside {src}; "
-                    "only relative links that stay inside the directory can be archived"
-                )
-        elif not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-            raise ValueError(
-                f"pack_directory: {src / rel} is not a regular file, directory or symlink "
-                f"(mode {stat.filemode(mode)}); it cannot be archived"
-            )
+    if scan is None:
+        scan = scan_directory(src)
+    elif scan.src != src:
+        raise ValueError(f"pack_directory: the scan given is of {scan.src}, not of {src}")
+    entries = scan.entries
 
     if writer is not None:
         counted = _CountingWriter(writer)
@@ -328,18 +364,84 @@ def safe_extract(archive: Path, dest: Path) -> None:
     """Extract ``archive`` into ``dest`` (created if missing), refusing anything that is not plain data.
 
     Every member is validated before the first write, so a refused archive extracts nothing. Refused with
-    :class:`UnsafeArchiveError`: absolute names, ``..`` components, members reached through a symlink,
-    symlinks or hardlinks resolving outside ``dest``, devices and FIFOs. File modes (minus setuid, setgid and
-    sticky bits) and mtimes are preserved; ownership is not restored. Where the stdlib provides it, the
-    'data' extraction filter runs as an additional check (keeping the validated modes).
+    :class:`UnsafeArchiveError`: compressed archives (checkpoints are uncompressed tars; compressed data can
+    expand without bound), unreadable headers, sparse members, members declaring more data than the
+    archive holds after their header, absolute names, ``..`` components, members reached through a
+    symlink, symlinks or hardlinks resolving outside ``dest``, devices and FIFOs. So the bytes written are
+    bounded by the archive's own size; if they would not fit in the free space under ``dest``, OSError
+    (ENOSPC) is raised, again before anything is written. File modes (minus setuid, setgid and sticky bits)
+    and mtimes are preserved; ownership is not restored. Where the stdlib provides it, the 'data'
+    extraction filter runs as an additional check (keeping the validated modes).
     """
     archive = Path(archive)
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     dest = dest.resolve()
-    with _NoChownTarFile.open(archive, mode="r:*", errorlevel=2) as tar:
-        members = _validate(tar.getmembers(), dest)
-        if _HAS_DATA_FILTER:
-            tar.extractall(dest, members=members, filter=_data_filter_keep_mode)
-        else:  # Python builds without the PEP 706 backport: our checks above are the only ones.
-            tar.extractall(dest, members=members)
+    with open(archive, "rb") as fh:
+        head = fh.read(8)
+        archive_size = os.fstat(fh.fileno()).st_size
+    for magic, codec in _COMPRESSED_MAGIC:
+        if head.startswith(magic):
+            raise UnsafeArchiveError(
+                archive.name,
+                f"{codec}-compressed archive; checkpoint archives are uncompressed tars, whose members "
+                "cannot declare more bytes than the archive holds",
+            )
+    try:
+        with _NoChownTarFile.open(archive, mode="r:", errorlevel=2) as tar:
+            members, needed = _read_members(tar, archive_size)
+            members = _validate(members, dest)
+            free = shutil.disk_usage(dest).free
+            if needed > free:
+                raise OSError(
+                    errno.ENOSPC,
+                    f"extracting {archive} needs about {needed} bytes under {dest}, but only {free} bytes "
+                    "are free there; nothing was extracted",
+                )
+            if _HAS_DATA_FILTER:
+                tar.extractall(dest, members=members, filter=_data_filter_keep_mode)
+            else:  # Python builds without the PEP 706 backport: our checks above are the only ones.
+                tar.extractall(dest, members=members)
+    except tarfile.TarError as exc:
+        raise UnsafeArchiveError(archive.name, f"unreadable tar archive ({exc})") from exc
+
+
+# Magic numbers of the compressions tarfile (and tar) would otherwise decode transparently.
+_COMPRESSED_MAGIC = (
+    (b"\x1f\x8b", "gzip"),
+    (b"BZh", "bzip2"),
+    (b"\xfd7zXZ\x00", "xz"),
+    (b"\x28\xb5\x2f\xfd", "zstd"),
+    (b"\x5d\x00\x00", "lzma"),
+)
+# Space a file or directory takes beyond its data, for the free-space check (one filesystem block).
+_BLOCK = 4096
+
+
+def _read_members(tar: tarfile.TarFile, archive_size: int) -> tuple[list[tarfile.TarInfo], int]:
+    """The members, each checked as it is read, and about how many bytes extracting them writes.
+
+    In an uncompressed tar every byte of a regular member's data is stored after its header, so an honest
+    member ends within the archive; as members' data follow one another, their sizes then add up to less
+    than the archive's size too. Sparse members are the exception: they declare a size their stored data
+    does not cover (a 1 TiB member can take a few blocks), and checkpoints never contain them. Checking
+    each member before reading the next names the member whose declared size runs past the end.
+    """
+    members, needed = [], 0
+    while (member := tar.next()) is not None:
+        if member.issparse():
+            raise UnsafeArchiveError(
+                member.name, f"sparse member declaring {member.size} bytes; checkpoints hold no sparse files"
+            )
+        if member.isreg():
+            stored = max(0, archive_size - member.offset_data)
+            if member.size > stored:
+                raise UnsafeArchiveError(
+                    member.name,
+                    f"declares {member.size} bytes, but the {archive_size}-byte archive holds at most "
+                    f"{stored} bytes after its header",
+                )
+            needed += -(-member.size // _BLOCK) * _BLOCK
+        needed += _BLOCK
+        members.append(member)
+    return members, needed

@@ -81,11 +81,20 @@ class DurableStore:
         """Write one data object; its size and sha256 are on the writer when the block ends."""
         path = self.path(name)
         if self.local:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "wb", buffering=0) as raw:
-                writer = HashingWriter(raw, on_bytes)
-                yield writer
-                os.fsync(raw.fileno())
+            parent = Path(path).parent
+            created = not parent.exists()
+            parent.mkdir(parents=True, exist_ok=True)
+            try:
+                with open(path, "wb", buffering=0) as raw:
+                    writer = HashingWriter(raw, on_bytes)
+                    yield writer
+                    os.fsync(raw.fileno())
+            except BaseException:  # a failed write leaves no torn object behind, as on object stores
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                    if created:
+                        parent.rmdir()
+                raise
         else:
             raw = self.fs.open(path, "wb")
             try:
@@ -94,6 +103,9 @@ class DurableStore:
             except BaseException:
                 if hasattr(raw, "discard"):  # abort a multipart upload instead of completing a torn object
                     raw.discard()
+                    # discarded, so closed: otherwise the file's __del__ would close it, i.e. upload
+                    # from the buffer discard() dropped (s3fs then raises in the garbage collector)
+                    raw.closed = True
                 raise
             raw.close()
 

@@ -18,7 +18,6 @@ import logging
 import os
 import pickle
 import re
-import shutil
 import socket
 import sys
 import tempfile
@@ -40,7 +39,13 @@ _VERSION = re.compile(r"^a(\d{5})\.s(\d{6})$")
 
 
 class CorruptCheckpointError(ValueError):
-    """A checkpoint's bytes do not match the size or checksum its commit marker recorded."""
+    """A checkpoint cannot be loaded: its bytes do not match the size or checksum its commit marker
+    recorded, its marker is unreadable, or its archive is refused. ``load_sync`` raises it when
+    checkpoints exist but none of them can be loaded; ``skipped`` lists ``(version, reason)``."""
+
+    def __init__(self, message: str, skipped: list[tuple[str, str]] | None = None) -> None:
+        super().__init__(message)
+        self.skipped = skipped or []
 
 
 @dataclass(frozen=True)
@@ -108,18 +113,23 @@ class Checkpoint:
 
     def list(self) -> list[CheckpointInfo]:
         """Committed versions, oldest first."""
-        infos = []
+        return self._scan()[0]
+
+    def _scan(self) -> tuple[list[CheckpointInfo], list[tuple[str, str]]]:
+        """Committed versions, oldest first, and (version, why) of those whose marker is unreadable."""
+        infos, unreadable = [], []
         for name in self.store.glob(f"*/{COMMIT}"):
             version = name.split("/", 1)[0]
             if not _VERSION.match(version):
                 continue
             try:
-                infos.append(CheckpointInfo(**json.loads(self.store.read_bytes(name))["info"]))
+                infos.append(_parse_marker(version, self.store.read_bytes(name)))
             except (ValueError, KeyError, TypeError) as exc:
                 log.warning(
                     "ignoring checkpoint %s/%s: unreadable commit marker (%s)", self.uri, version, exc
                 )
-        return sorted(infos, key=lambda info: (info.attempt, info.seq))
+                unreadable.append((version, f"unreadable commit marker ({exc})"))
+        return sorted(infos, key=lambda info: (info.attempt, info.seq)), unreadable
 
     def previous(self) -> CheckpointInfo | None:
         """The newest version saved by an earlier attempt, or None."""
@@ -130,7 +140,7 @@ class Checkpoint:
 
     def save_sync(self, data: Any) -> CheckpointInfo:
         """Save a new version; it becomes visible only once whole (commit marker written last)."""
-        kind, encoding, filename, total = _classify(data)
+        kind, encoding, filename, total, scan = _classify(data)  # refuses bad input before any write
         version = self._next_version()
         started = time.monotonic()
         from .progress import transfer_progress
@@ -141,7 +151,7 @@ class Checkpoint:
                 f"{version}/{'payload.tar' if kind == 'directory' else 'payload'}", bar.update
             ) as writer,
         ):
-            _write_payload(writer, data, kind, encoding)
+            _write_payload(writer, data, kind, encoding, scan)
         attempt, seq = (int(g) for g in _VERSION.match(version).groups())  # type: ignore[union-attr]
         info = CheckpointInfo(
             name=version,
@@ -204,24 +214,44 @@ class Checkpoint:
     # loading
 
     def load_sync(self) -> Path | None:
-        """Restore the previous attempts' newest checkpoint; None when there is none.
+        """Restore the previous attempts' newest loadable checkpoint; None when there is none.
 
-        Returns ``path / "payload"`` for bytes, files and objects, or ``path`` holding the restored
-        directory. A version whose bytes fail their checksum is skipped with a warning.
+        Returns ``path / "payload"`` for bytes, files and objects, or ``path / <version>`` holding the
+        restored directory. A version whose bytes fail their checksum, or whose archive is refused, is
+        skipped with a warning for the next older one; if versions exist but none can be loaded, raises
+        CorruptCheckpointError listing each one and why. Safe to call from many processes sharing
+        ``path`` at once (the workers of a node): one restores, the others reuse its verified result.
         """
         if self._restored is not None:
             return self._restored[1]
-        candidates = [info for info in self.list() if info.attempt < self.attempt]
+        from .archive import UnsafeArchiveError
+
+        infos, unreadable = self._scan()
+        candidates = [info for info in infos if info.attempt < self.attempt]
+        skipped = [(v, why) for v, why in unreadable if int(v[1:6]) < self.attempt]
+        cause: Exception | None = None
         for info in reversed(candidates):
             try:
                 restored = self._restore(info)
             except CorruptCheckpointError as exc:
                 log.warning("skipping corrupt checkpoint: %s", exc)
-                continue
-            self._restored = (info, restored)
-            return restored
-        if candidates:
-            log.warning("every earlier checkpoint under %s failed verification; starting fresh", self.uri)
+                skipped.append((info.name, str(exc)))
+                cause = exc
+            except UnsafeArchiveError as exc:
+                log.warning("skipping refused checkpoint %s/%s: %s", self.uri, info.name, exc)
+                skipped.append((info.name, str(exc)))
+                cause = exc
+            else:
+                self._restored = (info, restored)
+                return restored
+        if skipped:
+            listing = "; ".join(f"{version}: {why}" for version, why in sorted(skipped, reverse=True))
+            raise CorruptCheckpointError(
+                f"{len(skipped)} earlier checkpoint(s) under {self.uri} exist but none can be loaded, so "
+                f"this attempt does not start from scratch over them: {listing}. Remove those versions "
+                "from the store to start over deliberately",
+                skipped,
+            ) from cause
         return None
 
     async def load(self) -> Path | None:
@@ -246,20 +276,23 @@ class Checkpoint:
         return path.read_bytes()
 
     def _restore(self, info: CheckpointInfo) -> Path:
-        target = self.path
-        for child in target.iterdir():  # a fresh restore: nothing left from another version
-            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
-        download = target / "payload" if info.kind != "directory" else target.parent / f".{info.name}.tar"
-        self._download(info, download)
-        if info.kind == "directory":
+        from .restore import RestoreArea
+
+        area = RestoreArea(self.path)
+        if info.kind != "directory":
+            return area.file(info.name, info.sha256, lambda dest: self._download(info, dest))
+
+        def build(dest: Path) -> None:
             from .archive import safe_extract
 
+            archive = area.scratch(".tar")
             try:
-                safe_extract(download, target)
+                self._download(info, archive)
+                safe_extract(archive, dest)
             finally:
-                download.unlink(missing_ok=True)
-            return target
-        return download
+                archive.unlink(missing_ok=True)
+
+        return area.directory(info.name, build)
 
     def _download(self, info: CheckpointInfo, dest: Path) -> None:
         import hashlib
@@ -291,27 +324,50 @@ class Checkpoint:
             )
 
 
-def _classify(data: Any) -> tuple[str, str, str | None, int | None]:
-    """(kind, encoding, original file name, size if known) of what is being saved."""
+_KINDS = {"bytes": ("raw",), "file": ("raw",), "directory": ("tar",), "object": ("torch", "pickle")}
+
+
+def _parse_marker(version: str, raw: bytes) -> CheckpointInfo:
+    """The CheckpointInfo in a commit marker of ``version``; ValueError, KeyError or TypeError if none.
+
+    Names from a marker end up in local paths, so the marker must describe the version it sits in.
+    """
+    info = CheckpointInfo(**json.loads(raw)["info"])
+    if info.name != version:
+        raise ValueError(f"the marker describes version {info.name!r}")
+    if info.encoding not in _KINDS.get(info.kind, ()):
+        raise ValueError(f"unknown kind/encoding {info.kind!r}/{info.encoding!r}")
+    if not isinstance(info.size, int) or info.size < 0 or not re.fullmatch(r"[0-9a-f]{64}", str(info.sha256)):
+        raise ValueError("size or sha256 is malformed")
+    return info
+
+
+def _classify(data: Any) -> tuple[str, str, str | None, int | None, Any]:
+    """(kind, encoding, original file name, size if known, directory scan) of what is being saved.
+
+    A directory is checked whole here (links leaving it, devices...), so a refused save writes nothing.
+    """
     if isinstance(data, (bytes, bytearray, memoryview)):
-        return "bytes", "raw", None, memoryview(data).nbytes
+        return "bytes", "raw", None, memoryview(data).nbytes, None
     if isinstance(data, (str, os.PathLike)):
         path = Path(data)
         if path.is_dir():
-            total = sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
-            return "directory", "tar", path.name, total
+            from .archive import scan_directory
+
+            scan = scan_directory(path)
+            return "directory", "tar", path.name, scan.file_bytes, scan
         if path.is_file():
-            return "file", "raw", path.name, path.stat().st_size
+            return "file", "raw", path.name, path.stat().st_size, None
         raise FileNotFoundError(
             f"cannot save checkpoint: {str(data)!r} is neither a file nor a directory; pass bytes, a path "
             "to a file or directory, or an object (wrap a plain string, e.g. {'text': s})"
         )
     if "torch" in sys.modules:
-        return "object", "torch", None, None
-    return "object", "pickle", None, None
+        return "object", "torch", None, None, None
+    return "object", "pickle", None, None, None
 
 
-def _write_payload(writer: Any, data: Any, kind: str, encoding: str) -> None:
+def _write_payload(writer: Any, data: Any, kind: str, encoding: str, scan: Any = None) -> None:
     if kind == "bytes":
         view = memoryview(data).cast("B")
         for start in range(0, len(view), CHUNK):
@@ -323,7 +379,7 @@ def _write_payload(writer: Any, data: Any, kind: str, encoding: str) -> None:
     elif kind == "directory":
         from .archive import pack_directory
 
-        pack_directory(Path(data), writer)
+        pack_directory(Path(data), writer, scan=scan)
     elif encoding == "torch":
         import torch
 
