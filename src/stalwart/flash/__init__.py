@@ -5,8 +5,8 @@ background commit) -> ``rankstore`` (one rank's objects: commit order, retention
 ``copier`` (the one copy, with checksums) -> ``buffers`` (the mmap'd pool) and ``layout`` (names on
 disk); ``objects`` is the byte format, ``board`` says which steps are safe, ``capacity`` what a
 configuration needs, ``errors`` what is raised. A restore: ``restore`` (the newest step any tier holds
-intact). Several nodes: ``cluster`` (joining, pulls) over ``replication`` (placement, server, sender),
-``transport`` (the authenticated wire) and ``acceptor`` (handshakes of unknown clients). The durable
-copy: ``uploader`` (one at a time, failures as lag) over ``durable`` (the fsspec format); ``dcp`` is the
-torch.distributed.checkpoint adapter.
+intact). Several nodes: ``cluster`` (joining, pulls) over ``placement`` (the ring), ``replication``
+(keeper, server, sender), ``transport`` (the authenticated wire) and ``acceptor`` (handshakes of
+unknown clients). The durable copy: ``uploader`` (one at a time, failures as lag) over ``durable``
+(the fsspec format). ``dcp`` is the torch.distributed.checkpoint adapter.
 """

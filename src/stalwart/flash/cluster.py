@@ -21,17 +21,9 @@ from .board import StoreBoard
 from .copier import Copier
 from .layout import FlashLayout
 from .objects import CorruptObjectError
+from .placement import Peer, RingPlacement, node_key, replica_host
 from .rankstore import RankStore, VerifiedObject
-from .replication import (
-    Peer,
-    ReplicaKeeper,
-    ReplicationServer,
-    Replicator,
-    RingPlacement,
-    node_key,
-    pull,
-    replica_host,
-)
+from .replication import ReplicaKeeper, ReplicationServer, Replicator, pull
 
 __all__ = ["Cluster"]
 

@@ -28,8 +28,8 @@ from .durable import DurableTier
 from .errors import FlashError, FlashSpaceError
 from .layout import FlashLayout
 from .objects import DEFAULT_CHUNK, TensorRef, dtype_name, flatten, load_meta
+from .placement import RingPlacement
 from .rankstore import RankStore, VerifiedObject
-from .replication import RingPlacement
 from .restore import restore_newest
 from .uploader import DurableUploader
 

@@ -1,7 +1,6 @@
 """Replicas of committed objects on peer nodes, and pulling them back after a node is lost.
 
-Placement is a ring of nodes (DESIGN decision 4): rank r's replicas go to the ranks with r's local
-index on the next ``replicas`` nodes, so any node count >= 2 works. Each rank runs a small server
+Where replicas go is ``placement``'s (a ring of nodes). Each rank runs a small server
 (threads) that receives replicas into pre-faulted pool buffers, verifies every checksum, renames them
 into the step directory and writes their commit record; it also serves objects to a rank that lost
 its own. A sender thread replicates the newest committed step (an older one still queued is
@@ -19,7 +18,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from .acceptor import Acceptor, RefusalLog
 from .board import Board
@@ -27,6 +25,7 @@ from .buffers import Buffer, BufferPool, FlashSpaceError
 from .copier import Copier
 from .layout import CommitRecord, FlashLayout
 from .objects import HEADER_SIZE, CorruptObjectError
+from .placement import Peer, RingPlacement
 from .rankstore import VerifiedObject, verify_mapped
 from .transport import (
     HANDSHAKE_DEADLINE,
@@ -51,45 +50,6 @@ __all__ = [
 log = logging.getLogger("stalwart.flash")
 
 _OBJECT = re.compile(r"^steps/step-(\d{12})/rank-(\d{5})\.obj$")
-
-
-@dataclass(frozen=True)
-class Peer:
-    """A rank of the job as the replication layer sees it."""
-
-    rank: int
-    node: str  # ranks with the same node key share a flash root
-    address: tuple[str, int]
-
-
-class RingPlacement:
-    """Replicas on the next ``replicas`` nodes of a ring, same local index (a small, replaceable strategy)."""
-
-    def __init__(self, replicas: int = 1) -> None:
-        if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 0:
-            raise ValueError(f"replicas={replicas!r} is not accepted; use an int >= 0")
-        self.replicas = replicas
-
-    def nodes(self, peers: list[Peer]) -> list[list[int]]:
-        """Ranks per node, nodes ordered by their lowest rank."""
-        by_node: dict[str, list[int]] = {}
-        for peer in sorted(peers, key=lambda p: p.rank):
-            by_node.setdefault(peer.node, []).append(peer.rank)
-        return sorted(by_node.values(), key=lambda ranks: ranks[0])
-
-    def targets(self, rank: int, peers: list[Peer]) -> list[int]:
-        nodes = self.nodes(peers)
-        home = next(i for i, ranks in enumerate(nodes) if rank in ranks)
-        index = nodes[home].index(rank)
-        count = min(self.replicas, len(nodes) - 1)
-        return [
-            nodes[(home + k) % len(nodes)][index % len(nodes[(home + k) % len(nodes)])]
-            for k in range(1, count + 1)
-        ]
-
-    def sources(self, rank: int, peers: list[Peer]) -> list[int]:
-        """The ranks whose replicas ``rank`` receives."""
-        return [p.rank for p in peers if rank in self.targets(p.rank, peers)]
 
 
 class ReplicaKeeper:
@@ -487,27 +447,3 @@ class Replicator:
         self._thread.join(timeout=10)
         for conn in self._connections.values():
             conn.close()
-
-
-def replica_host() -> str:
-    """The address peers reach this process at: STALWART_REPLICATION_HOST, else loopback when the job's
-    master is local, else the address of the interface that routes to the master."""
-    explicit = os.environ.get("STALWART_REPLICATION_HOST")
-    if explicit:
-        return explicit
-    master = os.environ.get("MASTER_ADDR", "127.0.0.1")
-    try:
-        resolved = socket.gethostbyname(master)
-    except OSError:
-        return "127.0.0.1"
-    if resolved.startswith("127.") or resolved == socket.gethostbyname(socket.gethostname()):
-        return "127.0.0.1" if resolved.startswith("127.") else resolved
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:  # no packet is sent by connect()
-        probe.connect((resolved, 9))
-        return probe.getsockname()[0]
-
-
-def node_key() -> str:
-    """Ranks with the same key share a flash root: STALWART_NODE, else torch elastic's GROUP_RANK, else the
-    host name."""
-    return os.environ.get("STALWART_NODE") or os.environ.get("GROUP_RANK") or socket.gethostname()
