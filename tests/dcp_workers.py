@@ -37,13 +37,7 @@ def save_and_load_two_ranks(rank: int, world_size: int, port: int, root: str, ou
 
     result: dict = {"rank": rank, "ok": False}
     try:
-        dist.init_process_group(
-            "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=world_size,
-            timeout=datetime.timedelta(seconds=60),
-        )
+        _init(rank, world_size, port)
         model = _model()
         key = f"rank{rank}"
         expected = {

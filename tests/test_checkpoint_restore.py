@@ -15,11 +15,11 @@ import random
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import restore_workers
+from processes import run_all
 
 import stalwart as sw
 from stalwart.checkpoint.task import Checkpoint
@@ -58,19 +58,7 @@ def _run_readers(
         )
         for i in range(readers)
     ]
-    for proc in procs:
-        proc.start()
-    deadline = time.monotonic() + 300
-    try:
-        for proc in procs:
-            proc.join(max(0.0, deadline - time.monotonic()))
-    finally:
-        hung = [proc.pid for proc in procs if proc.is_alive()]
-        for proc in procs:
-            if proc.is_alive():
-                proc.kill()
-                proc.join(10)
-    assert not hung, f"reader processes {hung} did not finish within 300 s"
+    run_all(procs, 300, "reader processes")
     reports = []
     for i, proc in enumerate(procs):
         result = out / f"result-{i}.json"

@@ -12,7 +12,6 @@ import multiprocessing
 import pickle
 import re
 import socket
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import dcp_workers
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from processes import run_all
 from torch.distributed.checkpoint.api import CheckpointException
 
 from stalwart import FlashStorageReader, FlashStorageWriter
@@ -167,19 +167,7 @@ def test_two_ranks_gloo_save_async_save_load(tmp_path: Path) -> None:
         )
         for rank in range(2)
     ]
-    for proc in procs:
-        proc.start()
-    deadline = time.monotonic() + 120
-    try:
-        for proc in procs:
-            proc.join(max(0.0, deadline - time.monotonic()))
-    finally:
-        hung = [proc.pid for proc in procs if proc.is_alive()]
-        for proc in procs:
-            if proc.is_alive():
-                proc.kill()
-                proc.join(10)
-    assert not hung, f"rank processes {hung} did not finish within 120 s"
+    run_all(procs, 120, "rank processes")
 
     results = {}
     for rank in range(2):

@@ -13,7 +13,6 @@ import multiprocessing
 import os
 import socket
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import dcp_workers
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from processes import run_all
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
@@ -216,19 +216,7 @@ def _run_ranks(target: Any, world: int, root: Path, out: Path, timeout: float = 
         ctx.Process(target=target, args=(rank, world, port, str(root), str(out)), daemon=True)
         for rank in range(world)
     ]
-    for proc in procs:
-        proc.start()
-    deadline = time.monotonic() + timeout
-    try:
-        for proc in procs:
-            proc.join(max(0.0, deadline - time.monotonic()))
-    finally:
-        hung = [proc.pid for proc in procs if proc.is_alive()]
-        for proc in procs:
-            if proc.is_alive():
-                proc.kill()
-                proc.join(10)
-    assert not hung, f"rank processes {hung} did not finish within {timeout} s"
+    run_all(procs, timeout, "rank processes")
     results = {}
     for rank in range(world):
         path = out / f"result-{rank}.json"

@@ -333,27 +333,17 @@ class FlashStorageWriter(StorageWriter):
 
         The pool's free buffers are deleted unless another writer holds the rank at this moment."""
         self._release_rank()
-        mapped = list(self._mapped)
-        self._mapped.clear()
         self._copier.close()
         self._copier = Copier(self._threads)  # its threads start at the next save, if there is one
-        if self.step is None:  # never saved: nothing of this writer in the pool
-            _unmap(mapped)
-            return
-        try:
-            store = RankStore(
-                self.layout,
-                self.rank,
-                self.world_size,
-                keep=self.keep,
-                copier=self._copier,
-                board=_DcpBoard(self.layout, self.world_size),
-                mapped=mapped,
-            )
-        except RankLockedError:
-            _unmap(mapped)
-        else:
-            store.close()
+        if self.step is not None:  # it saved: its free buffers are in the pool, and go now
+            try:
+                store = self._take_rank()
+            except RankLockedError:
+                pass
+            else:
+                self._store = None
+                store.close()
+        _unmap(self._mapped)
 
     def __getstate__(self) -> dict:
         raise TypeError(

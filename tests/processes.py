@@ -1,0 +1,25 @@
+"""Child processes of a test: started together, joined within one deadline, none left behind."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+
+def run_all(procs: Sequence[Any], timeout: float, what: str = "processes") -> None:
+    """Start ``procs`` (multiprocessing processes), wait for all within ``timeout`` seconds, and kill any
+    still running then (failing the test: a hung rank must not hang the suite)."""
+    for proc in procs:
+        proc.start()
+    deadline = time.monotonic() + timeout
+    try:
+        for proc in procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+    finally:
+        hung = [proc.pid for proc in procs if proc.is_alive()]
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+                proc.join(10)
+    assert not hung, f"{what} {hung} did not finish within {timeout:.0f} s"
