@@ -517,6 +517,18 @@ def test_prune_removes_uncommitted_leftovers_of_earlier_attempts(store: Store, t
     assert load_bytes(store, 3, tmp_path / "restore") == b"a2 committed"
 
 
+def test_prune_keeps_a_version_whose_marker_exists_but_cannot_be_read(store: Store, tmp_path: Path) -> None:
+    """An unreadable marker is evidence of a committed version, not of a save that died: retention leaves
+    it until it is older than every version kept, as it would a readable one."""
+    a0 = store.checkpoint(0).save_sync(b"a0 committed")
+    store.put(f"{a0.name}/COMMIT.json", b'{"format": 1, "info": {"name": "a0')  # torn in storage
+    a1 = store.checkpoint(1, keep=2).save_sync(b"a1 committed")
+    assert store.versions() == [a0.name, a1.name]
+    assert store.get(f"{a0.name}/payload") == b"a0 committed"
+    a2 = store.checkpoint(2, keep=2).save_sync(b"a2 committed")
+    assert store.versions() == [a1.name, a2.name]  # two newer versions kept: it goes, as a readable one would
+
+
 def test_prune_never_deletes_the_version_just_committed(store: Store, tmp_path: Path) -> None:
     """Even when a later attempt already has versions (a stale attempt still running), the save that just
     committed survives its own retention pass."""

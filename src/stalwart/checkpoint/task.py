@@ -198,9 +198,13 @@ class Checkpoint:
         Runs after the new version is committed, so the newest committed state is never deleted.
         """
         try:
-            committed = self.list()
-            names = {info.name for info in committed}
+            committed, unreadable = self._scan()
+            kept = committed[-self.keep :]
             doomed = [info.name for info in committed[: -self.keep]]
+            # a version whose marker exists but cannot be read is evidence, not a torn save: it goes only
+            # once it is older than every version kept, as an old readable one would
+            doomed += [name for name, _ in unreadable if len(kept) == self.keep and name < kept[0].name]
+            names = {info.name for info in committed} | {name for name, _ in unreadable}
             for name in self.store.children():
                 m = _VERSION.match(name)
                 if m and name not in names and int(m.group(1)) < self.attempt:
