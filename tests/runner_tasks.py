@@ -26,6 +26,11 @@ def add(a: int, b: int = 1) -> int:
 
 
 @env.task
+def echo(text: str, times: int = 1) -> str:
+    return text * times
+
+
+@env.task
 def scale(point: Point, factor: int) -> Point:
     return Point(point.x * factor, point.y * factor)
 

@@ -163,6 +163,53 @@ def test_no_room_for_the_durable_copy_is_an_error_not_a_fresh_start(
     assert_step(state, 3)
 
 
+@pytest.mark.parametrize("damage", ["unknown-field", "truncated"])
+def test_a_commit_record_that_cannot_be_read_is_an_error_and_its_object_is_kept(
+    tmp_path: Path, damage: str
+) -> None:
+    url = (tmp_path / "durable").as_uri()
+    with sw.FlashCheckpointer("job", root=tmp_path / "flash", durable=url, async_save=False) as flash:
+        flash.save(10, state_of(10, 1000), durable=True)
+    for record in (
+        tmp_path / "durable" / "step-000000000010" / "rank-00000.commit",
+        flash.layout.commit_path(10, 0),
+    ):
+        raw = record.read_bytes()
+        # a record from a newer stalwart (a field this one does not know), or a damaged one
+        record.write_bytes(raw[:-1] + b',"timeline":"x"}' if damage == "unknown-field" else raw[:20])
+    objects = [tmp_path / "durable" / "step-000000000010" / "rank-00000.obj", flash.layout.object_path(10, 0)]
+    for root in (tmp_path / "flash", tmp_path / "new-node"):  # from tmpfs, and on an empty flash root
+        again = sw.FlashCheckpointer("job", root=root, durable=url)
+        with pytest.raises(sw.FlashRestoreError, match="commit records that cannot be read"):
+            again.restore(blank(1000))
+        again.close()
+        assert all(path.exists() for path in objects)  # evidence: never taken for a leftover
+
+
+def test_a_durable_outage_during_a_restore_never_drops_a_newer_durable_step(
+    tmp_path: Path, flaky_s3: tuple[_FlakyS3, str, dict]
+) -> None:
+    server, url, options = flaky_s3
+    with sw.FlashCheckpointer(
+        "job", root=tmp_path / "flash", durable=url, storage_options=options, async_save=False
+    ) as flash:
+        flash.save(10, state_of(10), durable=True)
+        flash.save(20, state_of(20), durable=True)
+    _flip_data_byte(flash.layout.object_path(20, 0))
+    server.down()  # the store cannot be listed during the restore
+    again = sw.FlashCheckpointer("job", root=tmp_path / "flash", durable=url, storage_options=options)
+    # not step 10 from tmpfs: the store, which holds 20 intact, could not be asked
+    with pytest.raises(sw.FlashRestoreError, match=r"step 20 .* could not be listed"):
+        again.restore(blank())
+    again.close()
+    server.up()
+    assert DurableTier(url, options).complete_steps(1) == [10, 20]  # nothing dropped
+    state = blank()
+    with sw.FlashCheckpointer("job", root=tmp_path / "flash", durable=url, storage_options=options) as again:
+        assert again.restore(state) == 20 and again.restored_from == "durable"
+    assert_step(state, 20)
+
+
 def test_nothing_anywhere_is_none(tmp_path: Path) -> None:
     with sw.FlashCheckpointer("job", root=tmp_path / "flash", durable=(tmp_path / "d").as_uri()) as flash:
         assert flash.restore(blank(10)) is None and flash.restored_from is None
@@ -344,3 +391,37 @@ def test_a_flash_root_too_small_for_the_configuration_fails_the_first_save(small
 def test_flash_errors_are_exported_and_catchable_by_name() -> None:
     assert issubclass(sw.FlashSpaceError, sw.FlashError) and issubclass(sw.FlashSpaceError, OSError)
     assert issubclass(sw.FlashRestoreError, sw.FlashError)
+
+
+def test_a_failure_after_an_upload_does_not_stop_the_uploader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Housekeeping after an upload (retention) that raises must not kill the uploading thread: wait(),
+    load() and close() would then wait for it forever."""
+    import threading
+
+    url = (tmp_path / "durable").as_uri()
+    flash = sw.FlashCheckpointer("job", root=tmp_path / "flash", durable=url, durable_every_n_steps=1)
+    flash.save(1, state_of(1, 1000))
+    flash.wait()
+    store = flash.engine.store
+    retain = store.retain
+    calls = {"n": 0}
+
+    def fails_once() -> None:  # in the uploader's thread, after its upload
+        if threading.current_thread().name == "stalwart-durable" and not calls["n"]:
+            calls["n"] += 1
+            raise OSError("retention failed")
+        retain()
+
+    monkeypatch.setattr(store, "retain", fails_once)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        flash.save(2, state_of(2, 1000))
+        waiter = threading.Thread(target=flash.wait, daemon=True)
+        waiter.start()
+        waiter.join(60)
+        assert not waiter.is_alive(), "wait() hangs: the uploader thread died"
+        flash.save(3, state_of(3, 1000))  # the uploader still uploads
+        flash.close()
+    assert calls["n"] == 1 and "retention failed" in caplog.text
+    assert DurableTier(url).complete_steps(1)[-1] == 3

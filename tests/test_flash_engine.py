@@ -278,3 +278,26 @@ def test_nothing_to_restore_returns_none_and_touches_nothing(layout: FlashLayout
     with FlashEngine(layout) as engine:
         assert engine.load(target) is None and engine.restored_from is None
     assert bool((target["w"] == 3).all())
+
+
+def test_a_buffer_moves_into_a_step_directory_removed_under_it(tmp_path: Path, monkeypatch) -> None:
+    """Another process's cleanup may remove an empty step directory between mkdir and rename."""
+    import os
+
+    from stalwart.flash import buffers
+
+    buffer = buffers.Buffer.allocate(tmp_path / "buf", 65536)
+    target = tmp_path / "steps" / "step-1" / "rank-0.obj"
+    rename = os.rename
+    removed = []
+
+    def cleanup_first(src: str, dst: str) -> None:
+        if not removed:
+            os.rmdir(os.path.dirname(dst))  # what a concurrent remove_step_if_abandoned does
+            removed.append(dst)
+        rename(src, dst)
+
+    monkeypatch.setattr(buffers.os, "rename", cleanup_first)
+    buffer.move(target)
+    assert removed and target.exists() and buffer.path == target
+    buffer.close()

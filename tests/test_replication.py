@@ -71,6 +71,24 @@ def test_an_authenticated_peer_pulls_a_verified_object(server, tmp_path: Path) -
     pool.close()
 
 
+def test_the_same_replica_twice_changes_nothing_and_leaks_nothing(server, tmp_path: Path) -> None:
+    """A sender that gave up waiting for the reply sends a replica again: the committed one stays, and the
+    second copy's buffer goes back to the pool (no mapping of a replaced file is left behind)."""
+    srv, _ = server
+    node_b = FlashLayout(tmp_path / "node-b", "job")
+    keeper = ReplicaKeeper(node_b, 0, keep=2, board=LocalBoard(node_b, 1))
+    copier = Copier(1)
+    first = pull(Peer(0, "a", srv.address), 7, 0, b"s" * 32, keeper.pool, copier)
+    keeper.accept(first[0], first[1].buffer)
+    committed = node_b.object_path(7, 0).stat().st_ino
+    again = pull(Peer(0, "a", srv.address), 7, 0, b"s" * 32, keeper.pool, copier)
+    keeper.accept(again[0], again[1].buffer)
+    assert node_b.object_path(7, 0).stat().st_ino == committed
+    assert keeper.held[7] is first[1].buffer and [b.path for b in keeper.pool._free] == [again[1].buffer.path]
+    keeper.close()
+    copier.close()
+
+
 def test_a_peer_without_the_job_secret_is_refused(
     server, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:

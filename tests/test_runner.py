@@ -278,6 +278,19 @@ def test_the_output_of_a_succeeded_run_comes_back_as_the_object_it_was(stalwart_
         sw.with_runcontext(run_id="point-once").run(tasks.scale, point=tasks.Point(1, 2), factor=4)
 
 
+def test_inputs_that_differ_past_their_shown_part_are_other_inputs(stalwart_home: Path) -> None:
+    """Run records show inputs cut at 200 characters; whether a rerun has the same inputs is decided on
+    all of them (and a keyword or positional spelling of the same call is the same)."""
+    long = "x" * 300
+    first = sw.with_runcontext(run_id="long-inputs").run(tasks.echo, long + "a")
+    assert (
+        sw.with_runcontext(run_id="long-inputs").run(tasks.echo, text=long + "a", times=1).output
+        == first.output
+    )
+    with pytest.raises(ValueError, match=r"already succeeded with other inputs"):
+        sw.with_runcontext(run_id="long-inputs").run(tasks.echo, long + "b")
+
+
 def test_a_succeeded_run_whose_output_file_is_gone_says_so(stalwart_home: Path, tmp_path: Path) -> None:
     first = sw.with_runcontext(run_id="gone-output").run(tasks.add, 1)
     result = Path(first.attempts[0].log_dir) / "result.pkl"

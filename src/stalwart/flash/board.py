@@ -24,6 +24,8 @@ class Board(Protocol):
 
     def replicated(self, step: int, rank: int) -> None: ...
 
+    def gave_up(self, step: int, rank: int) -> None: ...
+
     def safe(self, step: int) -> bool: ...
 
     def new_generation(self, token: str) -> None: ...
@@ -39,6 +41,9 @@ class LocalBoard:
         pass  # the commit record itself is the fact
 
     def replicated(self, step: int, rank: int) -> None:
+        pass
+
+    def gave_up(self, step: int, rank: int) -> None:
         pass
 
     def safe(self, step: int) -> bool:
@@ -67,12 +72,23 @@ class StoreBoard:
     def replicated(self, step: int, rank: int) -> None:
         self.store.set(self._key("r", step, rank), "1")
 
+    def gave_up(self, step: int, rank: int) -> None:
+        """The rank could not replicate ``step``: it counts as kept without its replicas, so that
+        retention goes on and a replication outage does not fill tmpfs step after step."""
+        self.store.set(self._key("u", step, rank), "1")
+
     def safe(self, step: int) -> bool:
-        keys = [self._key("c", step, rank) for rank in range(self.world_size)]
-        if self.needs_replicas:
-            keys += [self._key("r", step, rank) for rank in range(self.world_size)]
+        ranks = range(self.world_size)
         try:
-            return bool(self.store.check(keys))
+            if not self.store.check([self._key("c", step, rank) for rank in ranks]):
+                return False
+            if not self.needs_replicas or self.store.check([self._key("r", step, rank) for rank in ranks]):
+                return True
+            return all(
+                self.store.check([self._key("r", step, rank)])
+                or self.store.check([self._key("u", step, rank)])
+                for rank in ranks
+            )
         except Exception as exc:  # the store is gone (job ending): nothing is known to be safe
             log.debug("flash board: store check failed: %s", exc)
             return False

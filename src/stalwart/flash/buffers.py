@@ -100,10 +100,20 @@ class Buffer:
         _populate(self.mm, capacity, start=old)
 
     def move(self, target: Path) -> None:
-        """Rename the file; the mapping stays valid (it is bound to the inode, not the name)."""
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(self.path, target)
-        self.path = target
+        """Rename the file; the mapping stays valid (it is bound to the inode, not the name).
+
+        Another process's cleanup may remove the (still empty) step directory between the mkdir and the
+        rename: the directory is made again then."""
+        for attempt in range(5):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.rename(self.path, target)
+            except FileNotFoundError:
+                if attempt == 4 or not self.path.exists():
+                    raise
+                continue
+            self.path = target
+            return
 
     def close(self) -> None:
         if self._fd < 0:

@@ -5,11 +5,14 @@ Per rank, in objects the size of one save (DESIGN decisions 1 and 11):
 - ``keep + 1``: the kept steps and the one being written (the new step commits, then the oldest goes);
 - ``+ 2`` with a durable store: one step uploading and the newest waiting, while non-blocking saves run
   ahead of a slow or absent store (blocking saves upload before they return and need nothing more);
+- ``+ 2`` with replicas on other nodes: one step being sent and the newest waiting (a step is dropped
+  only once a newer one is safe; while replication is down, steps are kept without replicas);
 - ``+ (keep + 1)`` per rank of another node whose replicas this rank keeps.
 
 The ranks of a node share its tmpfs; ``LOCAL_WORLD_SIZE`` (set by torch elastic) says how many there are.
-Too little room for the first part fails the first save with FlashSpaceError, before anything is
-written; too little for the durable lag is a warning, since a store that keeps up never needs it.
+Too little room for ``keep + 1`` (and the replicas kept) fails the first save with FlashSpaceError,
+before anything is written; too little for the lag is a warning, since a tier that keeps up never
+needs it.
 """
 
 from __future__ import annotations
@@ -28,13 +31,16 @@ __all__ = ["check_room", "demand"]
 
 log = logging.getLogger("stalwart.flash")
 
-DURABLE_LAG_OBJECTS = 2  # one uploading, the newest waiting (flash.uploader)
+LAG_OBJECTS = 2  # one being uploaded or sent, the newest waiting (flash.uploader, flash.replication)
 
 
-def demand(object_size: int, *, keep: int, durable: bool, replica_sources: int = 0) -> tuple[int, int]:
-    """(bytes one rank needs, bytes it may need while the durable copy lags)."""
+def demand(
+    object_size: int, *, keep: int, durable: bool, replicating: bool = False, replica_sources: int = 0
+) -> tuple[int, int]:
+    """(bytes one rank needs, bytes it may need while the durable copy or replication lags)."""
     needed = (keep + 1) * (1 + replica_sources) * object_size
-    return needed, needed + (DURABLE_LAG_OBJECTS * object_size if durable else 0)
+    lagging = LAG_OBJECTS * (int(durable) + int(replicating)) * object_size
+    return needed, needed + lagging
 
 
 def local_ranks(world_size: int) -> int:
@@ -52,6 +58,7 @@ def check_room(
     *,
     keep: int,
     durable: bool,
+    replicating: bool = False,
     replica_sources: int = 0,
     world_size: int = 1,
 ) -> None:
@@ -59,7 +66,10 @@ def check_room(
     cannot also hold what a lagging durable copy keeps."""
     ranks = local_ranks(world_size)
     needed, worst = (
-        ranks * n for n in demand(object_size, keep=keep, durable=durable, replica_sources=replica_sources)
+        ranks * n
+        for n in demand(
+            object_size, keep=keep, durable=durable, replicating=replicating, replica_sources=replica_sources
+        )
     )
     held = _bytes_held(layout.job_dir)  # already allocated by this job on this node: reusable
     free = shutil.disk_usage(layout.job_dir).free
@@ -78,8 +88,8 @@ def check_room(
         )
     if worst > available:
         log.warning(
-            "flash: %s need %s, and up to %s while the durable copy lags behind non-blocking saves; %s is "
-            "available in %s: if the durable store slows down, saves will fail with FlashSpaceError",
+            "flash: %s need %s, and up to %s while the durable copy or replication lags behind saves; %s is "
+            "available in %s: if they slow down, saves will fail with FlashSpaceError",
             where,
             human_bytes(needed),
             human_bytes(worst),

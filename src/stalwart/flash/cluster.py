@@ -12,7 +12,9 @@ a step its peers can serve.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import secrets
 import time
 from typing import Any
@@ -91,7 +93,14 @@ class Cluster:
         targets = [self.peers[t] for t in self.placement.targets(self.rank, self.peers)]
         if targets:
             self.replicator = Replicator(
-                self.layout, self.rank, targets, self.secret, self.board, store.pin, store.unpin
+                self.layout,
+                self.rank,
+                targets,
+                self.secret,
+                self.board,
+                store.pin,
+                store.unpin,
+                on_done=store.retain,
             )
 
     # recovery
@@ -160,7 +169,24 @@ class Cluster:
         """
         for keeper in self.server.keepers.values():
             keeper.drop_other_than(lambda s: step is not None and s <= step)
+        self._drop_orphans_after(step)
         self.board.new_generation(group.gather(secrets.token_hex(8) if self.rank == 0 else None)[0])
+
+    def _drop_orphans_after(self, step: int | None) -> None:
+        """Objects after ``step`` in this node's flash root that no rank here owns or keeps: after a
+        restart ranks may land on other nodes, and what an earlier round left of theirs would otherwise
+        be offered to the next restore as if it were of the new timeline."""
+        local = [peer.rank for peer in self.peers if peer.node == self.node]
+        owned = set(local).union(*(self.placement.sources(rank, self.peers) for rank in local))
+        for found in self.layout.steps():
+            if step is not None and found <= step:
+                continue
+            for rank in self.layout.commits(found):
+                if rank not in owned:
+                    self.layout.remove_commit(found, rank)  # record first, as every drop does
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.layout.object_path(found, rank))
+            self.layout.remove_step_if_abandoned(found)
 
     # life cycle
 

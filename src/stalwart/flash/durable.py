@@ -78,18 +78,36 @@ class DurableTier:
 
     def records(self) -> dict[int, dict[int, CommitRecord]]:
         """Commit records by step and rank (fresh listing)."""
+        return self.scan()[0]
+
+    def scan(self) -> tuple[dict[int, dict[int, CommitRecord]], list[str]]:
+        """Commit records by step and rank, and the names of those that exist but cannot be read (a
+        record from a newer stalwart, a damaged one): evidence of a committed object, never a leftover."""
         found: dict[int, dict[int, CommitRecord]] = {}
+        unreadable: list[str] = []
         for name in self.store.glob("step-*/rank-*.commit"):
             if not (m := _COMMIT.match(name)):
                 continue
             try:
                 record = CommitRecord.from_json(self.store.read_bytes(name))
-            except (ValueError, TypeError, FileNotFoundError) as exc:
-                log.warning("ignoring unreadable durable commit record %s/%s: %s", self.url, name, exc)
+            except FileNotFoundError:
+                continue  # removed since the listing
+            except (ValueError, TypeError) as exc:
+                log.warning("unreadable durable commit record %s/%s: %s", self.url, name, exc)
+                unreadable.append(name)
                 continue
-            if record.step == int(m.group(1)) and record.rank == int(m.group(2)):
-                found.setdefault(record.step, {})[record.rank] = record
-        return found
+            if (record.step, record.rank) != (int(m.group(1)), int(m.group(2))):
+                log.warning(
+                    "durable commit record %s/%s names step %d rank %d",
+                    self.url,
+                    name,
+                    record.step,
+                    record.rank,
+                )
+                unreadable.append(name)
+                continue
+            found.setdefault(record.step, {})[record.rank] = record
+        return found, unreadable
 
     def complete_steps(
         self, world_size: int, records: dict[int, dict[int, CommitRecord]] | None = None
@@ -136,14 +154,15 @@ class DurableTier:
             with contextlib.suppress(FileNotFoundError):
                 self.store.remove(f"{base}/{name}")
 
-    def drop_newer_than(self, rank: int, step: int | None) -> list[int]:
-        """Delete this rank's steps after ``step`` (all when None): a restore chose an earlier state, so
-        they belong to an abandoned timeline, and a new save of the same step number must find its place
-        free. Returns the steps dropped."""
+    def drop_newer_than(self, rank: int, world_size: int, step: int | None) -> list[int]:
+        """Delete this rank's steps of this world size after ``step`` (all when None): a restore chose an
+        earlier state, so they belong to an abandoned timeline, and a new save of the same step number
+        must find its place free. Returns the steps dropped."""
         dropped = []
         for found, ranks in sorted(self.records().items()):
-            if rank in ranks and (step is None or found > step):
-                self._remove_rank(found, rank, ranks[rank])
+            record = ranks.get(rank)
+            if record is not None and record.world_size == world_size and (step is None or found > step):
+                self._remove_rank(found, rank, record)
                 dropped.append(found)
         return dropped
 
@@ -155,18 +174,20 @@ class DurableTier:
         if len(complete) > self.keep:
             cutoff = complete[-self.keep]
             for step, ranks in records.items():
-                if step < cutoff and rank in ranks:
-                    self._remove_rank(step, rank, ranks[rank])
-        self.collect_leftovers(rank, records)
+                record = ranks.get(rank)
+                if step < cutoff and record is not None and record.world_size == world_size:
+                    self._remove_rank(step, rank, record)
+        self.collect_leftovers(rank)
 
-    def collect_leftovers(self, rank: int, records: dict[int, dict[int, CommitRecord]] | None = None) -> int:
+    def collect_leftovers(self, rank: int) -> int:
         """Delete this rank's objects that no commit record covers and abort its open multipart uploads:
-        what an upload killed half-way leaves. Returns how many were collected."""
-        records = self.records() if records is None else records
+        what an upload killed half-way leaves. An object whose record exists, readable or not, stays.
+        Returns how many were collected."""
+        committed = set(self.store.glob("step-*/rank-*.commit"))
         collected = 0
         for name in self.store.glob("step-*/rank-*.obj"):
             m = _OBJECT.match(name)
-            if m and int(m.group(2)) == rank and rank not in records.get(int(m.group(1)), {}):
+            if m and int(m.group(2)) == rank and name.removesuffix(".obj") + ".commit" not in committed:
                 with contextlib.suppress(FileNotFoundError):
                     self.store.remove(name)
                     collected += 1

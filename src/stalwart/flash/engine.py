@@ -8,9 +8,9 @@ with the lag, never a lost flash save. ``load`` restores the newest step every r
 any tier (``restore``), copies it into the caller's tensors in place, and forgets what came after it.
 
 Memory per rank, in buffers the size of one saved object: ``keep + 1`` (the kept steps and the one
-being written), plus up to 2 while non-blocking saves wait for the durable store (one uploading, the
-newest waiting); replicas kept for other nodes add ``keep + 1`` per source. The first save checks that
-this fits in the flash root.
+being written), plus up to 2 while non-blocking saves wait for the durable store and 2 while replication
+lags (one in flight, the newest waiting); replicas kept for other nodes add ``keep + 1`` per source
+(``capacity``). The first save checks that this fits in the flash root.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from .capacity import check_room
 from .cluster import Cluster
 from .copier import Copier
 from .durable import DurableTier
-from .errors import FlashError, FlashSpaceError
+from .errors import FlashError, FlashRestoreError, FlashSpaceError
 from .layout import FlashLayout
 from .objects import DEFAULT_CHUNK, TensorRef, dtype_name, flatten, load_meta
 from .placement import RingPlacement
@@ -99,16 +99,24 @@ class FlashEngine:
         self.chunk_size = chunk_size
         self._group = _Group(world_size, process_group)
         self.copier = Copier(threads)
-        self.cluster = Cluster.join(
-            layout, rank, world_size, self._group, self.copier, RingPlacement(replicas)
-        )
-        board = self.cluster.board if self.cluster else None
-        self.store = RankStore(layout, rank, world_size, keep=keep, copier=self.copier, board=board)
-        if self.cluster:
-            self.cluster.start(self.store, keep)
-        self.uploader = (
-            DurableUploader(durable, self.store, world_size, on_error=on_durable_error) if durable else None
-        )
+        self.cluster: Cluster | None = None
+        self.store: RankStore | None = None  # type: ignore[assignment]
+        self.uploader: DurableUploader | None = None
+        failure: BaseException | None = None
+        try:
+            self.cluster = Cluster.join(
+                layout, rank, world_size, self._group, self.copier, RingPlacement(replicas)
+            )
+            board = self.cluster.board if self.cluster else None
+            self.store = RankStore(layout, rank, world_size, keep=keep, copier=self.copier, board=board)
+            if self.cluster:
+                self.cluster.start(self.store, keep)
+            if durable is not None:
+                self.uploader = DurableUploader(durable, self.store, world_size, on_error=on_durable_error)
+        except Exception as exc:  # e.g. RankLockedError: close what was built, and tell the other ranks
+            failure = exc
+            self._close_parts()
+        self._agree("open the flash tier", failure)
         self._commits = ThreadPoolExecutor(1, thread_name_prefix="stalwart-commit")
         self._pending: tuple[int, Future] | None = None
         self._room_checked = False
@@ -176,6 +184,7 @@ class FlashEngine:
             object_size,
             keep=self.keep,
             durable=self.uploader is not None,
+            replicating=bool(self.cluster and self.cluster.replicator),
             replica_sources=len(self.cluster.server.keepers) if self.cluster else 0,
             world_size=self.world_size,
         )
@@ -214,25 +223,29 @@ class FlashEngine:
         self._check_open()
         if not isinstance(state, MutableMapping):
             raise TypeError(f"state must be a dict (a state dict); got {type(state).__name__}")
-        self._settle(wait=True)
-        if self.uploader is not None:
-            self.uploader.drain()  # nothing of this rank may be uploading while the timeline is cut
+        self._quiesce()
         self.restored_from = None
         restored = restore_newest(self.store, self._group, self.copier, self.cluster, self.durable)
         step = restored.step
+        failure: BaseException | None = None
         if restored.verified is not None:
             started = time.perf_counter()
-            self._apply(restored.verified, state)
-            self.restored_from = restored.source
-            log.log(
-                logging.WARNING if restored.source == "durable" else logging.INFO,
-                "flash: rank %d restored step %d from %s in %.3f s",
-                self.rank,
-                step,
-                self.durable.url if restored.source == "durable" and self.durable else restored.source,
-                time.perf_counter() - started,
-            )
-        self._cut_timeline(step, restored.durable_steps)
+            try:
+                self._apply(restored.verified, state)
+            except Exception as exc:  # told to the other ranks first: they must not wait for this one
+                failure = exc
+            else:
+                log.log(
+                    logging.WARNING if restored.source == "durable" else logging.INFO,
+                    "flash: rank %d restored step %d from %s in %.3f s",
+                    self.rank,
+                    step,
+                    self.durable.url if restored.source == "durable" and self.durable else restored.source,
+                    time.perf_counter() - started,
+                )
+        self._agree("load the restored step", failure)
+        self.restored_from = restored.source
+        self._cut_timeline(step, restored.durable_steps, durable_listed=restored.durable_steps is not None)
         return step
 
     def continue_from(self, step: int) -> list[int]:
@@ -241,9 +254,7 @@ class FlashEngine:
         ``load``. Returns the flash steps forgotten. Collective with several nodes."""
         self._check_open()
         _check_int("step", step, 0)
-        self._settle(wait=True)
-        if self.uploader is not None:
-            self.uploader.drain()
+        self._quiesce()
         abandoned = sorted(s for s in self.store.own if s > step)
         if abandoned:
             log.warning(
@@ -253,28 +264,54 @@ class FlashEngine:
                 ", ".join(map(str, abandoned)),
                 self.layout.job_id,
             )
-        self._cut_timeline(step, None)
+        self._cut_timeline(step, None, durable_listed=True)
         return abandoned
 
-    def _cut_timeline(self, step: int | None, durable_steps: frozenset[int] | None) -> None:
+    def _quiesce(self) -> None:
+        """Let what this rank has in flight (a commit, replication, an upload) finish before the timeline
+        is cut: a replica or a durable copy of a step about to be abandoned must not land after the cut."""
+        self._settle(wait=True)
+        if self.cluster:
+            self.cluster.wait(None)
+        if self.uploader is not None:
+            self.uploader.drain()
+
+    def _agree(self, what: str, failure: BaseException | None) -> None:
+        """Collective: raise on every rank if ``what`` failed on any (the failing rank raises its own)."""
+        notes = self._group.gather("" if failure is None else f"{type(failure).__name__}: {failure}")
+        if failure is not None:
+            raise failure
+        failed = [f"rank {rank}: {note}" for rank, note in enumerate(notes) if note]
+        if failed:
+            raise FlashRestoreError(f"could not {what} on every rank: {'; '.join(failed[:4])}")
+
+    def _cut_timeline(
+        self, step: int | None, durable_steps: frozenset[int] | None, *, durable_listed: bool
+    ) -> None:
         """Forget this rank's steps after ``step`` in every tier: they must never be restored, nor stand in
-        the way of the new timeline's steps of the same numbers. ``durable_steps``: the store's complete
-        steps if just listed (None: list them now)."""
+        the way of the new timeline's steps of the same numbers.
+
+        Collective: no rank goes on before every rank has cut, and if one could not forget its durable
+        copies, every rank raises (a step of the durable store would otherwise hold one rank of the new
+        timeline and another of the old). ``durable_listed`` False: the restore could not list the store,
+        so its steps were not considered and are left alone; ``durable_steps`` None: list them now.
+        """
         self.store.drop_newer_than(step)
-        if self.uploader is not None and self.durable is not None:
-            try:
-                if durable_steps is None:
-                    durable_steps = frozenset(self.durable.complete_steps(self.world_size))
-                dropped = self.durable.drop_newer_than(self.rank, step)
-            except Exception as exc:  # a tier that is down does not stop training (DESIGN decision 11)
-                log.warning(
-                    "flash: cannot forget the durable steps after step %s in %s (%s): a restore from the "
-                    "durable store could pick one of the abandoned timeline",
-                    step,
-                    self.durable.url,
-                    exc,
-                )
-            else:
+        failure: BaseException | None = None
+        if self.uploader is not None and self.durable is not None and durable_listed:
+            for attempt in range(3):
+                try:
+                    if durable_steps is None:
+                        durable_steps = frozenset(self.durable.complete_steps(self.world_size))
+                    dropped = self.durable.drop_newer_than(self.rank, self.world_size, step)
+                except Exception as exc:
+                    failure = FlashRestoreError(
+                        f"cannot forget the durable copies after step {step} in {self.durable.url} ({exc}); "
+                        "training must not go on from an older step while they remain"
+                    )
+                    time.sleep(0.5 * 2**attempt)
+                    continue
+                failure = None
                 if dropped:
                     log.warning(
                         "flash: dropped durable step(s) %s of rank %d: newer than step %s, where training "
@@ -283,7 +320,18 @@ class FlashEngine:
                         self.rank,
                         step,
                     )
-                self.uploader.restart_at(step, durable_steps)
+                break
+        elif self.uploader is not None and self.durable is not None:
+            log.warning(
+                "flash: the durable store %s could not be listed: its steps after %s were not forgotten; "
+                "an upload of the same step number will be refused and said so",
+                self.durable.url,
+                step,
+            )
+        self._agree("forget the steps after the one training goes on from", failure)
+        if self.uploader is not None:
+            self.uploader.restart_at(step, durable_steps or frozenset())
+            if durable_listed:
                 self.uploader.collect_leftovers()  # nothing of this rank uploads now: kills' leftovers go
         if self.cluster:
             self.cluster.after_restore(step, self._group)
@@ -310,13 +358,17 @@ class FlashEngine:
             self.wait()
         finally:
             self._closed = True
-            if self.cluster:
-                self.cluster.close()
             self._commits.shutdown(wait=True)
-            if self.uploader is not None:
-                self.uploader.close()
+            self._close_parts()
+
+    def _close_parts(self) -> None:
+        if self.cluster:
+            self.cluster.close()
+        if self.uploader is not None:
+            self.uploader.close()
+        if self.store is not None:
             self.store.close()
-            self.copier.close()
+        self.copier.close()
 
     def __enter__(self) -> FlashEngine:
         return self

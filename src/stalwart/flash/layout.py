@@ -180,6 +180,21 @@ class FlashLayout:
             for rank, record in self.commits(step).items()
         )
 
+    def unreadable_commits(self) -> list[Path]:
+        """Commit records that exist but cannot be read: evidence of a committed object, never a leftover."""
+        found = []
+        for step in self.steps():
+            with contextlib.suppress(FileNotFoundError):
+                for name in os.listdir(self.step_dir(step)):
+                    m = _COMMIT.match(name)
+                    if (
+                        m
+                        and self.read_commit(step, int(m.group(1))) is None
+                        and self.commit_path(step, int(m.group(1))).exists()
+                    ):
+                        found.append(self.commit_path(step, int(m.group(1))))
+        return sorted(found)
+
     def read_commit(self, step: int, rank: int) -> CommitRecord | None:
         try:
             record = CommitRecord.from_json(self.commit_path(step, rank).read_bytes())

@@ -272,21 +272,22 @@ class RankStore:
             self.layout.remove_step_if_abandoned(step)
 
     def retain(self) -> None:
-        """Keep the newest ``keep`` safe steps (and anything newer); drop older own objects.
+        """Keep the newest ``keep`` safe steps and every step newer than the newest safe one; drop the
+        rest of this rank's objects.
 
-        An older step goes only once ``keep`` newer steps are safe on the board (every rank committed
-        them, and their replicas or metadata exist where that is asked for), so the newest safe step is
-        never dropped for a step whose other ranks are still writing. Pinned steps wait.
+        A step is safe once the board says so (every rank committed it, and its replicas or metadata
+        exist where that is asked for), so the newest safe step is never dropped for a step whose other
+        ranks are still writing. A step older than the newest safe one that never became safe (its
+        replication was skipped for a newer step) can never be needed again: it goes at once instead of
+        holding a buffer until ``keep`` newer steps are safe. Pinned steps wait.
         """
         with self.mutex:
-            complete = [s for s in sorted(self.own) if self.board.safe(s)]
-            if len(complete) <= self.keep:
+            safe = [s for s in sorted(self.own) if self.board.safe(s)]
+            if not safe:
                 return
-            cutoff = complete[-self.keep]
+            kept = set(safe[-self.keep :])
             for step in sorted(self.own):
-                if step >= cutoff:
-                    break
-                if step not in self._pins:
+                if step < safe[-1] and step not in kept and step not in self._pins:
                     self.drop(step)
 
     def drop_newer_than(self, step: int | None) -> None:
@@ -296,6 +297,12 @@ class RankStore:
             for own in sorted(self.own):
                 if step is None or own > step:
                     self.drop(own)
+            for path in self.layout.unreadable_commits():  # damaged records of this rank after it go too
+                found = int(path.parent.name.removeprefix("step-"))
+                if path.name == self.layout.commit_path(found, self.rank).name and (
+                    step is None or found > step
+                ):
+                    self.drop(found)
 
     def _clean_stale(self, mapped: Mappings) -> None:
         """Adopt objects of saves that died before committing; forget commits whose object is gone.
@@ -317,6 +324,12 @@ class RankStore:
             committed = record is not None
             if record is not None and record.world_size != self.world_size:
                 continue  # a checkpoint of another world size: not this store's to reuse or drop
+            if record is None and self.layout.commit_path(step, self.rank).exists():
+                log.warning(
+                    "flash: the commit record %s cannot be read; its object is kept, not reused",
+                    self.layout.commit_path(step, self.rank),
+                )
+                continue
             if has_object and not committed:
                 log.info(
                     "flash: adopting the object of an unfinished save of step %d (rank %d)", step, self.rank

@@ -65,10 +65,28 @@ class ReplicaKeeper:
                 self.held[step] = None
 
     def accept(self, record: CommitRecord, buffer: Buffer) -> None:
+        """Commit a verified replica. The same replica again (a sender that gave up waiting for the reply
+        resends it) changes nothing; a different object of the same step replaces the old one by rename,
+        whole or not at all: the sender's is of the timeline training is on."""
         with self.mutex:
+            existing = self.layout.read_commit(record.step, self.source)
+            if existing is not None and existing.objects == record.objects:
+                self.pool.release(buffer)  # a duplicate: the committed replica stays as it is
+                return
+            if existing is not None:
+                log.warning(
+                    "flash replication: the replica of step %d of rank %d is replaced by a different one "
+                    "(an abandoned timeline's was still here)",
+                    record.step,
+                    self.source,
+                )
+                self.layout.remove_commit(record.step, self.source)  # record first, as every drop does
+            previous = self.held.pop(record.step, None)
             buffer.move(self.layout.object_path(record.step, self.source))
             self.layout.write_commit(record)
             self.held[record.step] = buffer
+            if previous is not None:
+                previous.close()  # its file was replaced by the rename: unmapping frees its pages
         self.retain()
 
     def retain(self) -> None:
@@ -357,9 +375,14 @@ class Replicator:
         unpin: Callable[[int], None],
         *,
         attempts: int = 3,
+        on_done: Callable[[], None] | None = None,
+        retry_after: float = 30.0,
     ) -> None:
         self.layout, self.rank, self.targets, self.secret, self.board = layout, rank, targets, secret, board
         self._pin, self._unpin, self.attempts = pin, unpin, attempts
+        self._on_done = on_done  # retention: a step's replicas just decided whether older steps can go
+        self.retry_after = retry_after
+        self._down_since: float | None = None  # replication failed: steps count as kept without replicas
         self._queue: queue.Queue[tuple[int, CommitRecord] | None] = queue.Queue(maxsize=1)
         self._lock = threading.Lock()  # submit and the sender agree on what is outstanding
         self._outstanding = 0
@@ -372,7 +395,17 @@ class Replicator:
         self._thread.start()
 
     def submit(self, record: CommitRecord) -> None:
-        """Replicate ``record``'s object; a step still waiting in the queue is replaced (newest wins)."""
+        """Replicate ``record``'s object; a step still waiting in the queue is replaced (newest wins).
+
+        While replication is down (the last attempt failed less than ``retry_after`` seconds ago) a step
+        is not sent but counted as kept without replicas at once, so retention keeps memory bounded; the
+        next step after that interval tries again."""
+        down = self._down_since
+        if down is not None and time.monotonic() - down < self.retry_after:
+            self.board.gave_up(record.step, self.rank)
+            if self._on_done is not None:
+                self._on_done()
+            return
         self._pin(record.step)
         with self._lock:
             self._outstanding += 1
@@ -405,8 +438,24 @@ class Replicator:
                 if all(self._send(target, record) for target in self.targets):
                     self.board.replicated(step, self.rank)
                     self.replicated.add(step)
+                    self._down_since = None
+                else:
+                    self._down_since = time.monotonic()
+                    log.warning(
+                        "flash replication: step %d of rank %d has no replica; it is kept without one "
+                        "(memory stays bounded), so losing this node before a later step is replicated "
+                        "falls back to an older step or the durable copy",
+                        step,
+                        self.rank,
+                    )
+                    self.board.gave_up(step, self.rank)
             finally:
                 self._done(step)
+                if self._on_done is not None:
+                    try:
+                        self._on_done()
+                    except Exception as exc:  # housekeeping: the sender must live on
+                        log.warning("flash replication: retention after step %d failed: %s", step, exc)
 
     def _send(self, target: Peer, record: CommitRecord) -> bool:
         size = record.objects[0]["size"]

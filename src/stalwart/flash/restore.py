@@ -65,11 +65,17 @@ def restore_newest(
         holders = {}
         held = group.gather(sorted(store.own))
         flash_steps = set(held[0]).intersection(*held[1:])
-    durable_steps = _durable_steps(durable, store.world_size, group)
+    durable_steps, durable_unreadable = _durable_steps(durable, store.world_size, group)
     candidates = sorted(flash_steps | (durable_steps or set()), reverse=True)
     skipped: list[str] = []
     for step in candidates:
-        attempt = _obtain(store, copier, cluster, durable, step, holders, durable_steps or frozenset())
+        if skipped and durable is not None and durable_steps is None:
+            raise FlashRestoreError(
+                f"{skipped[-1]} of flash job {job!r} could not be restored from tmpfs, and the durable "
+                f"store {durable.url}, which may hold it intact, could not be listed: an older step would "
+                "silently lose progress, so nothing was restored"
+            )
+        attempt = _attempt(store, copier, cluster, durable, step, holders, durable_steps or frozenset())
         notes = group.gather((attempt.kind, attempt.message))
         errors = [f"rank {rank}: {message}" for rank, (kind, message) in enumerate(notes) if kind == "error"]
         if errors:
@@ -93,7 +99,7 @@ def restore_newest(
             + (f" and {durable.url}" if durable is not None else "")
             + " or use a new job_id"
         )
-    _refuse_other_world_sizes(store, group, durable)
+    _refuse_what_cannot_be_restored(store, group, durable, durable_unreadable)
     if durable is not None and durable_steps is None:
         raise FlashRestoreError(
             f"flash job {job!r} has no step in tmpfs and its durable store {durable.url} could not be "
@@ -102,15 +108,19 @@ def restore_newest(
     return Restored(None, None, None, durable_steps)
 
 
-def _durable_steps(durable: DurableTier | None, world_size: int, group: Any) -> frozenset[int] | None:
-    """The durable steps every rank sees complete; None (on every rank) if any rank could not list them."""
+def _durable_steps(
+    durable: DurableTier | None, world_size: int, group: Any
+) -> tuple[frozenset[int] | None, list[str]]:
+    """The durable steps every rank sees complete, and records that exist but cannot be read; None for
+    the steps (on every rank) if any rank could not list them."""
     if durable is None:
-        return frozenset()
+        return frozenset(), []
     try:
-        listed: list[int] | None = durable.complete_steps(world_size)
+        records, unreadable = durable.scan()
+        listed: list[int] | None = durable.complete_steps(world_size, records)
         problem = ""
     except Exception as exc:  # an unreachable store: the flash tier may still serve
-        listed, problem = None, f"{type(exc).__name__}: {exc}"
+        listed, unreadable, problem = None, [], f"{type(exc).__name__}: {exc}"
     seen = group.gather((listed, problem))
     failures = [message for steps, message in seen if steps is None]
     if failures:
@@ -119,8 +129,26 @@ def _durable_steps(durable: DurableTier | None, world_size: int, group: Any) -> 
             durable.url,
             failures[0],
         )
-        return None
-    return frozenset(set(seen[0][0]).intersection(*(set(steps) for steps, _ in seen[1:])))
+        return None, []
+    return frozenset(set(seen[0][0]).intersection(*(set(steps) for steps, _ in seen[1:]))), unreadable
+
+
+def _attempt(
+    store: RankStore,
+    copier: Copier,
+    cluster: Cluster | None,
+    durable: DurableTier | None,
+    step: int,
+    holders: dict[tuple[int, int], list[int]],
+    durable_steps: frozenset[int],
+) -> _Attempt:
+    """``_obtain``, with anything it raises turned into a note: a rank that raised here would leave the
+    others waiting in the gather that follows."""
+    try:
+        return _obtain(store, copier, cluster, durable, step, holders, durable_steps)
+    except Exception as exc:
+        log.warning("flash: obtaining step %d failed: %s", step, exc, exc_info=True)
+        return _Attempt("error", f"{type(exc).__name__}: {exc}")
 
 
 def _obtain(
@@ -186,11 +214,17 @@ def _download(
     return "ok", "", verified
 
 
-def _refuse_other_world_sizes(store: RankStore, group: Any, durable: DurableTier | None) -> None:
-    """Checkpoints saved by another number of ranks exist: loading nothing would start over silently."""
+def _refuse_what_cannot_be_restored(
+    store: RankStore, group: Any, durable: DurableTier | None, durable_unreadable: list[str]
+) -> None:
+    """No step to restore, yet commit records exist: of another number of ranks, or unreadable (damaged,
+    or written by a newer stalwart). Loading nothing would start over silently."""
     committed: set[tuple[int, int, int]] = set()
-    for items in group.gather(store.layout.commit_index()):  # every node's records: steps span nodes
+    unreadable = [str(path) for path in store.layout.unreadable_commits()]
+    unreadable += [f"{durable.url}/{name}" for name in durable_unreadable] if durable is not None else []
+    for items, bad in group.gather((store.layout.commit_index(), unreadable)):  # steps span nodes
         committed.update(items)
+        unreadable += [name for name in bad if name not in unreadable]
     by_step: dict[int, dict[int, set[int]]] = {}
     for step, rank, size in committed:
         by_step.setdefault(step, {}).setdefault(size, set()).add(rank)
@@ -213,4 +247,10 @@ def _refuse_other_world_sizes(store: RankStore, group: Any, durable: DurableTier
             f"flash job {store.layout.job_id!r} holds step {step} ({tier}) saved by {size} ranks, and none "
             f"saved by this job's {store.world_size}: resuming at another world size is not supported yet. "
             "Run with the world size of the checkpoint, or use a new job_id to start over"
+        )
+    if unreadable:
+        raise FlashRestoreError(
+            f"flash job {store.layout.job_id!r} has no step that can be restored, but commit records that "
+            f"cannot be read exist ({', '.join(unreadable[:4])}): damaged, or written by a newer stalwart. "
+            "Nothing was restored; to start over, remove them or use a new job_id"
         )

@@ -142,10 +142,14 @@ class DurableUploader:
             try:
                 self._upload(record, buffer)
             finally:
-                self._release(record.step)
-                with self._cond:
-                    self._busy = False
-                    self._cond.notify_all()
+                try:
+                    self._release(record.step)
+                except Exception as exc:  # the thread must live on: wait() and load() count on it
+                    log.warning("flash: releasing step %d after its upload failed: %s", record.step, exc)
+                finally:
+                    with self._cond:
+                        self._busy = False
+                        self._cond.notify_all()
 
     def _upload(self, record: CommitRecord, buffer: Buffer) -> None:
         with self._io:

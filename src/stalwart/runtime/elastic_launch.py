@@ -82,8 +82,11 @@ def _agent_watching_reports(attempt_dir: Path) -> Iterator[_Rounds]:
     """
     import torch.distributed.launcher.api as launcher
 
-    base = launcher.LocalElasticAgent
+    base = getattr(launcher, "LocalElasticAgent", None)
     rounds = _Rounds()
+    if base is None or not hasattr(base, "_monitor_workers"):
+        yield rounds  # another torch: no hook, so group restarts go on as torch decides
+        return
 
     class Agent(base):  # type: ignore[misc, valid-type]
         def _monitor_workers(self, worker_group: Any) -> Any:

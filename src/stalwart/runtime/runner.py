@@ -243,22 +243,38 @@ class _Runner:
         bound.apply_defaults()
         return {name: repr(value)[:200] for name, value in bound.arguments.items()}
 
+    def _bound_inputs(self, args: tuple, inputs: dict) -> bytes:
+        """The inputs bound to the task's parameters, defaults included, pickled: equal bytes, equal call
+        (``train(5)`` and ``train(epochs=5)`` alike)."""
+        bound = self.task.signature.bind(*args, **inputs)
+        bound.apply_defaults()
+        return pickle.dumps(dict(bound.arguments), protocol=pickle.HIGHEST_PROTOCOL)
+
+    def _same_inputs(self, existing: RunRecord, attempt_dir: Path) -> bool:
+        """Whether this call's inputs are those of the succeeded attempt: compared in full from its spec
+        file (the recorded reprs are cut at 200 characters), else by the recorded reprs."""
+        try:
+            spec: AttemptSpec = pickle.loads((attempt_dir / SPEC_FILE).read_bytes())
+            then = self._bound_inputs(*loads(spec.inputs))
+        except Exception:  # an old or unreadable spec: the recorded reprs are all there is
+            return existing.inputs == self._shown_inputs()
+        return then == self._bound_inputs(self.args, self.inputs)
+
     def _already_succeeded(self, existing: RunRecord) -> Run:
         """A run that succeeded is not run again: its recorded output comes back (rerun=True forces)."""
         run_id = existing.id
-        shown = self._shown_inputs()
-        if existing.inputs != shown:
-            raise ValueError(
-                f"run {run_id!r} already succeeded with other inputs ({_inputs_text(existing.inputs)}; "
-                f"now {_inputs_text(shown)}); choose another run_id, or pass rerun=True (--rerun) to run "
-                "it again with these"
-            )
         attempts = self.store.attempts(run_id)
         winner = next((a for a in reversed(attempts) if a.status == "succeeded"), None)
         if winner is None or not winner.log_dir:
             raise FileNotFoundError(
                 f"run {run_id} is recorded as succeeded but no attempt of it is; rerun=True (--rerun) "
                 "runs the task again"
+            )
+        if not self._same_inputs(existing, Path(winner.log_dir)):
+            raise ValueError(
+                f"run {run_id!r} already succeeded with other inputs ({_inputs_text(existing.inputs)}; "
+                f"now {_inputs_text(self._shown_inputs())}); choose another run_id, or pass rerun=True "
+                "(--rerun) to run it again with these"
             )
         result = Path(winner.log_dir) / RESULT_FILE
         if not result.exists():
