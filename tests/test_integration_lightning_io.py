@@ -106,6 +106,8 @@ def _nudge_callback() -> object:
     return Nudge()
 
 
+# the resumed trainer deliberately has no ModelCheckpoint, which Lightning points out
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
 def test_resuming_from_an_older_checkpoint_file_abandons_newer_flash_steps(
     tmp_path: Path, lt: ModuleType, caplog: pytest.LogCaptureFixture
 ) -> None:
