@@ -15,7 +15,9 @@ step is corrupt, or whose checkpoints were saved by another number of ranks.
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -75,7 +77,7 @@ def restore_newest(
                 f"store {durable.url}, which may hold it intact, could not be listed: an older step would "
                 "silently lose progress, so nothing was restored"
             )
-        attempt = _attempt(store, copier, cluster, durable, step, holders, durable_steps or frozenset())
+        attempt = _obtain(store, copier, cluster, durable, step, holders, durable_steps or frozenset())
         notes = group.gather((attempt.kind, attempt.message))
         errors = [f"rank {rank}: {message}" for rank, (kind, message) in enumerate(notes) if kind == "error"]
         if errors:
@@ -133,24 +135,22 @@ def _durable_steps(
     return frozenset(set(seen[0][0]).intersection(*(set(steps) for steps, _ in seen[1:]))), unreadable
 
 
-def _attempt(
-    store: RankStore,
-    copier: Copier,
-    cluster: Cluster | None,
-    durable: DurableTier | None,
-    step: int,
-    holders: dict[tuple[int, int], list[int]],
-    durable_steps: frozenset[int],
-) -> _Attempt:
-    """``_obtain``, with anything it raises turned into a note: a rank that raised here would leave the
-    others waiting in the gather that follows."""
-    try:
-        return _obtain(store, copier, cluster, durable, step, holders, durable_steps)
-    except Exception as exc:
-        log.warning("flash: obtaining step %d failed: %s", step, exc, exc_info=True)
-        return _Attempt("error", f"{type(exc).__name__}: {exc}")
+def _as_note(obtain: Callable[..., _Attempt]) -> Callable[..., _Attempt]:
+    """Anything ``obtain`` raises becomes an error note: a rank that raised would leave the others
+    waiting in the gather that follows."""
+
+    @functools.wraps(obtain)
+    def noted(*args: Any, **kwargs: Any) -> _Attempt:
+        try:
+            return obtain(*args, **kwargs)
+        except Exception as exc:
+            log.warning("flash: obtaining a step failed: %s", exc, exc_info=True)
+            return _Attempt("error", f"{type(exc).__name__}: {exc}")
+
+    return noted
 
 
+@_as_note
 def _obtain(
     store: RankStore,
     copier: Copier,
