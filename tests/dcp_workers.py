@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import traceback
 import warnings
 from pathlib import Path
+
+from processes import init_gloo
 
 
 def _model():
@@ -37,7 +38,7 @@ def save_and_load_two_ranks(rank: int, world_size: int, port: int, root: str, ou
 
     result: dict = {"rank": rank, "ok": False}
     try:
-        _init(rank, world_size, port)
+        init_gloo(rank, world_size, port)
         model = _model()
         key = f"rank{rank}"
         expected = {
@@ -98,18 +99,6 @@ def save_and_load_two_ranks(rank: int, world_size: int, port: int, root: str, ou
         os._exit(0 if result["ok"] else 1)  # no lingering threads keep the child alive
 
 
-def _init(rank: int, world_size: int, port: int) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world_size,
-        timeout=datetime.timedelta(seconds=60),
-    )
-
-
 def _finish(rank: int, out: str, result: dict) -> None:
     import torch.distributed as dist
 
@@ -147,7 +136,7 @@ def failed_save_then_new_writers(rank: int, world_size: int, port: int, root: st
 
     result: dict = {"rank": rank, "ok": False}
     try:
-        _init(rank, world_size, port)
+        init_gloo(rank, world_size, port)
         key = f"rank{rank}"
         first = FlashStorageWriter("job", root=root)
         try:
@@ -198,7 +187,7 @@ def subgroup_and_no_dist(rank: int, world_size: int, port: int, root: str, out: 
 
     result: dict = {"rank": rank, "ok": False}
     try:
-        _init(rank, world_size, port)
+        init_gloo(rank, world_size, port)
         group = dist.new_group([1, 2])  # every rank takes part in creating it
         if rank in (1, 2):
             key = f"rank{rank}"

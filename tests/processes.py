@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -23,3 +24,16 @@ def run_all(procs: Sequence[Any], timeout: float, what: str = "processes") -> No
                 proc.kill()
                 proc.join(10)
     assert not hung, f"{what} {hung} did not finish within {timeout:.0f} s"
+
+
+def init_gloo(rank: int, world_size: int, port: int, timeout: float = 60) -> None:
+    """Join a gloo process group of ``world_size`` ranks meeting at 127.0.0.1:``port``."""
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=timeout),
+    )

@@ -5,7 +5,6 @@ Each writes ``result-RANK.json`` into OUT: what it restored or raised, and how l
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import time
@@ -13,17 +12,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-
-def _init(rank: int, world: int, port: int) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=120),
-    )
+from processes import init_gloo
 
 
 def _report(out: str, rank: int, result: dict[str, Any]) -> None:
@@ -40,7 +29,7 @@ def restore_with_one_rank_failing(rank: int, world: int, port: int, base: str, o
         from stalwart.flash.errors import FlashSpaceError
         from stalwart.flash.rankstore import RankStore
 
-        _init(rank, world, port)
+        init_gloo(rank, world, port, timeout=120)
         durable = Path(base, "durable").as_uri()
         flash = sw.FlashCheckpointer("job", root=Path(base, "flash"), durable=durable, async_save=False)
         flash.save(10, {"w": torch.full((1000,), float(rank))}, durable=True)
@@ -76,7 +65,7 @@ def save_with_replication_down(rank: int, world: int, port: int, base: str, out:
 
         os.environ["STALWART_NODE"] = f"node-{rank}"
         os.environ["STALWART_REPLICATION_HOST"] = "127.0.0.1"
-        _init(rank, world, port)
+        init_gloo(rank, world, port, timeout=120)
 
         def blocked(*args: object, **kwargs: object) -> None:  # a firewall between the nodes
             raise ConnectionRefusedError("the replication port is blocked")
