@@ -149,12 +149,10 @@ def failed_save_then_new_writers(rank: int, world_size: int, port: int, root: st
             result["first_error"] = "no error"
         except CheckpointException as exc:
             result["first_error"] = str(exc)
-        result["lock_free_after_failure"] = _lock_is_free(root, "job", rank)
         dist.barrier()
         state = {"shared": torch.arange(4000.0) * 3, key: torch.full((1000,), 10 + rank)}
         second = FlashStorageWriter("job", root=root)
         dcp.save(state, checkpoint_id=2, storage_writer=second)
-        result["lock_free_after_save"] = _lock_is_free(root, "job", rank)
         dist.barrier()
         reader = FlashStorageReader("job", root=root)
         result["latest_step"] = reader.latest_step()
@@ -168,6 +166,9 @@ def failed_save_then_new_writers(rank: int, world_size: int, port: int, root: st
             result["mixed_error"] = str(exc)
         result["steps_after"] = FlashStorageReader("job", root=root).layout.steps()
         dist.barrier()
+        first.close()
+        second.close()
+        result["lock_free_after_close"] = _lock_is_free(root, "job", rank)
         result["ok"] = True
     except BaseException:
         result["error"] = traceback.format_exc()
@@ -192,10 +193,10 @@ def subgroup_and_no_dist(rank: int, world_size: int, port: int, root: str, out: 
         if rank in (1, 2):
             key = f"rank{rank}"
             state = {"shared": torch.arange(3000.0) * 7, key: torch.full((500,), rank)}
-            writer = FlashStorageWriter("group", root=root)
+            writer = FlashStorageWriter("group", root=root, process_group=group)
             dcp.save(state, checkpoint_id=5, storage_writer=writer, process_group=group)
             dist.barrier(group)
-            reader = FlashStorageReader("group", root=root)
+            reader = FlashStorageReader("group", root=root, process_group=group)
             result["group_latest_step"] = reader.latest_step()
             target = {"shared": torch.zeros(3000), key: torch.zeros(500, dtype=torch.int64)}
             dcp.load(target, checkpoint_id=5, storage_reader=reader, process_group=group)
@@ -205,7 +206,7 @@ def subgroup_and_no_dist(rank: int, world_size: int, port: int, root: str, out: 
             state = {"solo": torch.linspace(0, 1, 700)}
             writer = FlashStorageWriter("solo", root=root)
             dcp.save(state, checkpoint_id=3, storage_writer=writer, no_dist=True)
-            reader = FlashStorageReader("solo", root=root)
+            reader = FlashStorageReader("solo", root=root, no_dist=True)
             result["solo_latest_step"] = reader.latest_step()
             target = {"solo": torch.zeros(700)}
             dcp.load(target, checkpoint_id=3, storage_reader=reader, no_dist=True)

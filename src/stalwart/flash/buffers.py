@@ -29,7 +29,7 @@ __all__ = ["Buffer", "BufferPool", "FlashSpaceError", "Mappings"]
 log = logging.getLogger("stalwart.flash")
 
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux >= 5.14
-_GRANULE = 64 * 2**10  # capacities round up to 64 KiB: room for metadata that varies from save to save
+GRANULE = 64 * 2**10  # capacities round up to 64 KiB: room for metadata that varies from save to save
 
 
 class Buffer:
@@ -190,7 +190,7 @@ class BufferPool:
             best = min(fitting, key=lambda b: b.capacity)
             self._free.remove(best)
             return best
-        capacity = (size + _GRANULE - 1) // _GRANULE * _GRANULE
+        capacity = (size + GRANULE - 1) // GRANULE * GRANULE
         growable = [b for b in self._free if not b.pinned]
         if growable:  # grow the largest in place rather than keeping a buffer that can never fit
             largest = max(growable, key=lambda b: b.capacity)

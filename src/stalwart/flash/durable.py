@@ -115,6 +115,12 @@ class DurableTier:
         records = self.records() if records is None else records
         return sorted(step for step, ranks in records.items() if _complete(ranks) == world_size)
 
+    def complete_worlds(self, records: dict[int, dict[int, CommitRecord]] | None = None) -> dict[int, int]:
+        """Complete steps of any world size: {step: the world size that saved it}."""
+        records = self.records() if records is None else records
+        found = {step: _complete(ranks) for step, ranks in records.items()}
+        return {step: size for step, size in found.items() if size is not None}
+
     def other_world_sizes(self, world_size: int) -> dict[int, int]:
         """Complete steps saved by another number of ranks: {step: world size}."""
         found = {step: _complete(ranks) for step, ranks in self.records().items()}

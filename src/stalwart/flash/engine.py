@@ -29,7 +29,7 @@ from .errors import FlashError, FlashRestoreError, FlashSpaceError
 from .layout import FlashLayout
 from .objects import DEFAULT_CHUNK, TensorRef, dtype_name, flatten, load_meta
 from .placement import RingPlacement
-from .rankstore import RankStore, VerifiedObject
+from .rankstore import RankStore, StagedObject, VerifiedObject
 from .restore import restore_newest
 from .uploader import DurableUploader
 
@@ -135,10 +135,24 @@ class FlashEngine:
         else in the background. A failed copy is a warning (the flash save is made either way).
         """
         started = time.perf_counter()
-        self._check_open()
-        _check_int("step", step, 0)
         if not isinstance(state, MutableMapping):
             raise TypeError(f"state must be a dict (a state dict); got {type(state).__name__}")
+        skeleton, tensors = flatten(state)
+        staged = self.stage(step, skeleton, tensors, hash_now=blocking, durable=durable)
+        if staged is None:
+            return False
+        self.commit(step, staged, durable=durable, background=not blocking, upload_now=blocking)
+        self.last_save_blocked = time.perf_counter() - started
+        return True
+
+    def stage(
+        self, step: int, skeleton: Any, tensors: list[Any], *, hash_now: bool = True, durable: bool = False
+    ) -> StagedObject | None:
+        """Copy ``tensors`` into a free buffer for ``step`` (the part of a save training waits for); None
+        when this rank already committed ``step``. Commit it with ``commit``, or give it back with
+        ``discard``. Steps must grow: an older step is refused."""
+        self._check_open()
+        _check_int("step", step, 0)
         if durable and self.uploader is None:
             raise ValueError("durable=True needs a durable store; pass durable='s3://...' or a local path")
         self._settle(wait=True)
@@ -146,36 +160,50 @@ class FlashEngine:
         if newest is not None and step <= newest:
             if step == newest:
                 log.info("flash: step %d is already committed for rank %d; not saved again", step, self.rank)
-                return False
+                return None
             raise ValueError(
                 f"step {step} is older than step {newest}, the newest this rank committed; steps must grow. "
                 "Call restore() first (it forgets steps of an abandoned timeline) or use a new job_id"
             )
-        skeleton, tensors = flatten(state)
         if not self._room_checked:
             self._check_room(self.store.object_size(skeleton, tensors, chunk_size=self.chunk_size))
             self._room_checked = True
-        staged = self.store.stage(skeleton, tensors, chunk_size=self.chunk_size, hash_now=blocking)
+        return self.store.stage(skeleton, tensors, chunk_size=self.chunk_size, hash_now=hash_now)
+
+    def discard(self, staged: StagedObject) -> None:
+        """Give back a staged object that will not be committed (its save failed elsewhere)."""
+        self.store.release(staged.buffer)
+
+    def commit(
+        self,
+        step: int,
+        staged: StagedObject,
+        *,
+        durable: bool = False,
+        background: bool = False,
+        upload_now: bool = False,
+    ) -> None:
+        """Commit a staged object, replicate it, copy it to the durable store (``upload_now``: before
+        returning; else in the background) and apply retention; with ``background`` all of it runs on the
+        commit thread and a failure is raised by the next call."""
 
         def finish() -> None:
             record = self.store.commit_staged(step, staged)
             if self.cluster:
                 self.cluster.replicate(record)
             if durable and self.uploader is not None:
-                if blocking:
+                if upload_now:
                     self.uploader.upload_now(record)
                 else:
                     self.uploader.submit(record)
             self.store.retain()
 
-        if blocking:
-            finish()
-        else:
+        if background:
             self._pending = (step, self._commits.submit(finish))
-        self.last_save_blocked = time.perf_counter() - started
+        else:
+            finish()
         if self.uploader is not None:
             self.uploader.check()  # on_durable_error="raise": after the flash save, never instead of it
-        return True
 
     def _check_room(self, object_size: int) -> None:
         """The first save knows the object size: check the flash root can hold what this config needs."""

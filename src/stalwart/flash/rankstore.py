@@ -15,6 +15,7 @@ next start) or a whole committed object.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .board import Board, LocalBoard
-from .buffers import Buffer, BufferPool, Mappings
+from .buffers import GRANULE, Buffer, BufferPool, Mappings
 from .copier import Copier
 from .errors import FlashError
 from .layout import CommitRecord, FlashLayout
@@ -35,6 +36,7 @@ from .objects import (
     Header,
     dump_meta,
     hash_bytes,
+    load_meta,
     pack_hashes,
     plan_tensors,
     unpack_hashes,
@@ -128,6 +130,19 @@ class RankStore:
             self.release(buffer)
             raise
         return StagedObject(buffer, meta, data_size, chunk_size, hashes)
+
+    def with_skeleton(self, staged: StagedObject, skeleton: Any) -> StagedObject:
+        """The staged object with another skeleton in its metadata (the tensor bytes stay where they
+        are): for what is known only after the copy, such as DCP's global metadata on the coordinator."""
+        _, entries = load_meta(staged.meta)
+        meta = dump_meta(skeleton, entries)
+        chunks = -(-staged.data_size // staged.chunk_size)
+        end = HEADER_SIZE + staged.data_size
+        end += -end % 64
+        needed = end + len(meta) + 8 * chunks
+        with self.mutex:
+            staged.buffer.grow(needed + -needed % GRANULE)
+        return dataclasses.replace(staged, meta=meta)
 
     def _meta(self, skeleton: Any, entries: list) -> bytes:
         """Pickled skeleton and tensor table; reused while neither changes (the usual case)."""

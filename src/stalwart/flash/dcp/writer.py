@@ -1,0 +1,416 @@
+"""``FlashStorageWriter``: DCP's ``StorageWriter`` on the flash tier.
+
+The checkpoint id is a step: an int, or the step directory (``writer.step_dir(100)``). A save without
+one takes the step after the newest this node holds (give one on several nodes: a replaced node holds
+none). The ranks of a step are the group that saves it: the whole world, a ``process_group`` (give it
+to the writer too), or one process with ``no_dist=True``.
+
+Call order (DCP's): ``set_up_storage_writer`` -> ``prepare_local_plan`` (this rank's step) ->
+``prepare_global_plan`` on the coordinator (every rank names the same step) -> ``write_data`` (copy
+into a flash buffer and commit; the coordinator only copies) -> ``finish`` on the coordinator (commit
+its object with the global metadata: the step is complete).
+
+A rank is owned by one process: from its first save the writer's engine holds the rank's lock, its
+buffers and its replication server until ``close()`` (DCP never calls it; the process's end does).
+Writers of one job in one process share that engine. ``dcp.async_save`` works with the thread executor
+and with the process executor: the writer pickles as its settings, and the checkpoint process builds
+the engine it keeps for its later saves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import os
+import pickle
+import threading
+import uuid
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner
+from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
+from torch.futures import Future
+
+from .. import shared
+from ..durable import DurableTier
+from ..engine import FlashEngine
+from ..layout import FlashLayout, RankLockedError, check_count
+from ..objects import DEFAULT_CHUNK, plan_tensors
+from ..rankstore import StagedObject
+from ..uploader import ON_ERROR
+from .steps import FlashItem, skeleton, step_of
+
+__all__ = ["FlashStorageWriter"]
+
+log = logging.getLogger("stalwart.flash")
+
+
+def _default_rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+@dataclass(frozen=True)
+class _LocalInfo:
+    """What a rank tells the coordinator in its local plan: the step it is about to save."""
+
+    step: int
+
+
+@dataclass(frozen=True)
+class _SaveInfo:
+    """What the coordinator sends each rank in its final plan: the rank's place in the group that saves
+    (DCP passes no group size, and the group may be a subgroup or a single process). Not the step: with
+    DCP's plan caching a rank may get the final plan of an earlier save."""
+
+    rank: int
+    world_size: int
+
+
+class FlashStorageWriter(StorageWriter):
+    """A DCP ``StorageWriter`` that saves into the flash tier of ``job_id`` (one object per rank).
+
+    ``replicas`` copies of every rank's object go to the next nodes in a ring (when the ranks span
+    several nodes); every ``durable_every_n_steps``-th step is copied to ``durable`` (an fsspec URL)
+    in the background. A durable outage is a warning with the lag in steps (``on_durable_error``).
+    """
+
+    def __init__(
+        self,
+        job_id: str,
+        root: str | os.PathLike | None = None,
+        *,
+        keep: int = 2,
+        replicas: int = 1,
+        durable: str | os.PathLike | None = None,
+        durable_every_n_steps: int | None = None,
+        durable_keep: int = 2,
+        storage_options: dict | None = None,
+        on_durable_error: str = "warn",
+        process_group: Any = None,
+        threads: int | None = None,
+        chunk_size: int = DEFAULT_CHUNK,
+    ) -> None:
+        super().__init__()
+        self.layout = FlashLayout(root, job_id)
+        self.keep = check_count("keep", keep)
+        self.replicas = check_count("replicas", replicas, minimum=0)
+        if isinstance(durable, Path):
+            durable = durable.resolve().as_uri()
+        if durable is not None and (not isinstance(durable, str) or not durable):
+            raise ValueError(f"durable={durable!r} is not accepted; use an fsspec URL or path, or None")
+        every = check_count("durable_every_n_steps", durable_every_n_steps, optional=True)
+        self.durable_every_n_steps = every
+        if durable is not None and self.durable_every_n_steps is None:
+            self.durable_every_n_steps = 1
+        if self.durable_every_n_steps is not None and durable is None:
+            raise ValueError("durable_every_n_steps needs durable= (an fsspec URL such as 's3://bucket/job')")
+        if on_durable_error not in ON_ERROR:
+            raise ValueError(f"on_durable_error={on_durable_error!r} is not accepted; use 'warn' or 'raise'")
+        if storage_options is not None and not isinstance(storage_options, dict):
+            raise TypeError(f"storage_options must be a dict; got {type(storage_options).__name__}")
+        self.durable_url = durable
+        self._durable = (storage_options, check_count("durable_keep", durable_keep), on_durable_error)
+        self.chunk_size = check_count("chunk_size", chunk_size, minimum=4096)
+        self._threads = threads
+        self.process_group = process_group
+        self._engine: FlashEngine | None = None
+        self._engine_key: tuple[int, int] | None = None  # (rank, world size) the engine was taken for
+        self._requested: int | None = None  # the step the checkpoint_id of the coming save names
+        self._planned: int | None = None  # the step of the save under way
+        self.step: int | None = None  # the step of the newest save
+        self.rank, self.world_size = 0, 1  # in the group of the newest save
+        self.is_coordinator = False
+        self.save_id = uuid.uuid4().hex
+
+    def settings(self) -> tuple:
+        """What the engine of this writer is built with (writers sharing an engine must agree)."""
+        options, durable_keep, on_error = self._durable
+        return (
+            ("keep", self.keep),
+            ("replicas", self.replicas),
+            ("durable", self.durable_url),
+            ("durable_keep", durable_keep),
+            ("storage_options", repr(options)),
+            ("on_durable_error", on_error),
+            ("chunk_size", self.chunk_size),
+        )
+
+    def step_dir(self, step: int) -> Path:
+        """The checkpoint id DCP should be given for ``step``."""
+        return self.layout.step_dir(step_of(step))
+
+    # DCP's calls, in order
+
+    def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
+        """Start a save of the step ``checkpoint_id`` names; without one (``dcp.save_state_dict`` calls
+        ``reset()``, ``dcp.save`` without checkpoint_id calls nothing) the step after the newest."""
+        self._requested = None if checkpoint_id is None else step_of(checkpoint_id, self.layout)
+        self.save_id = uuid.uuid4().hex
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self.is_coordinator = is_coordinator
+        rank = kwargs.get("rank")
+        self.rank = _default_rank() if rank is None else rank
+        if kwargs.get("use_collectives", True) is False:
+            raise ValueError(
+                "FlashStorageWriter does not save with use_collectives=False: the ranks of a flash step must "
+                "agree on it and the coordinator records which rank holds what; leave use_collectives at "
+                "True, or save from one process alone with no_dist=True"
+            )
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        requested, self._requested = self._requested, None  # a later save without checkpoint_id: next step
+        steps = self.layout.steps()  # no rank writes before the plan is agreed: all see the same steps
+        if requested is None:
+            self._planned = steps[-1] + 1 if steps else 0
+        else:
+            own = [s for s in steps if self.layout.read_commit(s, self.rank) is not None]
+            if own and requested <= own[-1]:
+                raise ValueError(
+                    f"flash step {requested} is not newer than step {own[-1]}, already saved by this rank; "
+                    "committed steps are never rewritten: save a newer step, or call "
+                    "writer.continue_from(step) on every rank to forget the steps after the one training "
+                    "goes on from"
+                )
+            self._planned = requested
+        return dataclasses.replace(plan, storage_data=_LocalInfo(self._planned))
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        """The coordinator checks that every rank saves the same step and tells each its place in the
+        group that saves it."""
+        steps = sorted({p.storage_data.step for p in plans if isinstance(p.storage_data, _LocalInfo)})
+        if len(steps) > 1:
+            raise ValueError(
+                f"the ranks name different flash steps ({', '.join(map(str, steps))}); give every rank the "
+                "same checkpoint_id (on several nodes always give one: a replaced node holds no step)"
+            )
+        return [
+            dataclasses.replace(plan, storage_data=_SaveInfo(rank, len(plans)))
+            for rank, plan in enumerate(plans)
+        ]
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        info = plan.storage_data
+        if not isinstance(info, _SaveInfo):
+            raise ValueError(
+                "the final save plan lost FlashStorageWriter's SavePlan.storage_data; a SavePlanner must "
+                "keep it from prepare_global_plan to write_data (FileSystemWriter needs that too)"
+            )
+        if self._planned is None:
+            raise ValueError("FlashStorageWriter.write_data was called before prepare_local_plan")
+        step, self._planned = self._planned, None
+        self.step, self.rank, self.world_size = step, info.rank, info.world_size
+        engine = self._take_engine(info.rank, info.world_size)  # collective the first time
+        saves = _saves_of(engine)
+        if not saves.busy.acquire(blocking=False):
+            raise RankLockedError(
+                f"another save of rank {info.rank} of flash job {self.layout.job_id!r} is under way in this "
+                f"process (pid {os.getpid()}); saves of one rank take turns"
+            )
+        try:
+            saves.drop_staged(engine)  # a coordinator's save that failed on another rank: never finished
+            tensors, is_bytes = _resolve(plan, planner)
+            staged = engine.stage(step, skeleton(None), tensors, hash_now=True)
+            if staged is None:
+                raise ValueError(
+                    f"flash step {step} is already committed by rank {info.rank}; it is not rewritten"
+                )
+            if self.is_coordinator:
+                saves.staged = (self.save_id, step, staged)  # committed in finish, with the metadata
+            else:
+                engine.commit(step, staged, durable=self._durable_step(step))
+                self.save_id = uuid.uuid4().hex
+        finally:
+            saves.busy.release()
+        entries, _, _ = plan_tensors(tensors)
+        results = [
+            WriteResult(
+                index=item.index,
+                size_in_bytes=entry.nbytes,
+                storage_data=FlashItem(
+                    info.rank,
+                    entry.offset,
+                    entry.nbytes,
+                    None if raw else entry.dtype,
+                    None if raw else entry.shape,
+                ),
+            )
+            for item, entry, raw in zip(plan.items, entries, is_bytes, strict=True)
+        ]
+        future: Future[list[WriteResult]] = Future()
+        future.set_result(results)
+        return future
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        """The coordinator commits its object last, carrying the global metadata: the step is complete."""
+        engine = self._engine
+        saves = _saves_of(engine) if engine is not None else None
+        if engine is None or saves is None or saves.staged is None or saves.staged[0] != self.save_id:
+            raise ValueError(
+                "FlashStorageWriter.finish has no staged object of this save: write_data did not run on the "
+                "coordinator, or a later save of the rank replaced it"
+            )
+        _, step, staged = saves.staged
+        saves.staged = None
+        metadata.storage_data = {r.index: r.storage_data for rank_results in results for r in rank_results}
+        metadata.storage_meta = StorageMeta(str(self.layout.step_dir(step)), save_id=self.save_id)
+        body = pickle.dumps(metadata, protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            staged = engine.store.with_skeleton(staged, skeleton(body))
+        except BaseException:
+            engine.discard(staged)
+            raise
+        engine.commit(step, staged, durable=self._durable_step(step))
+        self.save_id = uuid.uuid4().hex
+
+    def storage_meta(self) -> StorageMeta | None:
+        step = self._requested
+        return StorageMeta(
+            checkpoint_id=str(self.layout.step_dir(step)) if step is not None else None, save_id=self.save_id
+        )
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
+        try:
+            step_of(checkpoint_id)
+        except ValueError:
+            return False
+        return True
+
+    # beyond DCP
+
+    def continue_from(self, step: int) -> list[int]:
+        """Training goes on from ``step`` (loaded from an older step, or from elsewhere): the steps this
+        rank saved after it are forgotten in every tier so that their numbers can be saved again.
+        Collective: call it on every rank of the group that saves. Returns the flash steps forgotten."""
+        check_count("step", step, minimum=0)
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            rank, world = dist.get_rank(self.process_group), dist.get_world_size(self.process_group)
+        else:
+            rank, world = 0, 1
+        return self._take_engine(rank, world).continue_from(step)
+
+    def wait(self) -> None:
+        """Block until this rank's replicas and durable copies are made; raise what failed."""
+        if self._engine is not None:
+            self._engine.wait()
+
+    def close(self) -> None:
+        """Finish background work and let go of the rank (the last writer of a job in this process
+        closes its engine: buffers are freed, committed steps stay); the writer stays usable."""
+        if self._engine is not None and self._engine_key is not None:
+            _saves_of(self._engine).drop_staged(self._engine)
+            self._engine = None
+            shared.let_go(self.layout, *self._engine_key)
+            self._engine_key = None
+
+    # internals
+
+    def _durable_step(self, step: int) -> bool:
+        every = self.durable_every_n_steps
+        return every is not None and step % every == 0
+
+    def _take_engine(self, rank: int, world_size: int) -> FlashEngine:
+        if self._engine is not None and self._engine_key == (rank, world_size):
+            return self._engine
+        self.close()  # the group changed (another subgroup, no_dist): hold the engine of the new one
+        group = None if world_size == 1 else self.process_group
+        if world_size > 1:
+            import torch.distributed as dist
+
+            size = dist.get_world_size(group) if dist.is_initialized() else 1
+            if size != world_size:
+                raise ValueError(
+                    f"this save's group has {world_size} ranks but the writer's process group has {size}; "
+                    "give the group DCP saves with to the writer too: FlashStorageWriter(..., "
+                    "process_group=group)"
+                )
+
+        def build() -> FlashEngine:
+            options, durable_keep, on_error = self._durable
+            durable = None
+            if self.durable_url is not None:
+                durable = DurableTier(self.durable_url, options, keep=durable_keep)
+            return FlashEngine(
+                self.layout,
+                rank=rank,
+                world_size=world_size,
+                keep=self.keep,
+                durable=durable,
+                chunk_size=self.chunk_size,
+                threads=self._threads,
+                process_group=group,
+                replicas=self.replicas,
+                on_durable_error=on_error,
+            )
+
+        self._engine = shared.engine_for(self.layout, rank, world_size, self.settings(), build)
+        self._engine_key = (rank, world_size)
+        return self._engine
+
+    def __getstate__(self) -> dict:
+        """Settings only: the process executor builds the engine in its own process. The rank must be
+        free for it, so engines a load opened in this process close now (the load has ended)."""
+        if self._engine is not None:
+            raise TypeError(
+                "this FlashStorageWriter already saved in this process and holds its rank; use a new writer "
+                "for dcp.async_save with the process executor"
+            )
+        if self.process_group is not None:
+            raise TypeError(
+                "dcp.async_save's process executor saves over its own default group; a FlashStorageWriter "
+                "with a process_group cannot be sent to it (use the thread executor)"
+            )
+        shared.close_idle(self.layout)
+        state = dict(self.__dict__)
+        state["save_id"] = uuid.uuid4().hex
+        return state
+
+
+class _RankSaves:
+    """The saves of one engine's rank in this process, whichever writer makes them: ``busy`` while one
+    writes (two at once are refused), and the coordinator's object staged until ``finish``."""
+
+    def __init__(self) -> None:
+        self.busy = threading.Lock()
+        self.staged: tuple[str, int, StagedObject] | None = None  # (save id, step, object)
+
+    def drop_staged(self, engine: FlashEngine) -> None:
+        if self.staged is not None:
+            engine.discard(self.staged[2])
+            self.staged = None
+
+
+_saves: weakref.WeakKeyDictionary[FlashEngine, _RankSaves] = weakref.WeakKeyDictionary()
+_saves_guard = threading.Lock()
+
+
+def _saves_of(engine: FlashEngine) -> _RankSaves:
+    with _saves_guard:
+        return _saves.setdefault(engine, _RankSaves())
+
+
+def _resolve(plan: SavePlan, planner: SavePlanner) -> tuple[list[torch.Tensor], list[bool]]:
+    """The tensors of a rank's write items, bytes items as uint8 tensors."""
+    tensors: list[torch.Tensor] = []
+    is_bytes: list[bool] = []
+    for item in plan.items:
+        data = planner.resolve_data(item)
+        is_bytes.append(isinstance(data, io.BytesIO))
+        if isinstance(data, io.BytesIO):
+            raw = bytearray(data.getbuffer())
+            empty = torch.empty(0, dtype=torch.uint8)
+            tensors.append(torch.frombuffer(raw, dtype=torch.uint8) if raw else empty)
+        else:
+            tensors.append(data.detach())
+    return tensors, is_bytes

@@ -1,0 +1,116 @@
+"""One FlashEngine per rank of a job in a process, shared by the DCP writer and reader.
+
+DCP builds storage writers and readers freely (one per save, a new one per ``async_save`` request in
+the process executor), but a rank of a flash job needs one long-lived owner: the writer lock, the
+buffer pool, the replication server that peers pull from and send replicas to. So the DCP adapter
+asks this registry for the engine of (job, rank, world size) and the registry keeps it for the life of
+the process, or until the writers using it close.
+
+An engine a reader opened (to serve and pull objects during a load) is *idle*: no writer holds it.
+A writer whose settings differ replaces it; ``close_idle`` closes it when another process is about to
+own the rank (the ``async_save`` process executor). Both happen only after the load returned on every
+rank (DCP's own collectives end a load), so no peer is still pulling from it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .layout import FlashLayout
+
+if TYPE_CHECKING:
+    from .engine import FlashEngine
+
+__all__ = ["close_idle", "engine_for", "let_go", "release_idle"]
+
+_lock = threading.Lock()
+
+
+@dataclass
+class _Shared:
+    engine: FlashEngine
+    settings: tuple  # what the engine was built with; a writer needs its own to match
+    writers: int = 0
+
+
+_engines: dict[tuple[str, int, int], _Shared] = {}
+
+
+def _key(layout: FlashLayout, rank: int, world_size: int) -> tuple[str, int, int]:
+    return (str(layout.job_dir.resolve()), rank, world_size)
+
+
+def engine_for(
+    layout: FlashLayout,
+    rank: int,
+    world_size: int,
+    settings: tuple | None,
+    build: Callable[[], FlashEngine],
+) -> FlashEngine:
+    """The engine of this rank, built with ``build`` if there is none (collective: every rank of the
+    group calls it at the same point). ``settings`` None: a reader, any engine serves; else a writer,
+    which holds the engine until ``let_go`` and needs one built with the same settings."""
+    key = _key(layout, rank, world_size)
+    with _lock:
+        shared = _engines.get(key)
+    if shared is not None and settings is not None and shared.settings != settings:
+        if shared.writers:
+            raise ValueError(
+                f"flash job {layout.job_id!r} rank {rank} is already saved in this process by a writer "
+                f"with other settings ({_describe(shared.settings)}, this one {_describe(settings)}); "
+                "use one writer per job, or the same settings"
+            )
+        _close(key, shared)  # a reader's engine: every rank replaces its own at this same point
+        shared = None
+    if shared is None:
+        engine = build()
+        shared = _Shared(engine, settings if settings is not None else ("reader",))
+        with _lock:
+            _engines[key] = shared
+    if settings is not None:
+        shared.writers += 1
+    return shared.engine
+
+
+def let_go(layout: FlashLayout, rank: int, world_size: int) -> None:
+    """A writer is done with its engine; the last one closes it (committed steps stay)."""
+    key = _key(layout, rank, world_size)
+    with _lock:
+        shared = _engines.get(key)
+    if shared is None or shared.writers == 0:
+        return
+    shared.writers -= 1
+    if shared.writers == 0:
+        _close(key, shared)
+
+
+def release_idle(layout: FlashLayout, rank: int, world_size: int) -> None:
+    """Close the engine of this rank if no writer holds it (a load on one node is over: no peer pulls)."""
+    key = _key(layout, rank, world_size)
+    with _lock:
+        shared = _engines.get(key)
+    if shared is not None and not shared.writers:
+        _close(key, shared)
+
+
+def close_idle(layout: FlashLayout) -> None:
+    """Close this job's engines no writer holds: another process is about to own their ranks."""
+    prefix = str(layout.job_dir.resolve())
+    with _lock:
+        idle = [(key, shared) for key, shared in _engines.items() if key[0] == prefix and not shared.writers]
+    for key, shared in idle:
+        _close(key, shared)
+
+
+def _close(key: tuple[str, int, int], shared: _Shared) -> None:
+    with _lock:
+        if _engines.get(key) is shared:
+            del _engines[key]
+    shared.engine.close()
+
+
+def _describe(settings: tuple) -> str:
+    return ", ".join(map(str, settings))

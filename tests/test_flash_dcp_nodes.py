@@ -1,0 +1,92 @@
+"""DCP through the flash tier with ranks spread over nodes: torch elastic agents on localhost, each
+node its own flash root (stalwart.testing.LocalCluster), replicas on the next node, a durable copy on
+disk. A node is lost by killing its agent and wiping its root; the job restarts and ``dcp.load``
+restores each rank bit-exactly, from the cheapest tier that holds what its read plan needs."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from stalwart.testing import LocalCluster
+
+WORKER = Path(__file__).with_name("dcp_node_worker.py")
+STEPS = 3
+
+
+def run_job(tmp_path: Path, nnodes: int, nproc: int, executor: str) -> tuple[LocalCluster, Path]:
+    """Save steps 1..STEPS with every node alive, then hold until the test takes nodes away."""
+    out = tmp_path / "out"
+    out.mkdir(parents=True)
+    cluster = LocalCluster(
+        tmp_path / "cluster",
+        nnodes,
+        nproc,
+        WORKER,
+        str(out),
+        (tmp_path / "durable").as_uri(),
+        str(STEPS),
+        executor,
+    )
+    cluster.start("--hold")
+    deadline = time.monotonic() + 240
+    while len(list(out.glob("holding-rank*"))) < nnodes * nproc:
+        if time.monotonic() > deadline or any(a.poll() is not None for a in cluster.agents.values()):
+            cluster.stop()
+            pytest.fail(f"the job did not save step {STEPS}:\n{cluster.logs()}")
+        time.sleep(0.2)
+    return cluster, out
+
+
+def reports(out: Path, kind: str) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(out.glob(f"{kind}-*.json"))]
+
+
+def lose_and_restart(cluster: LocalCluster, out: Path, lost: list[int]) -> list[dict]:
+    for node in lost:
+        cluster.kill(node)
+    cluster.stop()  # the survivors' workers fail without their peers
+    for node in lost:
+        cluster.wipe(node)  # a replacement node starts with an empty tmpfs
+    for report in out.glob("*"):
+        report.unlink()
+    cluster.start()
+    codes = cluster.wait(240)
+    assert not any(codes.values()), f"restart failed {codes}:\n{cluster.logs()}"
+    found = reports(out, "restore")
+    assert len(found) == cluster.nnodes * cluster.nproc_per_node, found
+    return found
+
+
+@pytest.mark.parametrize(
+    "nnodes,nproc,executor,lost",
+    [(2, 2, "sync", [1]), (3, 1, "process", [0]), (2, 2, "thread", [0])],
+    ids=["2x2-sync-lose-node-1", "3x1-process-executor-lose-node-0", "2x2-thread-executor-lose-node-0"],
+)
+def test_a_lost_node_is_restored_from_its_peers(
+    tmp_path: Path, nnodes: int, nproc: int, executor: str, lost: list[int]
+) -> None:
+    cluster, out = run_job(tmp_path, nnodes, nproc, executor)
+    latest = {r["latest"] for r in reports(out, "saved")}
+    assert latest == {STEPS}, latest  # every node answers "latest complete step" the same way
+    found = lose_and_restart(cluster, out, lost)
+    assert all(r["restored"] == STEPS and r["exact"] for r in found), found
+    assert all(set(r["sources"]) <= {"flash", "peer"} for r in found), found  # no durable read
+    # the replaced node pulled from its peers what its ranks read; what one of its ranks pulled first
+    # and kept (its own object) another of its ranks then found on the node
+    replaced = [r for r in found if r["node"] in {f"node-{n}" for n in lost}]
+    assert replaced and "peer" in {s for r in replaced for s in r["sources"]}, replaced
+    steps = sorted(p.name for p in (cluster.root(lost[0]) / "job" / "steps").iterdir())
+    assert steps[-1] == f"step-{STEPS:012d}" and len(steps) <= 2, steps  # the node regained its objects
+
+
+def test_every_node_lost_falls_back_to_the_durable_copy(tmp_path: Path) -> None:
+    cluster, out = run_job(tmp_path, 2, 2, "sync")
+    found = lose_and_restart(cluster, out, [0, 1])
+    # durable every 2nd step: step 2 is the newest durable step, loaded whole from the store
+    assert all(r["restored"] == 2 and r["exact"] for r in found), found
+    sources = {s for r in found for s in r["sources"]}
+    assert "durable" in sources and sources <= {"durable", "flash"}, found  # flash: fetched by a node-mate
