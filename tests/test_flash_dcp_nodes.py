@@ -90,3 +90,34 @@ def test_every_node_lost_falls_back_to_the_durable_copy(tmp_path: Path) -> None:
     assert all(r["restored"] == 2 and r["exact"] for r in found), found
     sources = {s for r in found for s in r["sources"]}
     assert "durable" in sources and sources <= {"durable", "flash"}, found  # flash: fetched by a node-mate
+
+
+RESHARD = Path(__file__).with_name("dcp_reshard_worker.py")
+
+
+def _round(tmp_path: Path, nnodes: int, nproc: int, mode: str) -> list[dict]:
+    out = tmp_path / f"out-{mode}-{nnodes}x{nproc}"
+    out.mkdir()
+    cluster = LocalCluster(
+        tmp_path / "cluster", nnodes, nproc, RESHARD, str(out), (tmp_path / "durable").as_uri(), mode
+    )
+    cluster.start()
+    codes = cluster.wait(240)
+    assert not any(codes.values()), f"{mode} failed {codes}:\n{cluster.logs()}"
+    return [json.loads(p.read_text()) for p in sorted(out.glob(f"{mode}-rank*.json"))]
+
+
+@pytest.mark.parametrize("load_nodes,load_nproc", [(2, 1), (3, 2)], ids=["4-ranks-to-2", "4-ranks-to-6"])
+def test_dtensors_saved_by_one_world_load_resharded_into_another(
+    tmp_path: Path, load_nodes: int, load_nproc: int
+) -> None:
+    """Saved by 2 nodes x 2 ranks with one set of placements; node 1 is replaced; loaded by another
+    number of ranks with other placements: each rank reads the shards its plan needs, from its node or a
+    peer (no durable read), bit-exactly."""
+    assert len(_round(tmp_path, 2, 2, "save")) == 4
+    LocalCluster(tmp_path / "cluster", 2, 2, RESHARD).wipe(1)
+    found = _round(tmp_path, load_nodes, load_nproc, "load")
+    assert len(found) == load_nodes * load_nproc
+    assert all(r["exact"] for r in found), found
+    sources = {s for r in found for s in r["sources"]}
+    assert "peer" in sources and sources <= {"flash", "peer"}, found
