@@ -22,7 +22,7 @@ import torch.distributed.checkpoint as dcp
 from processes import run_all
 from torch.distributed.checkpoint.api import CheckpointException
 
-from stalwart import FlashStorageReader, FlashStorageWriter
+from stalwart import FlashSpaceError, FlashStorageReader, FlashStorageWriter
 from stalwart.flash.objects import HEADER_SIZE, PACKED_HEADER_SIZE, Header
 
 pytestmark = pytest.mark.filterwarnings(
@@ -387,3 +387,58 @@ def test_a_writer_that_holds_its_rank_refuses_to_be_sent_to_another_process(tmp_
         assert (fresh.layout.job_dir, fresh.keep) == (tmp_path / "other", 3)  # settings travel
     finally:
         writer.close()
+
+
+# 7. bad input across the adapter
+
+
+def test_a_reader_of_a_job_that_does_not_exist_names_the_jobs_there(tmp_path: Path) -> None:
+    _save_steps(tmp_path, [1])
+    reader = FlashStorageReader("jbo", root=tmp_path)
+    with pytest.raises(BaseException) as info:
+        dcp.load(_tensor_state(99), storage_reader=reader)
+    message = str(_failure(info.value))
+    assert "flash job 'jbo' has no checkpoint under" in message and "jobs there: job" in message
+    assert not (tmp_path / "jbo").exists(), "a load must not create the job it did not find"
+    with pytest.raises(FileNotFoundError, match="jobs there: job"):
+        reader.latest_step() if reader.latest_step() is not None else reader.read_metadata()
+
+
+def test_a_state_dict_that_does_not_match_the_checkpoint_is_refused_and_left_as_it_was(
+    tmp_path: Path,
+) -> None:
+    _save_steps(tmp_path, [1])
+    reader = FlashStorageReader("job", root=tmp_path)
+    for target, expected in (
+        ({"w": torch.zeros(64, 48), "missing": torch.zeros(3)}, "missing"),
+        ({"w": torch.zeros(64, 47), "b": torch.zeros(300, dtype=torch.int64)}, "w"),
+    ):
+        before = copy.deepcopy(target)
+        with pytest.raises(BaseException) as info:
+            dcp.load(target, checkpoint_id=1, storage_reader=reader)
+        assert expected in str(_failure(info.value)), info.value
+        if expected == "missing":
+            _assert_same(target, before)
+    target = _tensor_state(99)
+    dcp.load(target, checkpoint_id=1, storage_reader=reader)  # the checkpoint is intact
+    _assert_same(target, _tensor_state(1))
+
+
+def test_a_full_flash_root_refuses_the_save_and_keeps_the_committed_step(small_tmpfs: Path) -> None:
+    writer = FlashStorageWriter("job", root=small_tmpfs, keep=1)
+    small = {"w": torch.arange(1000.0)}
+    try:
+        dcp.save(small, checkpoint_id=1, storage_writer=writer)
+        huge = {"w": torch.zeros(80 * 2**20 // 4)}  # 80 MiB: more than the whole flash root
+        with pytest.raises(BaseException) as info:
+            dcp.save(huge, checkpoint_id=2, storage_writer=writer)
+        error = _failure(info.value)
+        assert isinstance(error, FlashSpaceError), repr(info.value)
+        assert str(small_tmpfs) in str(error)
+    finally:
+        writer.close()
+    target = {"w": torch.zeros(1000)}
+    reader = FlashStorageReader("job", root=small_tmpfs)
+    assert reader.latest_step() == 1
+    dcp.load(target, storage_reader=reader)
+    assert torch.equal(target["w"], small["w"])
