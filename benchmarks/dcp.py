@@ -1,0 +1,183 @@
+"""DCP through the flash writer against DCP's FileSystemWriter and stalwart's own FlashCheckpointer, two
+ranks (gloo over loopback) saving the same state side by side in one run.
+
+    python benchmarks/dcp.py --size 1GiB [--repeats 3] [--root /dev/shm/stalwart-bench-dcp]
+
+Every rank saves ``--size`` of its own tensors (no deduplication: each rank writes all of it). Every
+figure is the median over ranks and ``--repeats`` saves after one warm-up save (steady state: the flash
+buffers exist, as for a training job after its first save). The async figure is what the caller waits
+for in ``dcp.async_save`` (DCP's staging copy); "one plain copy" is ``copy_`` of the same tensors into
+tensors that already exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+ROWS = [
+    ("copy", "one plain copy (copy_ into existing tensors)"),
+    ("fs", "dcp.save, FileSystemWriter to /dev/shm"),
+    ("flash_dcp", "dcp.save, FlashStorageWriter"),
+    ("flash_cp", "FlashCheckpointer.save, blocking"),
+    ("flash_cp_async", "FlashCheckpointer.save, async: caller blocked"),
+    ("dcp_async", "dcp.async_save, FlashStorageWriter: caller blocked"),
+]
+
+
+def _state(rank: int, total: int) -> dict:
+    import torch
+
+    gen = torch.Generator().manual_seed(rank)
+    piece = 64 * 2**20
+    return {f"r{rank}.t{i}": torch.randn(piece // 4, generator=gen) for i in range(max(total // piece, 1))}
+
+
+def _worker(rank: int, world: int, port: int, total: int, repeats: int, root: str, out: str) -> None:
+    warnings.simplefilter("ignore")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    import stalwart as sw
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    state = _state(rank, total)
+    times: dict[str, list[float]] = {key: [] for key, _ in ROWS}
+
+    def timed(key: str, fn) -> None:
+        dist.barrier()
+        start = time.perf_counter()
+        fn()
+        times[key].append(time.perf_counter() - start)
+
+    def phase(key: str, save, after=None, close=None) -> None:
+        """One method at a time (memory): a warm-up save, then ``repeats`` timed ones; then freed."""
+        for step in range(repeats + 1):
+            timed(key, lambda step=step: save(step))
+            if after is not None:
+                after(step)
+            if step == 0:
+                times[key].pop()
+        if close is not None:
+            close()
+
+    targets = {k: torch.empty_like(v) for k, v in state.items()}
+
+    def copy(step: int) -> None:
+        for key, tensor in state.items():
+            targets[key].copy_(tensor)
+
+    phase("copy", copy)
+    targets.clear()
+
+    def drop_fs(step: int) -> None:
+        dist.barrier()
+        if rank == 0:
+            shutil.rmtree(Path(root, f"fs-{step}"), ignore_errors=True)
+
+    def fs(step: int) -> None:
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(Path(root, f"fs-{step}"), thread_count=2))
+
+    phase("fs", fs, after=drop_fs)
+    writer = sw.FlashStorageWriter("dcp", root=root, keep=1, replicas=0)
+    phase(
+        "flash_dcp",
+        lambda step: dcp.save(state, checkpoint_id=step, storage_writer=writer),
+        close=writer.close,
+    )
+    flash = sw.FlashCheckpointer("cp", root=root, keep=1, replicas=0, async_save=False)
+    phase("flash_cp", lambda step: flash.save(step, state), close=flash.close)
+    flash_async = sw.FlashCheckpointer("cp-async", root=root, keep=1, replicas=0, async_save=True)
+    phase(
+        "flash_cp_async",
+        lambda step: flash_async.save(step, state),
+        lambda step: flash_async.wait(),
+        flash_async.close,
+    )
+    async_writer = sw.FlashStorageWriter("dcp-async", root=root, keep=1, replicas=0)
+    futures = []
+    phase(
+        "dcp_async",
+        lambda step: futures.append(dcp.async_save(state, checkpoint_id=step, storage_writer=async_writer)),
+        lambda step: futures.pop().result(timeout=600),
+        async_writer.close,
+    )
+    Path(out, f"rank{rank}.json").write_text(json.dumps(times))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    from stalwart.quantities import parse_bytes
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="1GiB", help="bytes per rank (default 1GiB)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--root", default="/dev/shm/stalwart-bench-dcp")
+    args = parser.parse_args()
+    total = parse_bytes(args.size.replace("GiB", "Gi").replace("MiB", "Mi"), "size")
+    shutil.rmtree(args.root, ignore_errors=True)
+    with socket.socket() as sock, tempfile.TemporaryDirectory() as out:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        sock.close()
+        ctx = multiprocessing.get_context("spawn")
+        procs = [
+            ctx.Process(target=_worker, args=(rank, 2, port, total, args.repeats, args.root, out))
+            for rank in range(2)
+        ]
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join(1800)
+        if any(proc.exitcode for proc in procs):
+            sys.exit(f"a rank failed: exit codes {[p.exitcode for p in procs]}")
+        per_rank = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(2)]
+    shutil.rmtree(args.root, ignore_errors=True)
+    median = {key: statistics.median(t for rank in per_rank for t in rank[key]) for key, _ in ROWS}
+    print(f"# DCP through the flash tier: 2 ranks x {args.size}, median of {args.repeats} saves per rank")
+    print(f"# {platform.node()} {os.cpu_count()} cpus, python {platform.python_version()}")
+    print(f"| {'operation':54} | {'seconds':>8} | {'GB/s':>6} |")
+    print(f"|{'-' * 56}|{'-' * 10}|{'-' * 8}|")
+    for key, label in ROWS:
+        print(f"| {label:54} | {median[key]:8.4f} | {total / median[key] / 1e9:6.2f} |")
+    print()
+    print("| ratio                                                   | measured | target |")
+    print(f"|{'-' * 57}|{'-' * 10}|{'-' * 8}|")
+    ratios = [
+        (
+            "FlashStorageWriter dcp.save vs FileSystemWriter (speed)",
+            median["fs"] / median["flash_dcp"],
+            ">= 5",
+        ),
+        (
+            "FlashStorageWriter dcp.save vs FlashCheckpointer (blocking)",
+            median["flash_cp"] / median["flash_dcp"],
+            ">= 0.5",
+        ),
+        (
+            "FlashStorageWriter dcp.save vs FlashCheckpointer (async)",
+            median["flash_cp_async"] / median["flash_dcp"],
+            ">= 0.5",
+        ),
+        ("dcp.async_save blocked / one plain copy", median["dcp_async"] / median["copy"], "<= 1.5"),
+    ]
+    for label, value, target in ratios:
+        print(f"| {label:55} | {value:8.2f} | {target:>6} |")
+
+
+if __name__ == "__main__":
+    main()
