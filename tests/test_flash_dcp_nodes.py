@@ -33,12 +33,24 @@ def run_job(tmp_path: Path, nnodes: int, nproc: int, executor: str) -> tuple[Loc
     )
     cluster.start("--hold")
     deadline = time.monotonic() + 240
-    while len(list(out.glob("holding-rank*"))) < nnodes * nproc:
+    while len(list(out.glob("holding-rank*"))) < nnodes * nproc or not replicated(cluster):
         if time.monotonic() > deadline or any(a.poll() is not None for a in cluster.agents.values()):
             cluster.stop()
-            pytest.fail(f"the job did not save step {STEPS}:\n{cluster.logs()}")
+            pytest.fail(f"the job did not save and replicate step {STEPS}:\n{cluster.logs()}")
         time.sleep(0.2)
     return cluster, out
+
+
+def replicated(cluster: LocalCluster) -> bool:
+    """Every rank's object of the last step is committed on its own node and the next one (replication
+    runs in the background, in the checkpoint process with the process executor)."""
+    nnodes, nproc = cluster.nnodes, cluster.nproc_per_node
+    for rank in range(nnodes * nproc):
+        for node in (rank // nproc, (rank // nproc + 1) % nnodes):
+            step_dir = cluster.root(node) / "job" / "steps" / f"step-{STEPS:012d}"
+            if not (step_dir / f"rank-{rank:05d}.commit").exists():
+                return False
+    return True
 
 
 def reports(out: Path, kind: str) -> list[dict]:
