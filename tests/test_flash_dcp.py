@@ -442,3 +442,43 @@ def test_a_full_flash_root_refuses_the_save_and_keeps_the_committed_step(small_t
     assert reader.latest_step() == 1
     dcp.load(target, storage_reader=reader)
     assert torch.equal(target["w"], small["w"])
+
+
+# 8. going back
+
+
+def test_loading_an_older_step_forgets_nothing_until_continue_from(tmp_path: Path) -> None:
+    saved = _save_steps(tmp_path, [1, 2, 3], keep=5)
+    reader = FlashStorageReader("job", root=tmp_path)
+    target = _tensor_state(99)
+    dcp.load(target, checkpoint_id=1, storage_reader=reader)  # on purpose: an older step
+    _assert_same(target, saved[1])
+    assert reader.steps() == {1: 1, 2: 1, 3: 1}, "loading an older step must not drop newer ones"
+    writer = FlashStorageWriter("job", root=tmp_path, keep=5)
+    try:
+        with pytest.raises(BaseException) as info:
+            dcp.save(_tensor_state(20), checkpoint_id=2, storage_writer=writer)
+        assert "writer.continue_from(step)" in str(_failure(info.value))
+        assert writer.continue_from(1) == [2, 3]
+        assert reader.steps() == {1: 1}
+        dcp.save(_tensor_state(20), checkpoint_id=2, storage_writer=writer)
+    finally:
+        writer.close()
+    dcp.load(target, checkpoint_id=2, storage_reader=reader)
+    _assert_same(target, _tensor_state(20))
+
+
+def test_loading_the_newest_step_forgets_a_save_that_never_completed(tmp_path: Path) -> None:
+    saved = _save_steps(tmp_path, [1, 2], keep=5)
+    reader = FlashStorageReader("job", root=tmp_path)
+    commit = reader.step_dir(2) / COMMIT  # step 2 claims a world of 2: rank 1 never committed
+    commit.write_text(json.dumps({**json.loads(commit.read_text()), "world_size": 2}))
+    target = _tensor_state(99)
+    dcp.load(target, storage_reader=reader)
+    _assert_same(target, saved[1])
+    assert not reader.step_dir(2).exists(), "the incomplete step 2 is forgotten"
+    writer = FlashStorageWriter("job", root=tmp_path, keep=5)
+    try:
+        dcp.save(_tensor_state(7), checkpoint_id=2, storage_writer=writer)  # its number is free again
+    finally:
+        writer.close()
