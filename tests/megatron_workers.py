@@ -179,6 +179,7 @@ def save_round(report: dict, long_term: str) -> None:
     )
     other_reader = sw.FlashStorageReader("megatron-queue")
     report["megatron_queue_latest"] = other_reader.latest_step()
+    other.writer.wait()
 
     # fallback: no complete flash step (the job above) -> the regular checkpoint, saved by Megatron
     if dist.get_rank() == 0:
@@ -240,6 +241,7 @@ def bad_input(report: dict, writer, strategy, reader, long_term: str) -> None:
 
     plain = sw.FlashStorageWriter("plain-dcp")  # a flash step that Megatron did not save
     dcp.save({"w": torch.ones(4) * dist.get_rank()}, checkpoint_id=0, storage_writer=plain)
+    plain.wait()
     errors["common_missing"] = error_of(
         lambda: swm.FlashCommonLoadStrategy(sw.FlashStorageReader("plain-dcp")).load_common(plain.step_dir(0))
     )
@@ -258,6 +260,7 @@ def resume_round(report: dict) -> None:
     queue = swm.AsyncCallsQueue(persistent=True)  # Megatron's persistent caller, on CPU
     queue.schedule_async_request(swm.save(sharded_state(trained(4), 4), 4, strategy, async_save=True))
     queue.close()  # finalizes what is pending: training went on from the resumed step
+    strategy.writer.wait()  # its replicas are on the other node before the job ends
     report["latest_after_next_save"] = reader.latest_step()
 
 

@@ -1,0 +1,260 @@
+"""Megatron-LM's ``dist_checkpointing.save`` through stalwart's flash strategy against Megatron's own
+``torch_dist`` strategy writing to /dev/shm, two ranks (gloo over loopback), the same sharded state.
+
+    python benchmarks/megatron.py --size 512MiB [--repeats 3] [--root /dev/shm/stalwart-bench-megatron]
+
+Every rank holds ``--size`` of float32 shards: megatron.core ShardedTensors (each global tensor split
+along its first axis between the two ranks) plus a little common state. Figures are medians over the
+ranks and ``--repeats`` saves after two warm-up saves (steady state).
+
+Megatron's torch_dist strategy cannot run on a machine without CUDA: its writer
+(``FileSystemWriterAsync.preload_tensors``) calls ``torch.cuda.synchronize()``, its finalization
+broadcasts a tensor on ``torch.cuda.current_device()``, and so does ``AsyncCallsQueue``. The script
+shows that error, then measures torch_dist with exactly those two calls sent to the CPU in this process
+(``torch.cuda.synchronize`` a no-op, ``torch.cuda.current_device()`` -> "cpu"), and DCP's own
+``FileSystemWriter`` of the same state as Megatron converts it (no CUDA involved at all).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import multiprocessing
+import os
+import platform
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+# run as a script, this file's directory comes first on sys.path and its name would hide the megatron package
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+
+ROWS = [
+    ("flash", "swm.save, FlashSaveStrategy (common state on every node)"),
+    ("flash_megatron", "dist_checkpointing.save, FlashSaveStrategy"),
+    ("flash_async", "swm.save async: caller blocked (copy done)"),
+    ("torch_dist", "dist_checkpointing.save, torch_dist to /dev/shm [1]"),
+    ("torch_dist_async", "dist_checkpointing.save torch_dist async: caller blocked [1]"),
+    ("dcp_fs", "dcp.save, FileSystemWriter(thread_count=2) to /dev/shm [2]"),
+]
+
+
+def _shards(rank: int, total: int) -> list:
+    """This rank's shard of each global tensor: 32 MiB pieces of float32."""
+    import torch
+
+    gen = torch.Generator().manual_seed(rank)
+    piece = 32 * 2**20
+    return [torch.randn(piece // 4 // 1024, 1024, generator=gen) for _ in range(max(total // piece, 1))]
+
+
+def _sharded_state(shards: list, rank: int, world: int, step: int) -> dict:
+    """What a Megatron training loop hands to dist_checkpointing.save (a new dict each save)."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    state: dict = {"iteration": step, "args": {"lr": 1e-4, "layers": 24}}
+    for i, local in enumerate(shards):
+        state[f"layer{i}.weight"] = ShardedTensor.from_rank_offsets(
+            f"layer{i}.weight", local, (0, rank, world)
+        )
+    return state
+
+
+@contextlib.contextmanager
+def _cuda_calls_on_cpu():
+    import torch
+
+    saved = torch.cuda.synchronize, torch.cuda.current_device
+    torch.cuda.synchronize, torch.cuda.current_device = (lambda *a, **k: None), (lambda: "cpu")
+    try:
+        yield
+    finally:
+        torch.cuda.synchronize, torch.cuda.current_device = saved
+
+
+def _worker(rank: int, world: int, port: int, total: int, repeats: int, root: str, out: str) -> None:
+    warnings.simplefilter("ignore")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue as MegatronQueue
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        MCoreSavePlanner,
+        TorchDistSaveShardedStrategy,
+        _replace_state_dict_keys_with_sharded_keys,
+        mcore_to_pyt_state_dict,
+    )
+
+    import stalwart as sw
+    from stalwart.integrations import megatron as swm
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    times: dict[str, list[float]] = {key: [] for key, _ in ROWS}
+    notes: dict[str, str] = {}
+
+    def directory(name: str, step: int) -> str:
+        path = Path(root, f"{name}-{step}")
+        if rank == 0:
+            path.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        return str(path)
+
+    def drop(name: str, step: int) -> None:
+        dist.barrier()
+        if rank == 0:
+            shutil.rmtree(Path(root, f"{name}-{step}"), ignore_errors=True)
+
+    shards = _shards(rank, total)
+
+    def phase(key: str, save, after=None) -> None:
+        """Two warm-up saves (then the flash buffers of keep=1 exist: steady state), ``repeats`` timed."""
+        for step in range(repeats + 2):
+            state = _sharded_state(shards, rank, world, step)
+            dist.barrier()
+            start = time.perf_counter()
+            save(step, state)
+            elapsed = time.perf_counter() - start
+            if after is not None:
+                after(step)
+            if step >= 2:
+                times[key].append(elapsed)
+
+    writer = sw.FlashStorageWriter("megatron", root=root, keep=1, replicas=0)
+    strategy = swm.FlashSaveStrategy(writer)
+    phase("flash", lambda step, state: swm.save(state, step, strategy))
+    phase(
+        "flash_megatron",
+        lambda step, state: dist_checkpointing.save(
+            state, strategy.checkpoint_dir(100 + step), sharded_strategy=strategy
+        ),
+    )
+    queue = swm.AsyncCallsQueue()
+    phase(
+        "flash_async",
+        lambda step, state: queue.schedule_async_request(
+            swm.save(state, 200 + step, strategy, async_save=True)
+        ),
+        lambda step: queue.maybe_finalize_async_calls(blocking=True),
+    )
+    writer.close()
+
+    try:  # what Megatron's own strategy does on this machine
+        dist_checkpointing.save(_sharded_state(shards[:1], rank, world, 0), directory("cuda", 0))
+    except AssertionError as exc:
+        notes["torch_dist"] = f"{type(exc).__name__}: {exc}"
+    drop("cuda", 0)
+
+    torch_dist = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=2)
+    with _cuda_calls_on_cpu():
+        phase(
+            "torch_dist",
+            lambda step, state: dist_checkpointing.save(
+                state, directory("td", step), sharded_strategy=torch_dist
+            ),
+            lambda step: drop("td", step),
+        )
+        megatron_queue = MegatronQueue()
+
+        def torch_dist_async(step: int, state: dict) -> None:
+            request = dist_checkpointing.save(
+                state, directory("tda", step), sharded_strategy=torch_dist, async_sharded_save=True
+            )
+            megatron_queue.schedule_async_request(request)
+
+        def finish(step: int) -> None:
+            megatron_queue.maybe_finalize_async_calls(blocking=True)
+            drop("tda", step)
+
+        phase("torch_dist_async", torch_dist_async, finish)
+
+    def dcp_fs(step: int, state: dict) -> None:
+        flat, _, _ = _replace_state_dict_keys_with_sharded_keys(state, keep_only_main_replica=True)
+        pyt = mcore_to_pyt_state_dict(flat, False)
+        dcp.save(
+            pyt,
+            storage_writer=dcp.FileSystemWriter(directory("fs", step), thread_count=2),
+            planner=MCoreSavePlanner(flatten_state_dict=False),
+        )
+
+    phase(
+        "dcp_fs",
+        lambda step, state: dcp_fs(step, {k: v for k, v in state.items() if k.startswith("layer")}),
+        lambda step: drop("fs", step),
+    )
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"times": times, "notes": notes}))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    from stalwart.quantities import parse_bytes
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="512MiB", help="bytes of shards per rank (default 512MiB)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--root", default="/dev/shm/stalwart-bench-megatron")
+    args = parser.parse_args()
+    total = parse_bytes(args.size.replace("GiB", "Gi").replace("MiB", "Mi"), "size")
+    shutil.rmtree(args.root, ignore_errors=True)
+    with socket.socket() as sock, tempfile.TemporaryDirectory() as out:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        sock.close()
+        ctx = multiprocessing.get_context("spawn")
+        procs = [
+            ctx.Process(target=_worker, args=(rank, 2, port, total, args.repeats, args.root, out))
+            for rank in range(2)
+        ]
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join(1800)
+        if any(proc.exitcode for proc in procs):
+            sys.exit(f"a rank failed: exit codes {[p.exitcode for p in procs]}")
+        reports = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(2)]
+    shutil.rmtree(args.root, ignore_errors=True)
+    median = {key: statistics.median(t for r in reports for t in r["times"][key]) for key, _ in ROWS}
+    import megatron.core
+    import torch
+
+    print(f"# Megatron dist_checkpointing.save: 2 ranks x {args.size} of shards, median of {args.repeats}")
+    print(
+        f"# {platform.node()} {os.cpu_count()} cpus, python {platform.python_version()}, torch "
+        f"{torch.__version__}, megatron-core {megatron.core.__version__}"
+    )
+    print(f"| {'operation':62} | {'seconds':>8} | {'GB/s':>6} |")
+    print(f"|{'-' * 64}|{'-' * 10}|{'-' * 8}|")
+    for key, label in ROWS:
+        print(f"| {label:62} | {median[key]:8.4f} | {total / median[key] / 1e9:6.2f} |")
+    print()
+    print(f"| {'ratio (flash faster by)':62} | {'x':>8} |")
+    print(f"|{'-' * 64}|{'-' * 10}|")
+    for label, value in [
+        ("torch_dist sync / swm.save", median["torch_dist"] / median["flash"]),
+        (
+            "torch_dist sync / dist_checkpointing.save with FlashSaveStrategy",
+            median["torch_dist"] / median["flash_megatron"],
+        ),
+        (
+            "torch_dist async blocked / swm.save async blocked",
+            median["torch_dist_async"] / median["flash_async"],
+        ),
+        ("dcp FileSystemWriter / swm.save", median["dcp_fs"] / median["flash"]),
+    ]:
+        print(f"| {label:62} | {value:8.2f} |")
+    print()
+    print(f"[1] Megatron's torch_dist on this machine as is: {reports[0]['notes'].get('torch_dist', 'ran')}")
+    print("    measured with torch.cuda.synchronize() a no-op and torch.cuda.current_device() -> 'cpu'")
+    print("[2] the same ShardedTensors as Megatron converts them (mcore_to_pyt_state_dict), DCP's own writer")
+
+
+if __name__ == "__main__":
+    main()
