@@ -5,7 +5,8 @@
 
 Every rank holds ``--size`` of float32 shards: megatron.core ShardedTensors (each global tensor split
 along its first axis between the two ranks) plus a little common state. Figures are medians over the
-ranks and ``--repeats`` saves after two warm-up saves (steady state).
+ranks and ``--repeats`` rounds after two warm-up rounds (steady state); each round saves once with
+every method in turn.
 
 Megatron's torch_dist strategy cannot run on a machine without CUDA: its writer
 (``FileSystemWriterAsync.preload_tensors``) calls ``torch.cuda.synchronize()``, its finalization
@@ -37,6 +38,7 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
 ROWS = [
+    ("copy", "one plain copy of the shards (copy_ into existing tensors)"),
     ("flash", "swm.save, FlashSaveStrategy (common state on every node)"),
     ("flash_megatron", "dist_checkpointing.save, FlashSaveStrategy"),
     ("flash_async", "swm.save async: caller blocked (copy done)"),
@@ -82,6 +84,7 @@ def _cuda_calls_on_cpu():
 def _worker(rank: int, world: int, port: int, total: int, repeats: int, root: str, out: str) -> None:
     warnings.simplefilter("ignore")
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from megatron.core import dist_checkpointing
@@ -113,10 +116,72 @@ def _worker(rank: int, world: int, port: int, total: int, repeats: int, root: st
             shutil.rmtree(Path(root, f"{name}-{step}"), ignore_errors=True)
 
     shards = _shards(rank, total)
+    try:  # what Megatron's own strategy does on this machine
+        dist_checkpointing.save(_sharded_state(shards[:1], rank, world, 0), directory("cuda", 0))
+    except AssertionError as exc:
+        notes["torch_dist"] = f"{type(exc).__name__}: {exc}"
+    drop("cuda", 0)
 
-    def phase(key: str, save, after=None) -> None:
-        """Two warm-up saves (then the flash buffers of keep=1 exist: steady state), ``repeats`` timed."""
-        for step in range(repeats + 2):
+    writers = {key: sw.FlashStorageWriter(key, root=root, keep=1, replicas=0) for key in ("a", "b", "c")}
+    flash, flash_megatron, flash_async = (swm.FlashSaveStrategy(w) for w in writers.values())
+    queue = swm.AsyncCallsQueue()
+    torch_dist = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=2)
+    megatron_queue = MegatronQueue()
+
+    def torch_dist_sync(step: int, state: dict) -> None:
+        with _cuda_calls_on_cpu():
+            dist_checkpointing.save(state, directory("td", step), sharded_strategy=torch_dist)
+
+    def torch_dist_async(step: int, state: dict) -> None:
+        with _cuda_calls_on_cpu():
+            request = dist_checkpointing.save(
+                state, directory("tda", step), sharded_strategy=torch_dist, async_sharded_save=True
+            )
+            megatron_queue.schedule_async_request(request)
+
+    def torch_dist_async_done(step: int) -> None:
+        with _cuda_calls_on_cpu():
+            megatron_queue.maybe_finalize_async_calls(blocking=True)
+        drop("tda", step)
+
+    def dcp_fs(step: int, state: dict) -> None:
+        state = {k: v for k, v in state.items() if k.startswith("layer")}
+        flat, _, _ = _replace_state_dict_keys_with_sharded_keys(state, keep_only_main_replica=True)
+        dcp.save(
+            mcore_to_pyt_state_dict(flat, False),
+            storage_writer=dcp.FileSystemWriter(directory("fs", step), thread_count=2),
+            planner=MCoreSavePlanner(flatten_state_dict=False),
+        )
+
+    targets = [torch.empty_like(t) for t in shards]
+
+    def copy(step: int, state: dict) -> None:
+        for target, shard in zip(targets, shards, strict=True):
+            target.copy_(shard)
+
+    methods = {  # key: (save, after)
+        "copy": (copy, None),
+        "flash": (lambda step, state: swm.save(state, step, flash), None),
+        "flash_megatron": (
+            lambda step, state: dist_checkpointing.save(
+                state, flash_megatron.checkpoint_dir(step), sharded_strategy=flash_megatron
+            ),
+            None,
+        ),
+        "flash_async": (
+            lambda step, state: queue.schedule_async_request(
+                swm.save(state, step, flash_async, async_save=True)
+            ),
+            lambda step: queue.maybe_finalize_async_calls(blocking=True),
+        ),
+        "torch_dist": (torch_dist_sync, lambda step: drop("td", step)),
+        "torch_dist_async": (torch_dist_async, torch_dist_async_done),
+        "dcp_fs": (dcp_fs, lambda step: drop("fs", step)),
+    }
+    # two warm-up rounds (then the flash buffers of keep=1 exist: steady state), then ``repeats`` timed
+    # rounds; each round saves once with every method in turn, so a burst of load hits them alike
+    for step in range(repeats + 2):
+        for key, (save, after) in methods.items():
             state = _sharded_state(shards, rank, world, step)
             dist.barrier()
             start = time.perf_counter()
@@ -126,69 +191,8 @@ def _worker(rank: int, world: int, port: int, total: int, repeats: int, root: st
                 after(step)
             if step >= 2:
                 times[key].append(elapsed)
-
-    writer = sw.FlashStorageWriter("megatron", root=root, keep=1, replicas=0)
-    strategy = swm.FlashSaveStrategy(writer)
-    phase("flash", lambda step, state: swm.save(state, step, strategy))
-    phase(
-        "flash_megatron",
-        lambda step, state: dist_checkpointing.save(
-            state, strategy.checkpoint_dir(100 + step), sharded_strategy=strategy
-        ),
-    )
-    queue = swm.AsyncCallsQueue()
-    phase(
-        "flash_async",
-        lambda step, state: queue.schedule_async_request(
-            swm.save(state, 200 + step, strategy, async_save=True)
-        ),
-        lambda step: queue.maybe_finalize_async_calls(blocking=True),
-    )
-    writer.close()
-
-    try:  # what Megatron's own strategy does on this machine
-        dist_checkpointing.save(_sharded_state(shards[:1], rank, world, 0), directory("cuda", 0))
-    except AssertionError as exc:
-        notes["torch_dist"] = f"{type(exc).__name__}: {exc}"
-    drop("cuda", 0)
-
-    torch_dist = TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=2)
-    with _cuda_calls_on_cpu():
-        phase(
-            "torch_dist",
-            lambda step, state: dist_checkpointing.save(
-                state, directory("td", step), sharded_strategy=torch_dist
-            ),
-            lambda step: drop("td", step),
-        )
-        megatron_queue = MegatronQueue()
-
-        def torch_dist_async(step: int, state: dict) -> None:
-            request = dist_checkpointing.save(
-                state, directory("tda", step), sharded_strategy=torch_dist, async_sharded_save=True
-            )
-            megatron_queue.schedule_async_request(request)
-
-        def finish(step: int) -> None:
-            megatron_queue.maybe_finalize_async_calls(blocking=True)
-            drop("tda", step)
-
-        phase("torch_dist_async", torch_dist_async, finish)
-
-    def dcp_fs(step: int, state: dict) -> None:
-        flat, _, _ = _replace_state_dict_keys_with_sharded_keys(state, keep_only_main_replica=True)
-        pyt = mcore_to_pyt_state_dict(flat, False)
-        dcp.save(
-            pyt,
-            storage_writer=dcp.FileSystemWriter(directory("fs", step), thread_count=2),
-            planner=MCoreSavePlanner(flatten_state_dict=False),
-        )
-
-    phase(
-        "dcp_fs",
-        lambda step, state: dcp_fs(step, {k: v for k, v in state.items() if k.startswith("layer")}),
-        lambda step: drop("fs", step),
-    )
+    for writer in writers.values():
+        writer.close()
     Path(out, f"rank{rank}.json").write_text(json.dumps({"times": times, "notes": notes}))
     dist.barrier()
     dist.destroy_process_group()
@@ -253,6 +257,10 @@ def main() -> None:
     print()
     print(f"[1] Megatron's torch_dist on this machine as is: {reports[0]['notes'].get('torch_dist', 'ran')}")
     print("    measured with torch.cuda.synchronize() a no-op and torch.cuda.current_device() -> 'cpu'")
+    print(
+        "    async on CPU: Megatron's preload of CPU tensors copies nothing; its writer is a forked process"
+    )
+    print("    reading a copy-on-write snapshot. On GPUs the preload copies device to host")
     print("[2] the same ShardedTensors as Megatron converts them (mcore_to_pyt_state_dict), DCP's own writer")
 
 

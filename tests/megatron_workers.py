@@ -10,7 +10,8 @@ ShardedObject per rank and common state. Every rank writes what it saw to OUT_DI
 through ``swm.save``, step 3 through ``swm.save(async_save=True)`` on stalwart's ``AsyncCallsQueue``;
 then the side scenarios, each on a job of its own (Megatron's own queue on CPU, the fallback to a
 regular checkpoint, bad input). ``resume`` (after the test wiped node 0): ``swm.load`` of the newest
-step, compared bit for bit with the state saved, then step 4 saved on top.
+step, compared bit for bit with the state saved, then step 4 saved on top (async, on the queue's
+persistent caller). Every writer waits for its replicas before the process ends.
 """
 
 from __future__ import annotations

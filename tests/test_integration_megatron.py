@@ -10,6 +10,7 @@ resumes. The first round also runs the side scenarios, each on a flash job of it
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -17,7 +18,10 @@ import pytest
 
 from stalwart.testing import LocalCluster
 
-pytest.importorskip("megatron.core", reason="needs the megatron extra: pip install 'stalwart[megatron]'")
+# looked up, not imported: megatron.core is slow to import and changes torch.load's safe globals, so it
+# runs only in the workers
+if importlib.util.find_spec("megatron") is None or importlib.util.find_spec("megatron.core") is None:
+    pytest.skip("needs the megatron extra: pip install 'stalwart[megatron]'", allow_module_level=True)
 
 WORKER = Path(__file__).with_name("megatron_workers.py")
 NODES, PER_NODE = 2, 2
