@@ -126,17 +126,22 @@ def _round(tmp_path: Path, nnodes: int, nproc: int, mode: str) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(out.glob(f"{mode}-rank*.json"))]
 
 
-@pytest.mark.parametrize("load_nodes,load_nproc", [(2, 1), (3, 2)], ids=["4-ranks-to-2", "4-ranks-to-6"])
+@pytest.mark.parametrize(
+    "load_nodes,load_nproc,wiped,tiers",
+    [(3, 2, [1], {"flash", "peer"}), (2, 1, [0, 1], {"flash", "durable"})],
+    ids=["4-ranks-to-6-node-replaced-from-peers", "4-ranks-to-2-every-node-replaced-from-durable"],
+)
 def test_dtensors_saved_by_one_world_load_resharded_into_another(
-    tmp_path: Path, load_nodes: int, load_nproc: int
+    tmp_path: Path, load_nodes: int, load_nproc: int, wiped: list[int], tiers: set[str]
 ) -> None:
-    """Saved by 2 nodes x 2 ranks with one set of placements; node 1 is replaced; loaded by another
-    number of ranks with other placements: each rank reads the shards its plan needs, from its node or a
-    peer (no durable read), bit-exactly."""
+    """Saved by 2 nodes x 2 ranks with one set of placements; nodes replaced; loaded by another number of
+    ranks with other placements: each rank reads the shards its plan needs from the cheapest tier that
+    holds them (its node, a peer, the durable store), bit-exactly."""
     assert len(_round(tmp_path, 2, 2, "save")) == 4
-    LocalCluster(tmp_path / "cluster", 2, 2, RESHARD).wipe(1)
+    for node in wiped:
+        LocalCluster(tmp_path / "cluster", 2, 2, RESHARD).wipe(node)
     found = _round(tmp_path, load_nodes, load_nproc, "load")
     assert len(found) == load_nodes * load_nproc
     assert all(r["exact"] for r in found), found
     sources = {s for r in found for s in r["sources"]}
-    assert "peer" in sources and sources <= {"flash", "peer"}, found
+    assert sources <= tiers and tiers - {"flash"} <= sources, found
