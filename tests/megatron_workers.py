@@ -127,7 +127,8 @@ def error_of(fn) -> str:
 
 
 def common_copies(reader, step: int) -> dict:
-    """The copies of the common state in a step: node key -> the rank whose object holds it."""
+    """The copies of the common state in a step: the rank named in its key -> the rank whose object
+    holds it."""
     from stalwart.integrations import megatron as swm
 
     reader.reset(step)

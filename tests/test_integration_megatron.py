@@ -68,11 +68,12 @@ def test_a_wiped_node_resumes_bit_exactly_from_its_peers(job: dict) -> None:
 
 
 def test_common_state_is_stored_on_every_node(job: dict) -> None:
-    """``swm.save``: the first rank of each node stores the common state in its own object; Megatron's
-    own ``dist_checkpointing.save`` writes it on global rank 0 only, and the strategy carries that."""
+    """``swm.save``: every rank (local rank 0 of each node among them) stores the common state in its
+    own object; Megatron's own ``dist_checkpointing.save`` writes it on global rank 0 only, and the
+    strategy carries that copy in rank 0's object."""
     for report in job["save"]:
-        assert report["copies"]["3"] == {"node-0": 0, "node-1": 2}, report["copies"]
-        assert report["copies"]["1"] == {"node-0": 0}, report["copies"]
+        assert report["copies"]["3"] == {"0": 0, "1": 1, "2": 2, "3": 3}, report["copies"]
+        assert report["copies"]["1"] == {"0": 0}, report["copies"]
 
 
 def test_async_save_completes_the_step_when_finalized(job: dict) -> None:

@@ -20,10 +20,12 @@
 
 Why ``save`` and not ``dist_checkpointing.save``: Megatron writes its common (non-sharded) state to
 ``common.pt`` on global rank 0 only, so a node without rank 0 could not load it from its own tmpfs.
-``save`` mirrors ``dist_checkpointing.save`` but puts the common state into the flash object of the
-first rank of every node (checksummed, replicated and copied to the durable store with the step).
-``dist_checkpointing.save(..., sharded_strategy=FlashSaveStrategy(writer))`` works too: the strategy
-then carries global rank 0's ``common.pt`` in rank 0's object.
+``save`` mirrors ``dist_checkpointing.save`` but every rank (so local rank 0 of every node, and the
+others) puts the common state into its own flash object: checksummed, replicated and copied to the
+durable store with the step, and read back from the object the rank reads for its shards anyway (a
+replaced node fetches nothing but its ranks' own objects). ``dist_checkpointing.save(...,
+sharded_strategy=FlashSaveStrategy(writer))`` works too: the strategy then carries global rank 0's
+``common.pt`` in rank 0's object, and every rank reads that copy.
 
 Loading goes through ``dist_checkpointing.load`` with ``FlashLoadStrategy`` and
 ``FlashCommonLoadStrategy``; ``latest_complete_checkpoint`` (collective) prepares this node's step
@@ -74,7 +76,6 @@ from torch.distributed.checkpoint.utils import _DistWrapper
 
 from ..flash.dcp import FlashStorageReader, FlashStorageWriter
 from ..flash.dcp.steps import step_of
-from ..flash.placement import node_key
 from . import SOURCES, ResumePoint
 
 __all__ = [
@@ -89,7 +90,7 @@ __all__ = [
 ]
 
 BACKEND, VERSION = "stalwart_flash", 1  # what metadata.json names as the sharded backend
-COMMON = "__stalwart_megatron_common__/"  # + node key: a node's copy of the common state, a bytes item
+COMMON = "__stalwart_megatron_common__/rank-"  # + the rank: its copy of the common state, a bytes item
 
 
 def _step(checkpoint_dir: object, writer_or_reader: FlashStorageWriter | FlashStorageReader) -> int:
@@ -127,13 +128,6 @@ def _prepare_dir(directory: Path) -> Path:
     return directory
 
 
-def _first_rank_of_node() -> bool:
-    """Whether this rank is the lowest of the ranks that share its node (its flash root)."""
-    keys: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(keys, node_key())
-    return keys.index(node_key()) == dist.get_rank()
-
-
 def _serialized(common_state_dict: StateDict) -> bytes:
     buffer = io.BytesIO()
     torch.save(common_state_dict, buffer)
@@ -156,7 +150,6 @@ class FlashSaveStrategy(AsyncSaveShardedStrategy):
         _whole_world(writer.process_group, "FlashStorageWriter")
         super().__init__(BACKEND, VERSION)
         self.writer = writer
-        self._first_of_node: bool | None = None  # asked of the world once
 
     @property
     def can_handle_sharded_objects(self) -> bool:
@@ -178,12 +171,6 @@ class FlashSaveStrategy(AsyncSaveShardedStrategy):
             common = written.read_bytes() if written.exists() else None
         return self._async_save(sharded_state_dict, step, common)
 
-    def first_of_node(self) -> bool:
-        """Whether this rank stores its node's copy of the common state (collective the first time)."""
-        if self._first_of_node is None:
-            self._first_of_node = _first_rank_of_node()
-        return self._first_of_node
-
     def _async_save(
         self, sharded_state_dict: ShardedStateDict, step: int, common: bytes | None
     ) -> AsyncRequest:
@@ -193,7 +180,7 @@ class FlashSaveStrategy(AsyncSaveShardedStrategy):
         )
         state: dict[str, Any] = mcore_to_pyt_state_dict(flat, False)
         if common is not None:
-            state[COMMON + node_key()] = io.BytesIO(common)
+            state[f"{COMMON}{dist.get_rank()}"] = io.BytesIO(common)
         planner = MCoreSavePlanner(flatten_state_dict=False)
         wrapper = _DistWrapper(None, True, 0)
         writer.reset(step)
@@ -238,8 +225,8 @@ def save(
     preprocess_common_before_consistancy_check: Any = None,
     content_metadata: dict | None = None,
 ) -> AsyncRequest | None:
-    """``dist_checkpointing.save`` on the flash tier, with the common state stored by the first rank of
-    every node (so each node holds it). ``checkpoint_dir``: a step or its step directory. Collective.
+    """``dist_checkpointing.save`` on the flash tier, with the common state stored by every rank in its
+    own object (so each node holds it). ``checkpoint_dir``: a step or its step directory. Collective.
 
     Returns None once the step is complete, or with ``async_save`` the request to schedule on an
     ``AsyncCallsQueue`` (the tensors are already copied; finalizing it completes the step)."""
@@ -251,8 +238,7 @@ def save(
     sharded_part, common_state_dict = save_preprocess(
         sharded_state_dict, validate_access_integrity, preprocess_common_before_consistancy_check
     )
-    common = _serialized(common_state_dict) if strategy.first_of_node() else None
-    request = strategy._async_save(sharded_part, step, common)
+    request = strategy._async_save(sharded_part, step, _serialized(common_state_dict))
     request.add_finalize_fn(lambda: _prepare_dir(strategy.writer.step_dir(step)))  # the step is complete
     if async_save:
         return request
@@ -350,8 +336,8 @@ def _metadata(reader: FlashStorageReader, checkpoint_dir: str | Path) -> Metadat
 
 
 class _CommonPlanner(LoadPlanner):
-    """Reads one node's copy of the common state: this node's, else the one in this rank's node-mate's
-    object, else the lowest rank's (the reader fetches it from whichever tier holds it)."""
+    """Reads one copy of the common state: this rank's own (in the object it reads for its shards), else
+    the lowest rank's (a step saved through ``dist_checkpointing.save``, or by a smaller world)."""
 
     def __init__(self) -> None:
         self.key: str | None = None
@@ -360,15 +346,11 @@ class _CommonPlanner(LoadPlanner):
     def set_up_planner(self, state_dict: Any, metadata: Metadata | None = None, is_coordinator: bool = False):
         assert metadata is not None
         copies = {
-            key: metadata.storage_data[MetadataIndex(key)].rank
+            metadata.storage_data[MetadataIndex(key)].rank: key
             for key, md in metadata.state_dict_metadata.items()
             if key.startswith(COMMON) and isinstance(md, BytesStorageMetadata)
         }
-        first_here = dist.get_rank() - int(os.environ.get("LOCAL_RANK", "0"))
-        mine = COMMON + node_key()
-        same_node = [key for key, rank in copies.items() if rank == first_here]
-        lowest = sorted(copies, key=copies.__getitem__)
-        self.key = mine if mine in copies else (same_node or lowest or [None])[0]
+        self.key = copies.get(dist.get_rank(), copies[min(copies)] if copies else None)
 
     def create_local_plan(self) -> LoadPlan:
         if self.key is None:
@@ -394,8 +376,8 @@ class _CommonPlanner(LoadPlanner):
 
 
 class FlashCommonLoadStrategy(LoadCommonStrategy):
-    """Megatron's common load strategy on the flash tier: the common state stored with the step (by the
-    first rank of every node with ``save``, by rank 0 with ``dist_checkpointing.save``), verified."""
+    """Megatron's common load strategy on the flash tier: the common state stored with the step (by every
+    rank with ``save``, by rank 0 with ``dist_checkpointing.save``), verified."""
 
     def __init__(self, reader: FlashStorageReader) -> None:
         if not isinstance(reader, FlashStorageReader):
