@@ -244,7 +244,7 @@ def main() -> None:
     for label, value in [
         ("torch_dist sync / swm.save", median["torch_dist"] / median["flash"]),
         (
-            "torch_dist sync / dist_checkpointing.save with FlashSaveStrategy",
+            "torch_dist sync / dist_checkpointing.save + FlashSaveStrategy",
             median["torch_dist"] / median["flash_megatron"],
         ),
         (
