@@ -4,8 +4,9 @@
 
 EXECUTOR is how steps are saved: "sync" (dcp.save), "thread" or "process" (dcp.async_save with that
 executor). Loads the newest complete step if there is one, reports what it loaded (bit-exact or not,
-from which tier), saves the steps after it up to STEPS (a durable copy every 2nd step), reports the
-latest complete step as this rank sees it, and with --hold then sleeps until killed.
+from which tier), saves the steps after it up to STEPS (after a load: 2 more steps), with a durable copy
+every 2nd step, reports the latest complete step as this rank sees it, and with --hold then sleeps until
+killed.
 """
 
 import json
@@ -59,7 +60,8 @@ def main() -> None:
         json.dump(report, fh)
     writer = sw.FlashStorageWriter("job", durable=durable, durable_every_n_steps=2, replicas=1, keep=2)
     pending = None
-    for step in range((latest or 0) + 1, steps + 1):
+    last = steps if latest is None else latest + 2
+    for step in range((latest or 0) + 1, last + 1):
         if pending is not None:
             pending.result(timeout=120)
         if executor == "sync":

@@ -2,13 +2,15 @@
 
 Each is imported only when used (``from stalwart.integrations.lightning import ...``), so ``import
 stalwart`` never loads a framework. What they share lives here: the path a resume helper returns, which
-also says where the state came from, and a look at the flash tier that loads nothing.
+also says where the state came from, a look at the flash tier that loads nothing, and rank 0's answer
+sent to every rank (frameworks that save from rank 0 only).
 """
 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ..flash.checkpointer import FlashCheckpointer
@@ -69,3 +71,27 @@ def default_flash(every_n_steps: int = 1) -> FlashCheckpointer | None:
     from ..flash.checkpointer import FlashCheckpointer
 
     return FlashCheckpointer(every_n_steps=every_n_steps, rank=0, world_size=1)
+
+
+def from_rank_zero(produce: Callable[[], Any], what: str) -> Any:
+    """``produce()`` on global rank 0, sent to every rank (pickled, through the default process group).
+
+    A collective: every rank calls it. An error on rank 0 is raised on every rank (on the others as a
+    RuntimeError that quotes it), so no rank waits for an answer that never comes.
+    """
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        try:
+            value = produce()
+        except BaseException as exc:
+            dist.broadcast_object_list([(False, f"{type(exc).__name__}: {exc}")], src=0)
+            raise
+        dist.broadcast_object_list([(True, value)], src=0)
+        return value
+    message: list[Any] = [None]
+    dist.broadcast_object_list(message, src=0)
+    ok, value = message[0]
+    if not ok:
+        raise RuntimeError(f"rank 0 could not obtain {what}: {value}")
+    return value

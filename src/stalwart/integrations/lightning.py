@@ -1,6 +1,13 @@
 """PyTorch Lightning: flash checkpoints every few steps, a CheckpointIO that routes them, one-call resume.
 
-::
+One call installs both pieces and returns where to resume from (``wrap_trainer``)::
+
+    regular = ModelCheckpoint(dirpath="ckpt", every_n_train_steps=500)
+    trainer = L.Trainer(max_steps=10_000, callbacks=[regular])
+    ckpt = wrap_trainer(trainer, "/dev/shm/jobs/job-145", every_n_steps=10, skip_every_n_steps=500)
+    trainer.fit(model, ckpt_path=ckpt)                                  # None on the first run
+
+The pieces, for more control::
 
     from stalwart.integrations.lightning import FlashCheckpointCallback, SyncedModelCheckpoint
     from stalwart.integrations.lightning import resume_checkpoint
@@ -15,7 +22,8 @@
 The callback saves with ``trainer.save_checkpoint`` to a path under the flash root; the ``FlashCheckpointIO``
 it installs around the trainer's own IO sends such paths to the flash tier and every other path to the
 wrapped IO, so ``ModelCheckpoint`` keeps writing files. Lightning writes checkpoints from global rank 0
-only, so the flash state is rank 0's, one rank of one: this module is made for one process per trainer.
+only, so the flash state is rank 0's, one rank of one. ``wrap_trainer`` also runs DDP (processes started
+by torchrun or a stalwart ``Elastic`` task): rank 0 chooses the state and sends it to the other ranks.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -38,8 +46,11 @@ from ..checkpoint.latest import latest_checkpoint
 from ..checkpoint.task import Checkpoint
 from ..context import ctx
 from ..flash.checkpointer import FlashCheckpointer
-from . import SOURCES, ResumePoint, default_flash, newest_flash_step
+from . import SOURCES, ResumePoint, default_flash, from_rank_zero, newest_flash_step
 from .state import decode_checkpoint, encode_checkpoint, get_rng_state, set_rng_state
+
+if TYPE_CHECKING:
+    from .lightning_wrap import wrap_trainer
 
 __all__ = [
     "FlashCheckpointCallback",
@@ -48,6 +59,7 @@ __all__ = [
     "decode_checkpoint",
     "encode_checkpoint",
     "resume_checkpoint",
+    "wrap_trainer",
 ]
 
 _STEP = re.compile(r"^step-(\d+)$")
@@ -61,7 +73,8 @@ class FlashCheckpointIO(_WrappingCheckpointIO):
     Flash saves return once the state is copied into tmpfs (the commit runs in the background); for
     asynchronous regular files wrap Lightning's IO: ``FlashCheckpointIO(flash, AsyncCheckpointIO())``.
     Like Lightning's own wrappers, it lets the strategy supply the innermost IO where none is given.
-    A committed flash step is never rewritten: saving its path again is an error.
+    A committed flash step is never rewritten: saving its path again is an error. Under DDP only rank 0
+    writes, so loading a flash path is a collective there: rank 0 reads the state and sends it to every rank.
     """
 
     def __init__(
@@ -123,6 +136,15 @@ class FlashCheckpointIO(_WrappingCheckpointIO):
             if weights_only is not None:  # (Lightning before 2.4 has no weights_only)
                 kwargs["weights_only"] = weights_only
             return self._base().load_checkpoint(path, **kwargs)
+        if _distributed():  # DDP: rank 0 alone holds the flash state (Lightning saves from rank 0 only)
+            checkpoint = from_rank_zero(lambda: self._load_flash(step, weights_only), f"flash step {step}")
+        else:
+            checkpoint = self._load_flash(step, weights_only)
+        if isinstance(map_location, (str, torch.device)):
+            checkpoint = apply_to_collection(checkpoint, torch.Tensor, lambda t: t.to(map_location))
+        return checkpoint
+
+    def _load_flash(self, step: int, weights_only: bool | None) -> dict[str, Any]:
         if self._held is not None and self._held[0] == step:
             state, self._held = self._held[1], None
         else:
@@ -133,10 +155,7 @@ class FlashCheckpointIO(_WrappingCheckpointIO):
                     f"flash step {step} of job {self.flash.job_id!r} is not the newest complete step "
                     f"({restored}); the flash tier restores its newest step: use resume_checkpoint()"
                 )
-        checkpoint = decode_checkpoint(state, weights_only=weights_only)
-        if isinstance(map_location, (str, torch.device)):
-            checkpoint = apply_to_collection(checkpoint, torch.Tensor, lambda t: t.to(map_location))
-        return checkpoint
+        return decode_checkpoint(state, weights_only=weights_only)
 
     def hold(self, step: int, state: dict[str, Any]) -> None:
         """Keep a state just restored by ``resume_checkpoint`` for the load that follows (no second read)."""
@@ -167,6 +186,12 @@ def install_io(trainer: Trainer, flash: FlashCheckpointer | None = None) -> Flas
     installed = FlashCheckpointIO(flash, current)
     trainer.strategy.checkpoint_io = installed
     return installed
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _wrapped(io_: CheckpointIO | None) -> list[CheckpointIO]:
@@ -433,3 +458,12 @@ def resume_checkpoint(
     if best is None:
         return None
     return ResumePoint(best[2], best[1], best[0] if best[0] >= 0 else None)
+
+
+def __getattr__(name: str) -> Any:
+    """``wrap_trainer``, from ``lightning_wrap``: built from the pieces of this module, it imports them."""
+    if name == "wrap_trainer":
+        from .lightning_wrap import wrap_trainer
+
+        return wrap_trainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
