@@ -10,10 +10,16 @@ An engine a reader opened (to serve and pull objects during a load) is *idle*: n
 A writer whose settings differ replaces it; ``close_idle`` closes it when another process is about to
 own the rank (the ``async_save`` process executor). Both happen only after the load returned on every
 rank (DCP's own collectives end a load), so no peer is still pulling from it.
+
+DCP never closes its writers, so the engines still open when the interpreter exits are closed then
+(background replication and uploads finish first): a thread of the engine still inside torch's C++
+store client while the interpreter tears down would abort the process.
 """
 
 from __future__ import annotations
 
+import atexit
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,9 +30,10 @@ from .layout import FlashLayout
 if TYPE_CHECKING:
     from .engine import FlashEngine
 
-__all__ = ["close_idle", "engine_for", "let_go", "release_idle"]
+__all__ = ["close_all", "close_idle", "engine_for", "let_go", "release_idle"]
 
 _lock = threading.Lock()
+log = logging.getLogger("stalwart.flash")
 
 
 @dataclass
@@ -114,3 +121,15 @@ def _close(key: tuple[str, int, int], shared: _Shared) -> None:
 
 def _describe(settings: tuple) -> str:
     return ", ".join(map(str, settings))
+
+
+@atexit.register
+def close_all() -> None:
+    """Close every engine of this process (at exit; committed steps stay)."""
+    with _lock:
+        left = list(_engines.items())
+    for key, shared in left:
+        try:
+            _close(key, shared)
+        except Exception as exc:  # the job is ending: say what could not finish, close the rest
+            log.warning("flash: closing rank %d of %s at exit failed: %s", key[1], key[0], exc)
