@@ -362,7 +362,8 @@ def pull(
 
 
 class Replicator:
-    """Sends each newly committed object of this rank to its targets, newest first, off the training path."""
+    """Sends each newly committed object of this rank to its targets in order, off the training path: one
+    in flight and one waiting; a third waits for a slot (memory stays bounded, every step gets replicas)."""
 
     def __init__(
         self,
@@ -395,7 +396,7 @@ class Replicator:
         self._thread.start()
 
     def submit(self, record: CommitRecord) -> None:
-        """Replicate ``record``'s object; a step still waiting in the queue is replaced (newest wins).
+        """Replicate ``record``'s object, after the step already waiting (if any) was taken.
 
         While replication is down (the last attempt failed less than ``retry_after`` seconds ago) a step
         is not sent but counted as kept without replicas at once, so retention keeps memory bounded; the
@@ -410,14 +411,11 @@ class Replicator:
         with self._lock:
             self._outstanding += 1
             self._idle.clear()
-            try:
-                skipped = self._queue.get_nowait()
-            except queue.Empty:
-                skipped = None
-            self._queue.put_nowait((record.step, record))
-        if skipped is not None:
-            log.info("flash replication: step %d superseded before it was sent", skipped[0])
-            self._done(skipped[0])
+        # Waits while a step is already waiting (one in flight, one queued): no step is skipped, so every
+        # step becomes safe once every rank sent it. Skipping the waiting step for a newer one, as this once
+        # did, let ranks skip different steps under load; no step was then replicated by every rank and
+        # retention never dropped anything. A dead peer ends the wait: its send times out (down mode).
+        self._queue.put((record.step, record))
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until everything submitted was sent (or given up); False on timeout."""
