@@ -5,10 +5,11 @@ Upstream runs most DCP storage tests in ``MultiProcessTestCase`` (a fresh group 
 Here the classes run in ``MultiProcContinuousTest`` (torch's base that starts the ranks once per class and
 runs every test of the class in them, as upstream's ``DTensorContinuousTestBase`` tests do): a spawned rank
 spends about 4 s importing torch's test utilities, so one group per test would not fit the time budget on
-a 2-core machine. Two changes to that base: after a failed test the ranks (which may be out of step, or
+a 2-core machine. Changes to that base: after a failed test the ranks (which may be out of step, or
 stuck in a collective) are replaced by fresh ones before the next test, where the base would skip the
-rest of the class; and ranks are joined within a deadline and killed after it, so a hung rank fails its
-test instead of hanging the suite.
+rest of the class; ranks are joined within a deadline and killed after it, so a hung rank fails its test
+instead of hanging the suite; a class whose ranks start processes (``dcp.async_save``'s process
+executor) has non-daemonic ranks (``daemon_ranks``); and every rank ends when the test process does.
 
 Where an upstream test gives DCP a directory (``checkpoint_id=path``, ``FileSystemWriter(path)``), the
 adapted test uses the flash job ``JOB`` under that directory as its root, and a step as the checkpoint id.
