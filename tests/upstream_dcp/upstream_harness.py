@@ -29,11 +29,20 @@ from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
+import torch
+import torch.distributed as dist
 from torch.testing._internal import common_distributed
 from torch.testing._internal.common_distributed import MultiProcContinuousTest
 from torch.testing._internal.distributed._tensor.common_dtensor import DTensorContinuousTestBase
 
 from stalwart import FlashStorageReader, FlashStorageWriter
+
+# Importing torch's test utilities freezes torch.backends' flags (common_utils calls
+# torch.backends.disable_global_flags()), and pytest imports every test module before it runs any test:
+# every other test that sets a flag (Lightning's Trainer sets torch.backends.cudnn's) would then fail.
+# Nothing here needs them frozen. (torch.backends is a module wrapper: the flag lives in the globals of
+# its functions.)
+torch.backends.flags_frozen.__globals__["__allow_nonbracketed_mutation_flag"] = True
 
 JOB = "job"
 
@@ -61,7 +70,8 @@ class GlooContinuousTest(DTensorContinuousTestBase):
     """``world_size`` ranks on CPU with gloo, started once for the class (see the module docstring)."""
 
     world_size = 4
-    timeout = timedelta(seconds=90)  # of each collective: a rank left behind fails the test, not the suite
+    timeout = timedelta(seconds=60)  # of each collective: a rank left behind fails the test, not the suite
+    start_timeout = timedelta(seconds=180)  # for every rank to start (import torch) on a loaded machine
     test_timeout = 240  # seconds the main process waits for one test's result from each rank
     join_timeout = 60.0  # seconds the ranks get to leave at the end of the class
     daemon_ranks = True  # False where a rank starts processes (dcp.async_save's process executor)
@@ -73,6 +83,21 @@ class GlooContinuousTest(DTensorContinuousTestBase):
     @classmethod
     def backend_str(cls) -> str:
         return "gloo"
+
+    @classmethod
+    def _init_pg(cls, rank: int, world_size: int, rdvz_file: str) -> None:
+        """The base's, but the ranks first wait for each other with ``start_timeout`` (their start is
+        slow and uneven under load): ``timeout`` then bounds only the collectives of the tests."""
+        os.environ["LOCAL_RANK"] = str(rank)
+        store = dist.FileStore(rdvz_file, world_size)
+        store.set_timeout(cls.start_timeout)
+        if store.add("ranks started", 1) == world_size:
+            store.set("every rank started", "1")
+        store.wait(["every rank started"])
+        dist.init_process_group(
+            backend=cls.backend_str(), world_size=world_size, rank=rank, store=store, timeout=cls.timeout
+        )
+        cls.pg = dist.distributed_c10d._get_default_group()
 
     def setUp(self) -> None:
         cls = type(self)
