@@ -21,14 +21,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import multiprocessing
 import os
 import platform
 import shutil
-import socket
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -199,6 +196,8 @@ def _worker(rank: int, world: int, port: int, total: int, repeats: int, root: st
 
 
 def main() -> None:
+    from two_ranks import run_two_ranks
+
     from stalwart.quantities import parse_bytes
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -208,22 +207,7 @@ def main() -> None:
     args = parser.parse_args()
     total = parse_bytes(args.size.replace("GiB", "Gi").replace("MiB", "Mi"), "size")
     shutil.rmtree(args.root, ignore_errors=True)
-    with socket.socket() as sock, tempfile.TemporaryDirectory() as out:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        sock.close()
-        ctx = multiprocessing.get_context("spawn")
-        procs = [
-            ctx.Process(target=_worker, args=(rank, 2, port, total, args.repeats, args.root, out))
-            for rank in range(2)
-        ]
-        for proc in procs:
-            proc.start()
-        for proc in procs:
-            proc.join(1800)
-        if any(proc.exitcode for proc in procs):
-            sys.exit(f"a rank failed: exit codes {[p.exitcode for p in procs]}")
-        reports = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(2)]
+    reports = run_two_ranks(_worker, total, args.repeats, args.root)
     shutil.rmtree(args.root, ignore_errors=True)
     median = {key: statistics.median(t for r in reports for t in r["times"][key]) for key, _ in ROWS}
     import megatron.core

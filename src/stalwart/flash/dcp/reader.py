@@ -30,7 +30,7 @@ from ..durable import DurableTier
 from ..engine import FlashEngine
 from ..errors import FlashRestoreError
 from ..layout import FlashLayout
-from .steps import FlashItem, metadata_of, step_of
+from .steps import FlashItem, is_step_id, metadata_of, step_of
 from .survey import Fetched, Survey, fetch, survey
 
 __all__ = ["FlashStorageReader"]
@@ -176,11 +176,7 @@ class FlashStorageReader(StorageReader):
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
-        try:
-            step_of(checkpoint_id)
-        except ValueError:
-            return False
-        return True
+        return is_step_id(checkpoint_id)
 
     def close(self) -> None:
         """Let go of what the last load held, and of the rank unless a writer of this process holds it.

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from ..layout import FlashLayout
     from ..rankstore import VerifiedObject
 
-__all__ = ["FORMAT", "FlashItem", "metadata_of", "skeleton", "step_of"]
+__all__ = ["FORMAT", "FlashItem", "is_step_id", "metadata_of", "skeleton", "step_of"]
 
 FORMAT = "stalwart-dcp/1"  # the skeleton of a DCP object names it, so other objects are told apart
 _STEP_DIR = re.compile(r"(^|/)step-(\d{12})/?$")
@@ -58,6 +58,15 @@ def step_of(checkpoint_id: object, layout: FlashLayout | None = None) -> int:
         f"checkpoint_id={checkpoint_id!r} is not a flash step; use an int step or a step directory{where} "
         "such as writer.step_dir(100)"
     )
+
+
+def is_step_id(checkpoint_id: object) -> bool:
+    """Whether a checkpoint id names a flash step (DCP's ``validate_checkpoint_id``)."""
+    try:
+        step_of(checkpoint_id)
+    except ValueError:
+        return False
+    return True
 
 
 def skeleton(metadata: bytes | None) -> dict[str, Any]:

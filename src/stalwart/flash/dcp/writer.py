@@ -44,7 +44,7 @@ from ..layout import FlashLayout, RankLockedError, check_count
 from ..objects import DEFAULT_CHUNK, plan_tensors
 from ..rankstore import StagedObject
 from ..uploader import ON_ERROR
-from .steps import FlashItem, skeleton, step_of
+from .steps import FlashItem, is_step_id, skeleton, step_of
 
 __all__ = ["FlashStorageWriter"]
 
@@ -279,11 +279,7 @@ class FlashStorageWriter(StorageWriter):
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
-        try:
-            step_of(checkpoint_id)
-        except ValueError:
-            return False
-        return True
+        return is_step_id(checkpoint_id)
 
     # beyond DCP
 
