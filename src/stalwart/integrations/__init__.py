@@ -1,4 +1,5 @@
-"""Framework integrations: ``stalwart.integrations.lightning`` and ``stalwart.integrations.transformers``.
+"""Framework integrations: ``stalwart.integrations.lightning`` (with ``wrap_trainer``),
+``stalwart.integrations.transformers`` and ``stalwart.integrations.megatron``.
 
 Each is imported only when used (``from stalwart.integrations.lightning import ...``), so ``import
 stalwart`` never loads a framework. What they share lives here: the path a resume helper returns, which
