@@ -38,7 +38,6 @@ class Survey:
 
     holders: dict[tuple[int, int, int], list[int]]  # (step, rank, world size) -> ranks whose node holds it
     durable: dict[int, int]  # complete durable steps -> world size
-    durable_problem: str  # why the durable store could not be listed ("" when it could, or there is none)
     exists: bool  # the job has a flash directory on some node or a step in the durable store
 
     def whole(self) -> dict[int, int]:
@@ -90,7 +89,7 @@ def survey(layout: FlashLayout, durable: DurableTier | None, rank: int, gather: 
         log.warning(
             "flash: cannot list the durable store %s (%s); loading from flash only", durable.url, problem
         )
-    return Survey(holders, durable_steps, problem, exists or bool(durable_steps))
+    return Survey(holders, durable_steps, exists or bool(durable_steps))
 
 
 @dataclass
