@@ -228,3 +228,99 @@ def subgroup_and_no_dist(rank: int, world_size: int, port: int, root: str, out: 
         result["error"] = traceback.format_exc()
     finally:
         _finish(rank, out, result)
+
+
+def a_rank_failing_before_write_data_on_two_nodes(
+    rank: int, world_size: int, port: int, root: str, out: str
+) -> None:
+    """Each rank its own node and flash root. Step 1 fails on rank 1 before its writer's first
+    write_data (the planner's finish_plan raises), so rank 1 never opens its engine while rank 0 does;
+    steps 2 (the same writers) and 3 (new writers, after closing) must save, replicate and load. Then a
+    load fails on rank 1 before its reader's read_metadata, and node 1 loses its replica of rank 0's
+    object: the next load finds it on node 0."""
+    os.environ["STALWART_NODE"] = f"node{rank}"
+    warnings.simplefilter("ignore")
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+
+    from stalwart import FlashStorageReader, FlashStorageWriter
+
+    class FailingPlanner(DefaultSavePlanner):
+        def finish_plan(self, new_plan):
+            raise ValueError("simulated failure on rank 1 before write_data")
+
+    mine = str(Path(root, f"node{rank}"))
+    result: dict = {"rank": rank, "ok": False}
+    try:
+        init_gloo(rank, world_size, port, timeout=60)  # a rank left in a collective fails after this
+        key = f"rank{rank}"
+        writer = FlashStorageWriter("job", root=mine)
+        try:
+            dcp.save(
+                {key: torch.full((1000,), rank)},
+                checkpoint_id=1,
+                storage_writer=writer,
+                planner=FailingPlanner() if rank == 1 else None,
+            )
+            result["first_failures"] = "no error"
+        except CheckpointException as exc:
+            result["first_failures"] = sorted(exc.failures)
+            result["first_error"] = str(exc)
+        loaded = {}
+        for step in (2, 3):
+            if step == 3:
+                writer.close()
+                writer = FlashStorageWriter("job", root=mine)
+            state = {"shared": torch.arange(4000.0) * step, key: torch.full((1000,), 10 * step + rank)}
+            dcp.save(state, checkpoint_id=step, storage_writer=writer)
+            writer.wait()  # this rank's replica is on the other node
+            dist.barrier()
+            reader = FlashStorageReader("job", root=mine)
+            target = {"shared": torch.zeros(4000), key: torch.zeros(1000, dtype=torch.int64)}
+            dcp.load(target, checkpoint_id=step, storage_reader=reader)
+            dist.barrier()  # the other node may pull from this one until every load is over
+            reader.close()
+            loaded[step] = all(torch.equal(target[k], state[k]) for k in state)
+        result["loaded"] = loaded
+        other = 1 - rank
+        result["replica_of_other"] = {
+            step: Path(mine, "job", "steps", f"step-{step:012d}", f"rank-{other:05d}.commit").exists()
+            for step in (2, 3)
+        }
+        dist.barrier()
+
+        class FaultyReader(FlashStorageReader):
+            def read_metadata(self):
+                if rank == 1:
+                    raise ValueError("simulated failure on rank 1 before read_metadata")
+                return super().read_metadata()
+
+        target = {"shared": torch.zeros(4000), key: torch.zeros(1000, dtype=torch.int64)}
+        faulty = FaultyReader("job", root=mine)
+        try:
+            dcp.load(target, checkpoint_id=3, storage_reader=faulty)
+            result["faulty_load_failures"] = "no error"
+        except CheckpointException as exc:
+            result["faulty_load_failures"] = sorted(exc.failures)
+        dist.barrier()
+        faulty.close()
+        if rank == 1:  # node 1 loses its replica of rank 0's object: the load must find it on node 0
+            step_dir = Path(mine, "job", "steps", f"step-{3:012d}")
+            (step_dir / "rank-00000.commit").unlink()
+            (step_dir / "rank-00000.obj").unlink()
+        dist.barrier()
+        reader = FlashStorageReader("job", root=mine)
+        dcp.load(target, checkpoint_id=3, storage_reader=reader)
+        dist.barrier()
+        reader.close()
+        result["after_faults_loaded"] = all(torch.equal(target[k], state[k]) for k in state)
+        result["restored_from"] = reader.restored_from
+        writer.close()
+        result["ok"] = True
+    except BaseException:
+        result["error"] = traceback.format_exc()
+    finally:
+        _finish(rank, out, result)

@@ -22,7 +22,7 @@ import torch.distributed.checkpoint as dcp
 from processes import run_all
 from torch.distributed.checkpoint.api import CheckpointException
 
-from stalwart import FlashSpaceError, FlashStorageReader, FlashStorageWriter
+from stalwart import FlashRestoreError, FlashSpaceError, FlashStorageReader, FlashStorageWriter
 from stalwart.flash.objects import HEADER_SIZE, PACKED_HEADER_SIZE, Header
 
 pytestmark = pytest.mark.filterwarnings(
@@ -482,3 +482,28 @@ def test_loading_the_newest_step_forgets_a_save_that_never_completed(tmp_path: P
         dcp.save(_tensor_state(7), checkpoint_id=2, storage_writer=writer)  # its number is free again
     finally:
         writer.close()
+
+
+def test_ranks_that_picked_different_steps_are_refused_before_anything_is_read(tmp_path: Path) -> None:
+    """Each rank surveys alone inside DCP's read_metadata (no collective there); the coordinator then
+    refuses a plan whose ranks picked different steps, naming what each picked."""
+    from torch.distributed.checkpoint.planner import LoadPlan
+
+    from stalwart.flash.dcp.reader import _Choice, _Order
+
+    reader = FlashStorageReader("job", root=tmp_path)
+    agreed = reader.prepare_global_plan(
+        [LoadPlan([], storage_data=_Choice(4, 2, True, False)) for _ in range(2)]
+    )
+    assert all(isinstance(p.storage_data, _Order) and p.storage_data.generation for p in agreed)
+    assert len({p.storage_data.generation for p in agreed}) == 1  # one new timeline for every rank
+    older = reader.prepare_global_plan([LoadPlan([], storage_data=_Choice(3, 2, False, False))] * 2)
+    assert all(p.storage_data.generation is None for p in older)  # an older step on purpose: no forgetting
+    visiting = reader.prepare_global_plan(
+        [LoadPlan([], storage_data=_Choice(4, 2, True, v)) for v in (False, True)]
+    )
+    assert all(p.storage_data.generation is None for p in visiting)  # an owner elsewhere keeps its steps
+    with pytest.raises(FlashRestoreError, match=r"different flash steps .*rank 0: step 3, rank 1: step 4"):
+        reader.prepare_global_plan(
+            [LoadPlan([], storage_data=_Choice(step, 2, True, False)) for step in (3, 4)]
+        )

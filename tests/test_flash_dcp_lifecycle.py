@@ -282,3 +282,24 @@ def test_subgroup_and_no_dist_saves_record_their_own_world(tmp_path: Path) -> No
         for p in (root / "solo" / "steps" / f"step-{3:012d}").glob("*.commit")
     }
     assert solo_commits == {"rank-00000.commit": 1}
+
+
+def test_a_rank_failing_inside_dcp_is_reported_by_dcp_on_two_nodes(tmp_path: Path) -> None:
+    """No collective of the adapter's own runs inside DCP's steps: the writers' engines are formed from
+    what DCP's plans carry, and a load's ranks survey each other's nodes through their servers. So a
+    rank that fails before its first write_data, or before read_metadata, is reported by DCP on every
+    rank (a collective there left the others waiting in it until the group's timeout), and the job
+    saves, replicates to the other node and loads afterwards, with the same writers and new ones."""
+    root, out = tmp_path / "flash", tmp_path / "out"
+    out.mkdir()
+    results = _run_ranks(dcp_workers.a_rank_failing_before_write_data_on_two_nodes, 2, root, out)
+    for rank, result in results.items():
+        assert result["first_failures"] == [1], (rank, result)
+        assert "simulated failure on rank 1 before write_data" in result["first_error"], result
+        assert result["loaded"] == {"2": True, "3": True}, (rank, result)
+        assert result["replica_of_other"] == {"2": True, "3": True}, (rank, result)
+        assert result["faulty_load_failures"] == [1], (rank, result)
+        assert result["after_faults_loaded"] is True, (rank, result)
+    # node 1 read rank 0's object from node 0 (its survey asked node 0's server what it holds)
+    assert results[1]["restored_from"] == {"0": "peer", "1": "flash"}, results[1]
+    assert results[0]["restored_from"] == {"0": "flash"}, results[0]

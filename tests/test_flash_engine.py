@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import os
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 from stalwart.flash.durable import DurableTier
 from stalwart.flash.engine import FlashEngine, FlashError
-from stalwart.flash.layout import FlashLayout
+from stalwart.flash.layout import FlashLayout, RankLockedError
 
 
 def make_state(seed: int = 0) -> dict:
@@ -301,3 +302,45 @@ def test_a_buffer_moves_into_a_step_directory_removed_under_it(tmp_path: Path, m
     buffer.move(target)
     assert removed and target.exists() and buffer.path == target
     buffer.close()
+
+
+# a process that reads while another owns the rank (dcp.async_save's checkpoint process)
+
+
+def test_a_visitor_reads_while_another_owns_the_rank_and_changes_nothing(layout: FlashLayout) -> None:
+    owner = FlashEngine(layout)
+    try:
+        owner.save(1, {"w": torch.ones(1000)})
+        with pytest.raises(RankLockedError):
+            FlashEngine(layout)  # a second owner is refused, as before
+        visitor = FlashEngine(layout, visit_if_owned=True)
+        try:
+            assert visitor.visitor and not owner.visitor
+            pool = visitor.store.pool.directory
+            assert pool.is_dir() and pool != layout.pool_dir(0)  # buffers of its own, not the owner's
+            assert visitor.store.verify(1).step == 1
+            for attempt in (
+                lambda: visitor.save(2, {"w": torch.zeros(1000)}),
+                lambda: visitor.continue_from(0),
+                lambda: visitor.load({"w": torch.zeros(1000)}),
+            ):
+                with pytest.raises(RankLockedError, match="owned by another live process"):
+                    attempt()
+        finally:
+            visitor.close()
+        assert not pool.exists()
+        assert owner.save(2, {"w": torch.full((1000,), 2.0)})  # the owner goes on, nothing of it changed
+        assert layout.steps() == [1, 2]
+    finally:
+        owner.close()
+
+
+def test_buffers_a_killed_visitor_left_are_freed_by_the_owner(layout: FlashLayout) -> None:
+    dead = layout.pool_dir(0).with_name("visitor-00000-999999999")  # no such process
+    dead.mkdir(parents=True)
+    (dead / "buf-0").write_bytes(b"x" * 4096)
+    alive = layout.pool_dir(0).with_name(f"visitor-00000-{os.getpid()}")
+    alive.mkdir()
+    FlashEngine(layout).close()
+    assert not dead.exists()
+    assert alive.is_dir()  # a live visitor keeps its buffers

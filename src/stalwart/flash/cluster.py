@@ -16,7 +16,9 @@ import contextlib
 import logging
 import os
 import secrets
+import socket
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from .board import StoreBoard
@@ -27,9 +29,35 @@ from .placement import Peer, RingPlacement, node_key, replica_host
 from .rankstore import RankStore, VerifiedObject
 from .replication import ReplicaKeeper, ReplicationServer, Replicator, pull
 
-__all__ = ["Cluster"]
+__all__ = ["Cluster", "Introduction", "listen"]
 
 log = logging.getLogger("stalwart.flash")
+
+
+@dataclass(frozen=True)
+class Introduction:
+    """What a rank must know of the others to take its place in a job spread over nodes: the job secret
+    (peers authenticate with it), the board generation, and every rank's node and replication address.
+    Gathered by ``Cluster.join``, or drawn by DCP's coordinator from the ranks' plans."""
+
+    secret: bytes = field(repr=False)
+    generation: str
+    members: tuple[tuple[str, tuple[str, int]], ...]  # rank -> (node key, address of its server)
+
+    @property
+    def token(self) -> str:
+        """Names this formation (ranks formed from the same introduction can work together)."""
+        return self.generation
+
+    @classmethod
+    def draw(cls, members: list[tuple[str, tuple[str, int]]]) -> Introduction:
+        return cls(secrets.token_bytes(32), secrets.token_hex(8), tuple((n, tuple(a)) for n, a in members))
+
+
+def listen() -> socket.socket:
+    """A socket bound for this rank's replication server, whose address can be told to peers before the
+    job secret is known (connections wait in its backlog until the server serves them)."""
+    return socket.create_server((replica_host(), 0))
 
 
 class Cluster:
@@ -65,26 +93,60 @@ class Cluster:
         secret, generation = group.gather(
             (secrets.token_bytes(32), secrets.token_hex(8)) if rank == 0 else None
         )[0]
-        server = ReplicationServer(layout, secret, copier, replica_host())
-        infos = group.gather((node_key(), server.address))
-        peers = [Peer(r, node, (host, port)) for r, (node, (host, port)) in enumerate(infos)]
+        listener = listen()
+        members = group.gather((node_key(), listener.getsockname()[:2]))
+        introduction = Introduction(secret, generation, tuple((node, tuple(addr)) for node, addr in members))
+        return cls.form(layout, rank, introduction, listener, copier, placement)
+
+    @classmethod
+    def form(
+        cls,
+        layout: FlashLayout,
+        rank: int,
+        introduction: Introduction,
+        listener: socket.socket | None,
+        copier: Copier,
+        placement: RingPlacement,
+    ) -> Cluster | None:
+        """Not collective: this rank's part of the cluster ``introduction`` describes, serving on
+        ``listener`` (the socket whose address it names for this rank). None on one node."""
+        world_size = len(introduction.members)
+        peers = [Peer(r, node, address) for r, (node, address) in enumerate(introduction.members)]
         nodes = placement.nodes(peers)
         if len(nodes) == 1:
-            server.close()
-            if placement.replicas and rank == 0:
+            if listener is not None:
+                listener.close()
+            if placement.replicas and rank == 0 and world_size > 1:
                 log.info("flash replication is off: all %d ranks are on one node", world_size)
             return None
+        if listener is None or listener.getsockname()[:2] != peers[rank].address:
+            raise ValueError(
+                f"rank {rank} was introduced to its peers at {peers[rank].address}, which this process does "
+                "not listen on (a stale introduction: a final plan DCP's plan caching kept from before the "
+                "flash engine was closed); keep the writer open between cached saves, or save without plan "
+                "caching"
+            )
         if placement.replicas >= len(nodes) and rank == 0:
             log.warning(
                 "flash: replicas=%d with %d nodes; keeping %d", placement.replicas, len(nodes), len(nodes) - 1
             )
-        import torch.distributed.distributed_c10d as c10d
+        host = peers[rank].address[0]
+        server = ReplicationServer(layout, introduction.secret, copier, host, listener=listener)
+        try:
+            import torch.distributed.distributed_c10d as c10d
 
-        store = c10d._get_default_store().clone()  # its own client: used off the main thread
-        board = StoreBoard(
-            store, layout.job_id, world_size, replicated=placement.replicas > 0, generation=generation
-        )
-        return cls(layout, rank, peers, secret, server, board, placement, copier)
+            store = c10d._get_default_store().clone()  # its own client: used off the main thread
+            board = StoreBoard(
+                store,
+                layout.job_id,
+                world_size,
+                replicated=placement.replicas > 0,
+                generation=introduction.generation,
+            )
+        except BaseException:
+            server.close()
+            raise
+        return cls(layout, rank, peers, introduction.secret, server, board, placement, copier)
 
     def start(self, store: RankStore, keep: int) -> None:
         """Serve and keep replicas of this rank's sources; replicate this rank's objects to its targets."""
@@ -159,9 +221,9 @@ class Cluster:
             time.sleep(0.5 * 2**attempt)
         return None, list(problems.values())
 
-    def after_restore(self, step: int | None, group: Any) -> None:
-        """Collective: facts posted before the restore belong to another timeline; replicas of steps
-        after the restored one are dropped.
+    def after_restore(self, step: int | None, group: Any, generation: str | None = None) -> None:
+        """Collective (unless the ranks agreed on the new ``generation`` already): facts posted before the
+        restore belong to another timeline; replicas of steps after the restored one are dropped.
 
         The drop comes before the collective, which no rank leaves until every rank has dropped: a peer
         that returned first and saved at once would otherwise send a replica of the new timeline that
@@ -170,7 +232,9 @@ class Cluster:
         for keeper in self.server.keepers.values():
             keeper.drop_other_than(lambda s: step is not None and s <= step)
         self._drop_orphans_after(step)
-        self.board.new_generation(group.gather(secrets.token_hex(8) if self.rank == 0 else None)[0])
+        if generation is None:
+            generation = group.gather(secrets.token_hex(8) if self.rank == 0 else None)[0]
+        self.board.new_generation(generation)
 
     def _drop_orphans_after(self, step: int | None) -> None:
         """Objects after ``step`` in this node's flash root that no rank here owns or keeps: after a

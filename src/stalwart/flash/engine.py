@@ -16,17 +16,18 @@ lags (one in flight, the newest waiting); replicas kept for other nodes add ``ke
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from collections.abc import MutableMapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from .capacity import check_room
-from .cluster import Cluster
+from .cluster import Cluster, Introduction
 from .copier import Copier
 from .durable import DurableTier
 from .errors import FlashError, FlashRestoreError, FlashSpaceError
-from .layout import FlashLayout
+from .layout import FlashLayout, RankLockedError
 from .objects import DEFAULT_CHUNK, TensorRef, dtype_name, flatten, load_meta
 from .placement import RingPlacement
 from .rankstore import RankStore, StagedObject, VerifiedObject
@@ -85,7 +86,18 @@ class FlashEngine:
         process_group: Any = None,
         replicas: int = 0,
         on_durable_error: str = "warn",
+        introduction: Introduction | None = None,
+        listener: socket.socket | None = None,
+        visit_if_owned: bool = False,
+        alone: bool = False,
     ) -> None:
+        """``introduction`` (with this rank's ``listener``): the ranks already know of each other (DCP's
+        plans told them), so opening the engine is not collective, and a failure raises on this rank
+        only; without one, every rank of the group constructs its engine at the same point.
+        ``visit_if_owned``: for a load, when another live process owns the rank, open as a visitor
+        (``self.visitor``): read and serve only; no save, no replica kept, nothing of the rank changed.
+        ``alone``: open this rank on its node only, without meeting the others (not collective; no
+        replication, no peer reachable)."""
         _check_int("world_size", world_size, 1)
         _check_int("rank", rank, 0)
         if rank >= world_size:
@@ -102,21 +114,43 @@ class FlashEngine:
         self.cluster: Cluster | None = None
         self.store: RankStore | None = None  # type: ignore[assignment]
         self.uploader: DurableUploader | None = None
+        self.visitor = False
         failure: BaseException | None = None
         try:
-            self.cluster = Cluster.join(
-                layout, rank, world_size, self._group, self.copier, RingPlacement(replicas)
-            )
+            if introduction is not None:
+                if len(introduction.members) != world_size:
+                    raise ValueError(
+                        f"the introduction names {len(introduction.members)} ranks; world_size={world_size}"
+                    )
+                self.cluster = Cluster.form(
+                    layout, rank, introduction, listener, self.copier, RingPlacement(replicas)
+                )
+            elif not alone:
+                self.cluster = Cluster.join(
+                    layout, rank, world_size, self._group, self.copier, RingPlacement(replicas)
+                )
             board = self.cluster.board if self.cluster else None
-            self.store = RankStore(layout, rank, world_size, keep=keep, copier=self.copier, board=board)
-            if self.cluster:
+            try:
+                self.store = RankStore(layout, rank, world_size, keep=keep, copier=self.copier, board=board)
+            except RankLockedError:
+                if not visit_if_owned:
+                    raise
+                self.store = RankStore(
+                    layout, rank, world_size, keep=keep, copier=self.copier, board=board, owner=False
+                )
+            self.visitor = not self.store.owner
+            if self.cluster and not self.visitor:
                 self.cluster.start(self.store, keep)
-            if durable is not None:
+            if durable is not None and not self.visitor:
                 self.uploader = DurableUploader(durable, self.store, world_size, on_error=on_durable_error)
         except Exception as exc:  # e.g. RankLockedError: close what was built, and tell the other ranks
             failure = exc
             self._close_parts()
-        self._agree("open the flash tier", failure)
+        if (introduction is not None or alone) and failure is not None:
+            raise failure
+        if introduction is None and not alone:
+            self._agree("open the flash tier", failure)
+        self.introduction = introduction
         self._commits = ThreadPoolExecutor(1, thread_name_prefix="stalwart-commit")
         self._pending: tuple[int, Future] | None = None
         self._room_checked = False
@@ -152,6 +186,7 @@ class FlashEngine:
         when this rank already committed ``step``. Commit it with ``commit``, or give it back with
         ``discard``. Steps must grow: an older step is refused."""
         self._check_open()
+        self._check_owner()
         _check_int("step", step, 0)
         if durable and self.uploader is None:
             raise ValueError("durable=True needs a durable store; pass durable='s3://...' or a local path")
@@ -249,6 +284,7 @@ class FlashEngine:
         forgotten in every tier (they belong to an abandoned timeline).
         """
         self._check_open()
+        self._check_owner()
         if not isinstance(state, MutableMapping):
             raise TypeError(f"state must be a dict (a state dict); got {type(state).__name__}")
         self._quiesce()
@@ -281,6 +317,7 @@ class FlashEngine:
         rank's steps after it belong to an abandoned timeline and are forgotten in every tier, as after
         ``load``. Returns the flash steps forgotten. Collective with several nodes."""
         self._check_open()
+        self._check_owner()
         _check_int("step", step, 0)
         self._quiesce()
         abandoned = sorted(s for s in self.store.own if s > step)
@@ -294,6 +331,17 @@ class FlashEngine:
             )
         self._cut_timeline(step, None, durable_listed=True)
         return abandoned
+
+    def forget_after(self, step: int, generation: str) -> None:
+        """``continue_from`` for a load that already agreed on ``step`` through other means (DCP's
+        plans): not collective, and a failure raises on this rank only. ``generation`` (the same on
+        every rank) names the new timeline on the board. The caller must keep every rank from saving
+        until all have forgotten (DCP's load ends with a collective that does)."""
+        self._check_open()
+        self._check_owner()
+        _check_int("step", step, 0)
+        self._quiesce()
+        self._cut_timeline(step, None, durable_listed=True, generation=generation)
 
     def _quiesce(self) -> None:
         """Let what this rank has in flight (a commit, replication, an upload) finish before the timeline
@@ -314,7 +362,12 @@ class FlashEngine:
             raise FlashRestoreError(f"could not {what} on every rank: {'; '.join(failed[:4])}")
 
     def _cut_timeline(
-        self, step: int | None, durable_steps: frozenset[int] | None, *, durable_listed: bool
+        self,
+        step: int | None,
+        durable_steps: frozenset[int] | None,
+        *,
+        durable_listed: bool,
+        generation: str | None = None,
     ) -> None:
         """Forget this rank's steps after ``step`` in every tier: they must never be restored, nor stand in
         the way of the new timeline's steps of the same numbers.
@@ -323,6 +376,7 @@ class FlashEngine:
         copies, every rank raises (a step of the durable store would otherwise hold one rank of the new
         timeline and another of the old). ``durable_listed`` False: the restore could not list the store,
         so its steps were not considered and are left alone; ``durable_steps`` None: list them now.
+        ``generation`` given: the ranks agreed elsewhere; nothing here is collective.
         """
         self.store.drop_newer_than(step)
         failure: BaseException | None = None
@@ -356,13 +410,16 @@ class FlashEngine:
                 self.durable.url,
                 step,
             )
-        self._agree("forget the steps after the one training goes on from", failure)
+        if generation is not None and failure is not None:
+            raise failure
+        if generation is None:
+            self._agree("forget the steps after the one training goes on from", failure)
         if self.uploader is not None:
             self.uploader.restart_at(step, durable_steps or frozenset())
             if durable_listed:
                 self.uploader.collect_leftovers()  # nothing of this rank uploads now: kills' leftovers go
         if self.cluster:
-            self.cluster.after_restore(step, self._group)
+            self.cluster.after_restore(step, self._group, generation)
 
     def _apply(self, verified: VerifiedObject, state: MutableMapping[str, Any]) -> None:
         skeleton, entries = load_meta(verified.meta)
@@ -377,6 +434,18 @@ class FlashEngine:
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("this flash checkpointer is closed")
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_owner(self) -> None:
+        if self.visitor:
+            raise RankLockedError(
+                f"rank {self.rank} of flash job {self.layout.job_id!r} is owned by another live process; "
+                "this process opened it to read only (a load while the owner saves) and cannot change its "
+                "steps"
+            )
 
     def close(self) -> None:
         """Finish background work, unmap buffers and free the pool (committed steps stay on tmpfs)."""

@@ -70,7 +70,11 @@ class VerifiedObject:
 
 
 class RankStore:
-    """The objects of ``rank`` under a layout: this process is their only writer (it holds the lock)."""
+    """The objects of ``rank`` under a layout: this process is their only writer (it holds the lock).
+
+    A *visitor* (``owner=False``) is a process that reads while another live process owns the rank (a
+    training process loading while ``dcp.async_save``'s checkpoint process saves): it takes no lock,
+    owns no step, never changes the rank's files, and keeps its buffers in a pool of its own."""
 
     def __init__(
         self,
@@ -82,12 +86,14 @@ class RankStore:
         copier: Copier,
         board: Board | None = None,
         mapped: Sequence[Buffer] = (),
+        owner: bool = True,
     ) -> None:
         """``mapped``: what ``close(keep_mapped=True)`` of an earlier store of this rank handed back."""
         self.layout, self.rank, self.world_size, self.keep = layout, rank, world_size, keep
         self.copier = copier
         self.board: Board = board or LocalBoard(layout, world_size)
-        self._lock = layout.lock(rank)
+        self.owner = owner
+        self._lock = layout.lock(rank) if owner else None
         self.mutex = threading.RLock()
         self._held: dict[int, Buffer] = {}  # committed steps of this rank mapped in this process
         self._pins: dict[int, int] = {}  # steps being read (uploads): not dropped until unpinned
@@ -95,10 +101,15 @@ class RankStore:
         self._meta_cache: tuple[Any, list, bytes] | None = None
         reuse = Mappings(mapped)
         try:
-            self.pool = BufferPool(layout.pool_dir(rank), reuse)
-            self._clean_stale(reuse)
+            if owner:
+                self.pool = BufferPool(layout.pool_dir(rank), reuse)
+                self._clean_stale(reuse)
+                _remove_dead_visitors(layout, rank)
+            else:
+                self.pool = BufferPool(_visitor_dir(layout, rank, os.getpid()))
         except BaseException:
-            self._lock.release()
+            if self._lock is not None:
+                self._lock.release()
             raise
         finally:
             reuse.close()
@@ -378,8 +389,38 @@ class RankStore:
                     buffer.close()
                 self.pool.close()
             self._held.clear()
-            self._lock.release()
+            if self._lock is not None:
+                self._lock.release()
+            else:
+                with contextlib.suppress(OSError):
+                    self.pool.directory.rmdir()
             return kept
+
+
+def _visitor_dir(layout: FlashLayout, rank: int, pid: int) -> Path:
+    return layout.pool_dir(rank).with_name(f"visitor-{rank:05d}-{pid}")
+
+
+def _remove_dead_visitors(layout: FlashLayout, rank: int) -> None:
+    """Buffers a visitor of this rank left when it was killed: tmpfs memory nobody would free."""
+    for directory in _visitor_dir(layout, rank, 0).parent.glob(f"visitor-{rank:05d}-*"):
+        pid = int(directory.name.rsplit("-", 1)[1]) if directory.name.rsplit("-", 1)[1].isdigit() else 0
+        if pid and _alive(pid):
+            continue
+        for path in directory.glob("*"):
+            path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            directory.rmdir()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def verify_object(

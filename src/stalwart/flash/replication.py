@@ -44,6 +44,7 @@ __all__ = [
     "ReplicationServer",
     "Replicator",
     "RingPlacement",
+    "held_by",
     "pull",
 ]
 
@@ -137,7 +138,10 @@ class ReplicationServer:
         max_connections: int = 4,
         handshake_slots: int = HANDSHAKE_SLOTS,
         handshake_deadline: float = HANDSHAKE_DEADLINE,
+        listener: socket.socket | None = None,
     ) -> None:
+        """``listener``: a socket already bound (and listening) for this server, whose address peers
+        were told before the job secret was known; else one is bound on ``host``."""
         if isinstance(max_connections, bool) or not isinstance(max_connections, int) or max_connections < 1:
             raise ValueError(f"max_connections={max_connections!r} is not accepted; use an int >= 1")
         self.layout, self.secret, self.copier = layout, secret, copier
@@ -148,7 +152,8 @@ class ReplicationServer:
         self._sessions: dict[Connection, threading.Thread] = {}
         self._lock = threading.Lock()
         self._closed = threading.Event()
-        listener = socket.create_server((host, 0))
+        if listener is None:
+            listener = socket.create_server((host, 0))
         self.address: tuple[str, int] = (host, listener.getsockname()[1])
         try:
             self._acceptor = Acceptor(
@@ -221,7 +226,20 @@ class ReplicationServer:
         if op == "put":
             lower_priority()  # replicas yield to training; serving a recovery (get) does not
             return self._put(conn, request)
-        return self._refuse(conn, request, f"unknown operation {short(op)}; use 'get' or 'put'", keep=True)
+        if op == "list":
+            return self._list(conn)
+        why = f"unknown operation {short(op)}; use 'get', 'put' or 'list'"
+        return self._refuse(conn, request, why, keep=True)
+
+    def _list(self, conn: Connection) -> bool:
+        """What this node holds: [step, rank, world size] of every committed object in its flash root."""
+        held = [
+            [step, rank, world]
+            for step, rank, world in self.layout.commit_index()
+            if self.layout.object_path(step, rank).exists()
+        ]
+        conn.send_header({"ok": True, "job": self.layout.job_dir.is_dir(), "held": held[:_MAX_LISTED]})
+        return True
 
     def _refuse(self, conn: Connection, request: dict, why: str, *, keep: bool) -> bool:
         self.refusals.refuse(
@@ -316,6 +334,30 @@ def lower_priority() -> None:
 
 def object_name(step: int, rank: int) -> str:
     return f"steps/step-{step:012d}/rank-{rank:05d}.obj"
+
+
+_MAX_LISTED = 20_000  # objects a listing names (a frame holds at most 1 MiB)
+
+
+def held_by(peer: Peer, secret: bytes) -> tuple[bool, list[tuple[int, int, int]]]:
+    """What the node of ``peer`` holds: whether the job has a directory there, and (step, rank, world
+    size) of every committed object in its flash root. Answered by the peer's server, whatever its
+    training process is doing."""
+    conn = Connection.connect(peer.address, secret)
+    try:
+        conn.send_header({"op": "list"})
+        reply = conn.recv_header()
+    finally:
+        conn.close()
+    held, job = reply.get("held"), reply.get("job")
+    if reply.get("ok") is not True or not isinstance(held, list) or not isinstance(job, bool):
+        raise ConnectionError(f"rank {peer.rank} did not list its objects: {str(reply.get('error'))[:300]}")
+    items = []
+    for item in held:
+        if not (isinstance(item, list) and len(item) == 3 and all(typed_int(v) and v >= 0 for v in item)):
+            raise ConnectionError(f"rank {peer.rank} listed a malformed object {short(item)}")
+        items.append((item[0], item[1], item[2]))
+    return job, items
 
 
 def pull(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,9 +29,21 @@ from typing import TYPE_CHECKING
 from .layout import FlashLayout
 
 if TYPE_CHECKING:
+    from .cluster import Introduction
     from .engine import FlashEngine
 
-__all__ = ["close_all", "close_idle", "engine_for", "let_go", "release_idle"]
+__all__ = [
+    "close_all",
+    "close_idle",
+    "engine_for",
+    "held",
+    "introductions",
+    "let_go",
+    "listening",
+    "release_idle",
+    "stop_listening",
+    "take_listener",
+]
 
 _lock = threading.Lock()
 log = logging.getLogger("stalwart.flash")
@@ -56,10 +69,14 @@ def engine_for(
     world_size: int,
     settings: tuple | None,
     build: Callable[[], FlashEngine],
+    *,
+    introduction: Introduction | None = None,
+    hold: bool = True,
 ) -> FlashEngine:
-    """The engine of this rank, built with ``build`` if there is none (collective: every rank of the
-    group calls it at the same point). ``settings`` None: a reader, any engine serves; else a writer,
-    which holds the engine until ``let_go`` and needs one built with the same settings."""
+    """The engine of this rank, built with ``build`` if there is none (collective unless
+    ``introduction`` is given: then the engine must be of that formation, and one of another is
+    replaced). ``settings`` None: a reader, any engine serves; else a writer, which (with ``hold``)
+    holds the engine until ``let_go`` and needs one built with the same settings."""
     key = _key(layout, rank, world_size)
     with _lock:
         shared = _engines.get(key)
@@ -72,14 +89,74 @@ def engine_for(
             )
         _close(key, shared)  # a reader's engine: every rank replaces its own at this same point
         shared = None
+    if shared is not None and introduction is not None and shared.engine.introduction != introduction:
+        # the ranks formed anew (DCP's coordinator saw engines of different formations): this process's
+        # writers of the rank go on with the new engine
+        writers = shared.writers
+        _close(key, shared)
+        shared = _Shared(build(), shared.settings, writers)
+        with _lock:
+            _engines[key] = shared
     if shared is None:
         engine = build()
         shared = _Shared(engine, settings if settings is not None else ("reader",))
         with _lock:
             _engines[key] = shared
-    if settings is not None:
+    if settings is not None and hold:
         shared.writers += 1
     return shared.engine
+
+
+def held(layout: FlashLayout, rank: int, world_size: int) -> FlashEngine | None:
+    """The engine of this rank of the job in this process, if one is open."""
+    with _lock:
+        shared = _engines.get(_key(layout, rank, world_size))
+    return shared.engine if shared is not None else None
+
+
+def introductions(layout: FlashLayout, rank: int) -> dict[int, Introduction]:
+    """{world size: introduction} of the engines writers hold for this rank of the job in this process."""
+    prefix = str(layout.job_dir.resolve())
+    with _lock:
+        return {
+            key[2]: shared.engine.introduction
+            for key, shared in _engines.items()
+            if key[0] == prefix and key[1] == rank and shared.writers and shared.engine.introduction
+        }
+
+
+_listeners: dict[tuple[str, int], socket.socket] = {}
+
+
+def listening(layout: FlashLayout, rank: int) -> tuple[str, int]:
+    """The address of the socket this rank's next engine of the job will serve on: told to the other
+    ranks in DCP's plans before the engine exists. The same until an engine takes it."""
+    key = (str(layout.job_dir.resolve()), rank)
+    with _lock:
+        listener = _listeners.get(key)
+        if listener is None:
+            from .cluster import listen
+
+            listener = _listeners[key] = listen()
+        return listener.getsockname()[:2]
+
+
+def take_listener(layout: FlashLayout, rank: int) -> socket.socket | None:
+    """The socket ``listening`` named, for the engine about to be built (which owns it from now on)."""
+    with _lock:
+        return _listeners.pop((str(layout.job_dir.resolve()), rank), None)
+
+
+def stop_listening(layout: FlashLayout, rank: int) -> None:
+    """Close the rank's waiting socket unless an engine of the job still serves the rank in this process
+    (a later save would then be told to peers through a new one)."""
+    prefix = str(layout.job_dir.resolve())
+    with _lock:
+        if any(key[0] == prefix and key[1] == rank for key in _engines):
+            return
+        listener = _listeners.pop((prefix, rank), None)
+    if listener is not None:
+        listener.close()
 
 
 def let_go(layout: FlashLayout, rank: int, world_size: int) -> None:
@@ -128,6 +205,10 @@ def close_all() -> None:
     """Close every engine of this process (at exit; committed steps stay)."""
     with _lock:
         left = list(_engines.items())
+        listeners = list(_listeners.values())
+        _listeners.clear()
+    for listener in listeners:
+        listener.close()
     for key, shared in left:
         try:
             _close(key, shared)

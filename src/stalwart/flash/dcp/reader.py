@@ -1,21 +1,32 @@
 """``FlashStorageReader``: DCP's ``StorageReader`` over the flash tier, on one node or many.
 
-A load is collective over the process group when torch.distributed is initialised (as DCP's own is):
-``read_metadata`` surveys the nodes and the durable store, picks the step (the one asked for, or the
-newest whole one), and the rank nearest to the coordinator's object reads the global metadata from it
-and shares it. ``read_data`` then fetches, for each rank, the objects its read plan touches.
+Nothing the reader does inside DCP's steps waits for another rank: a rank that fails before its
+``read_metadata`` goes straight on to DCP's own collective, and DCP must find the others there, to
+report the failure on every rank. So the ranks get to know each other before the load: constructing
+the reader is collective when torch.distributed is initialised (every rank opens its engine, which
+serves its node's objects to the others). Inside the load:
 
-Loading the newest whole step is a resume: the steps after it (saves that never completed) are
-forgotten in every tier, so training can save those numbers again. Loading an older step on purpose
-forgets nothing; to save again after it, call ``FlashStorageWriter.continue_from(step)``.
+- ``read_metadata``: this rank surveys its node, the other nodes (their engines' servers list what
+  they hold) and the durable store, picks the step (the one asked for, or the newest whole one) and
+  reads the global metadata from the coordinator's object, from the nearest tier that holds it.
+- ``prepare_global_plan``: the coordinator checks that every rank picked the same step.
+- ``read_data``: each rank fetches the objects its read plan touches; a resume from the newest whole
+  step then forgets the steps after it (saves that never completed) in every tier, so training can
+  save those numbers again. DCP's closing collective keeps every rank from saving before all have.
+
+Loading an older step on purpose forgets nothing; to save again after it, call
+``FlashStorageWriter.continue_from(step)``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import os
+import secrets
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +42,29 @@ from ..engine import FlashEngine
 from ..errors import FlashRestoreError
 from ..layout import FlashLayout
 from .steps import FlashItem, is_step_id, metadata_of, step_of
-from .survey import Fetched, Survey, fetch, survey
+from .survey import Fetched, Survey, fetch, survey, survey_alone
 
 __all__ = ["FlashStorageReader"]
 
 log = logging.getLogger("stalwart.flash")
+
+
+@dataclass(frozen=True)
+class _Choice:
+    """What a rank tells the coordinator in its local load plan: the step it picked and how."""
+
+    step: int
+    world: int  # the world size that saved it
+    resume: bool  # the newest whole step (or none asked for): a resume forgets what came after
+    visitor: bool  # another live process owns this rank: it keeps its steps
+
+
+@dataclass(frozen=True)
+class _Order:
+    """What the coordinator sends each rank in its final load plan: forget the steps after the loaded
+    one (``generation`` names the new timeline), or not (None)."""
+
+    generation: str | None
 
 
 class FlashStorageReader(StorageReader):
@@ -81,6 +110,8 @@ class FlashStorageReader(StorageReader):
         self._survey: Survey | None = None
         self._world = 1  # the world size that saved the step under way
         self._opened: dict[int, Fetched] = {}
+        self._resume = False  # the load under way is of the newest whole step
+        self._meet()
 
     def step_dir(self, step: int) -> Path:
         return self.layout.step_dir(step_of(step))
@@ -110,14 +141,15 @@ class FlashStorageReader(StorageReader):
     def read_metadata(self) -> Metadata:  # no **kwargs: DCP must not retry per rank (no collectives then)
         requested, self._requested = self._requested, None  # a later load without an id: the newest
         self._close_opened()
-        found = self._look()
+        engine = self._met()
+        found = self._survey = survey_alone(self.layout, self.durable, engine and engine.cluster)
         whole = found.whole()
-        step = self._choose(found, whole, requested)
-        self.step, self._world = step, whole[step]
+        step = self._choose(found, whole, requested)  # before opening anything for a job that is not there
         engine = self._open_engine()
-        if requested is None or step == max(whole):
-            self._forget_after(engine, step)
-        metadata = self._share_metadata(engine, found, step)
+        self.step, self._world = step, whole[step]
+        self._resume = requested is None or step == max(whole)
+        fetched = self._object(0)
+        metadata = metadata_of(fetched.verified, f"rank 0's object of flash step {step}")
         if metadata.storage_meta is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id or uuid.uuid4().hex
@@ -131,14 +163,41 @@ class FlashStorageReader(StorageReader):
         self.storage_data = metadata.storage_data
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
-        return plan
+        if self.step is None or self._engine is None:
+            raise ValueError("FlashStorageReader.prepare_local_plan was called before read_metadata")
+        choice = _Choice(self.step, self._world, self._resume, self._engine.visitor)
+        return dataclasses.replace(plan, storage_data=choice)
 
     def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
-        return plans
+        """The coordinator checks that every rank picked the same step (each surveyed alone; a replica
+        landing in between can make them differ), and says whether the load forgets what came after."""
+        choices = [p.storage_data for p in plans]
+        if not all(isinstance(c, _Choice) for c in choices):
+            raise ValueError(
+                "a rank's load plan lost FlashStorageReader's LoadPlan.storage_data; a LoadPlanner must keep "
+                "it from prepare_local_plan to prepare_global_plan"
+            )
+        picked = sorted({(c.step, c.world) for c in choices})
+        if len(picked) > 1:
+            said = ", ".join(f"rank {rank}: step {c.step}" for rank, c in enumerate(choices))
+            raise FlashRestoreError(
+                f"the ranks picked different flash steps of job {self.layout.job_id!r} ({said}): the nodes "
+                "changed while they looked (a save or a replica landing); load again, or give checkpoint_id"
+            )
+        forget = all(c.resume for c in choices) and not any(c.visitor for c in choices)
+        order = _Order(secrets.token_hex(8) if forget else None)
+        return [dataclasses.replace(plan, storage_data=order) for plan in plans]
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         if self.step is None or self._engine is None or self._survey is None:
             raise ValueError("FlashStorageReader.read_data was called before read_metadata")
+        order = plan.storage_data
+        if not isinstance(order, _Order):
+            raise ValueError(
+                "the final load plan lost FlashStorageReader's LoadPlan.storage_data; a LoadPlanner must "
+                "keep it from prepare_global_plan to read_data"
+            )
+        step, engine = self.step, self._engine
         try:
             for request in plan.items:
                 item = self.storage_data[request.storage_index]
@@ -167,9 +226,10 @@ class FlashStorageReader(StorageReader):
         finally:
             self._close_opened()
             self.step = None
-            if self._engine.cluster is None:  # one node: no peer pulls from this rank's engine
-                shared.release_idle(self.layout, self._engine.rank, self._engine.world_size)
-                self._engine = None
+        if order.generation is not None:
+            self._forget_after(engine, step, order.generation)
+        if engine.cluster is None:  # one node: no peer pulls from this rank's engine
+            self.close()
         future: Future[None] = Future()
         future.set_result(None)
         return future
@@ -180,7 +240,8 @@ class FlashStorageReader(StorageReader):
 
     def close(self) -> None:
         """Let go of what the last load held, and of the rank unless a writer of this process holds it.
-        On several nodes call it once every rank's load is over (peers pull from this rank's node)."""
+        On several nodes call it once every rank's load is over (peers pull from this rank's node). A
+        later load through this reader opens this node alone (construct a new reader to meet again)."""
         self._close_opened()
         if self._engine is not None:
             shared.release_idle(self.layout, self._engine.rank, self._engine.world_size)
@@ -210,6 +271,27 @@ class FlashStorageReader(StorageReader):
         self._survey = survey(self.layout, self.durable, rank, self._gather)
         return self._survey
 
+    def _meet(self) -> None:
+        """Collective when the ranks are many: if any node holds the job, every rank opens its engine now,
+        outside DCP's steps (a rank's engine serves its node's objects to the others during loads)."""
+        rank, world = self._group()
+        if world == 1:
+            return
+        held = shared.held(self.layout, rank, world)
+        found = self._gather((self.layout.job_dir.is_dir(), held is not None))
+        if not any(exists for exists, _ in found):
+            return  # nothing to serve: a load reads the durable store, or says what is missing
+        if all(has for _, has in found):
+            self._engine = held
+        elif any(has for _, has in found):
+            raise FlashRestoreError(
+                f"ranks {[r for r, (_, has) in enumerate(found) if not has]} of flash job "
+                f"{self.layout.job_id!r} hold no engine in this process while the others do (a save failed "
+                "on some ranks): save once more, or close the writers on every rank, before loading"
+            )
+        else:
+            self._engine = self._open_engine(join=True)
+
     def _choose(self, found: Survey, whole: dict[int, int], requested: int | None) -> int:
         """The step to load; the same error on every rank when there is none (all saw the same)."""
         job, root = self.layout.job_id, self.layout.root
@@ -236,8 +318,13 @@ class FlashStorageReader(StorageReader):
             )
         return requested if requested is not None else max(whole)
 
-    def _open_engine(self) -> FlashEngine:
+    def _open_engine(self, *, join: bool = False) -> FlashEngine:
+        """This rank's engine: the one met at construction or a writer's of this process, else one
+        opened on this node alone (not collective: this load then reads this node and the durable
+        store; objects only another node holds are not reached)."""
         rank, world = self._group()
+        if (met := self._met()) is not None:
+            return met
 
         def build() -> FlashEngine:
             return FlashEngine(
@@ -247,14 +334,22 @@ class FlashStorageReader(StorageReader):
                 threads=self._threads,
                 process_group=self.process_group,
                 replicas=1,
+                visit_if_owned=True,  # a load while dcp.async_save's checkpoint process owns the rank
+                alone=not join,
             )
 
         self._engine = shared.engine_for(self.layout, rank, world, None, build)
         return self._engine
 
-    def _forget_after(self, engine: FlashEngine, step: int) -> None:
-        """A resume from the newest whole step: what came after it never completed. Collective; DCP's
-        plan exchange after ``read_metadata`` keeps every rank from saving before all have forgotten."""
+    def _met(self) -> FlashEngine | None:
+        """The engine met at construction, or a writer's of this process for this rank, if open."""
+        if self._engine is not None and not self._engine.closed:
+            return self._engine
+        self._engine = shared.held(self.layout, *self._group())
+        return self._engine
+
+    def _forget_after(self, engine: FlashEngine, step: int, generation: str) -> None:
+        """A resume from the newest whole step: what came after it never completed."""
         for found in self.layout.steps():  # other world sizes' leftovers on this node (a resharded resume)
             if found <= step:
                 continue
@@ -263,25 +358,7 @@ class FlashStorageReader(StorageReader):
                     self.layout.remove_commit(found, owner)
                     self.layout.object_path(found, owner).unlink(missing_ok=True)
             self.layout.remove_step_if_abandoned(found)
-        engine.continue_from(step)
-
-    def _share_metadata(self, engine: FlashEngine, found: Survey, step: int) -> Metadata:
-        """The rank nearest to the coordinator's object reads the metadata; every rank gets it."""
-        holders = found.flash_holders(step, 0, self._world)
-        reader = min(holders) if holders else 0
-        note: Any = None
-        if engine.rank == reader:
-            try:
-                fetched = self._object(0)
-                note = ("ok", metadata_of(fetched.verified, f"rank 0's object of flash step {step}"))
-            except Exception as exc:  # told to every rank: none may wait for this one
-                note = ("error", f"{type(exc).__name__}: {exc}")
-        kind, value = self._gather(note)[reader]
-        if kind != "ok":
-            raise FlashRestoreError(
-                f"cannot read the metadata of flash step {step} of job {self.layout.job_id!r}: {value}"
-            )
-        return value
+        engine.forget_after(step, generation)
 
     def _object(self, rank: int) -> Fetched:
         opened = self._opened.get(rank)

@@ -2,8 +2,10 @@
 
 ``survey`` is collective: every rank reports the committed objects its node's flash root holds (own,
 other local ranks', replicas kept for peers) and rank 0 lists the durable store; every rank then
-computes the same answer. A step is whole when every rank of the world size that saved it has a
-committed object somewhere: the coordinator's carries the global metadata, so whole means loadable.
+computes the same answer. ``survey_alone`` is not (for DCP's ``read_metadata``, where a collective of
+the reader's own would wait for a rank that failed before it): it asks the other nodes' servers. A
+step is whole when every rank of the world size that saved it has a committed object somewhere: the
+coordinator's carries the global metadata, so whole means loadable.
 
 ``fetch`` obtains one object of a step for this rank from the cheapest tier that holds it intact
 (this node's tmpfs, a peer node, the durable store), verified before anyone reads it. Any rank may
@@ -20,14 +22,15 @@ from ..errors import FlashRestoreError
 from ..objects import CorruptObjectError
 from ..placement import node_key
 from ..rankstore import VerifiedObject, verify_mapped, verify_object
-from ..replication import pull
+from ..replication import held_by, pull
 
 if TYPE_CHECKING:
+    from ..cluster import Cluster
     from ..durable import DurableTier
     from ..engine import FlashEngine
     from ..layout import FlashLayout
 
-__all__ = ["Fetched", "Survey", "fetch", "survey"]
+__all__ = ["Fetched", "Survey", "fetch", "survey", "survey_alone"]
 
 log = logging.getLogger("stalwart.flash")
 
@@ -92,6 +95,52 @@ def survey(layout: FlashLayout, durable: DurableTier | None, rank: int, gather: 
     return Survey(holders, durable_steps, exists or bool(durable_steps))
 
 
+def survey_alone(layout: FlashLayout, durable: DurableTier | None, cluster: Cluster | None) -> Survey:
+    """Not collective: this node's flash root, every other node's as its ranks' servers list it, and
+    the durable store as this rank lists it. Ranks may see different things (a replica landing in
+    between): the caller checks through DCP's plans that they chose the same step."""
+    own = [
+        (step, owner, world)
+        for step, owner, world in layout.commit_index()
+        if layout.object_path(step, owner).exists()
+    ]
+    holders: dict[tuple[int, int, int], list[int]] = {}
+    exists = layout.job_dir.is_dir()
+    me = cluster.rank if cluster is not None else 0
+    for item in own:
+        holders.setdefault(item, []).append(me)
+    if cluster is not None:
+        others: dict[str, list[int]] = {}
+        for peer in cluster.peers:
+            if peer.node != cluster.node:
+                others.setdefault(peer.node, []).append(peer.rank)
+        for node, ranks in others.items():
+            said = ""
+            for rank in ranks:  # any rank of a node lists the same root
+                try:
+                    job, items = held_by(cluster.peers[rank], cluster.secret)
+                except (OSError, ValueError) as exc:
+                    said = f"{type(exc).__name__}: {exc}"
+                    continue
+                exists = exists or job
+                for item in items:
+                    holders.setdefault(item, []).append(rank)
+                break
+            else:
+                log.warning(
+                    "flash: node %s did not list its flash objects (%s); loading without them", node, said
+                )
+    durable_steps: dict[int, int] = {}
+    if durable is not None:
+        try:
+            durable_steps = durable.complete_worlds()
+        except Exception as exc:
+            log.warning(
+                "flash: cannot list the durable store %s (%s); loading from flash only", durable.url, exc
+            )
+    return Survey(holders, durable_steps, exists or bool(durable_steps))
+
+
 @dataclass
 class Fetched:
     """A verified object and what must happen to its buffer once read."""
@@ -112,7 +161,8 @@ def fetch(
     """Rank ``rank``'s object of ``step`` (saved by ``world`` ranks), verified; FlashRestoreError naming
     what every tier said when none holds it intact."""
     store, layout, copier = engine.store, engine.layout, engine.copier
-    mine = rank == store.rank and world == store.world_size  # this rank's own object: kept once fetched
+    # this rank's own object: kept once fetched (unless another process owns the rank: read only)
+    mine = store.owner and rank == store.rank and world == store.world_size
     said: list[str] = []
     record = layout.read_commit(step, rank)
     if record is not None and record.world_size == world:

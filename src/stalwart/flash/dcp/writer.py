@@ -38,10 +38,12 @@ from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
 from .. import shared
+from ..cluster import Introduction
 from ..durable import DurableTier
 from ..engine import FlashEngine
 from ..layout import FlashLayout, RankLockedError, check_count
 from ..objects import DEFAULT_CHUNK, plan_tensors
+from ..placement import node_key
 from ..rankstore import StagedObject
 from ..uploader import ON_ERROR
 from .steps import FlashItem, is_step_id, skeleton, step_of
@@ -51,27 +53,40 @@ __all__ = ["FlashStorageWriter"]
 log = logging.getLogger("stalwart.flash")
 
 
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
 def _default_rank() -> int:
     import torch.distributed as dist
 
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return dist.get_rank() if _distributed() else 0
 
 
 @dataclass(frozen=True)
 class _LocalInfo:
-    """What a rank tells the coordinator in its local plan: the step it is about to save."""
+    """What a rank tells the coordinator in its local plan: the step it is about to save, and what the
+    ranks need to know of each other to form the job (its node, the address its engine will serve on,
+    and the formations of the engines it already holds, by world size)."""
 
     step: int
+    node: str = ""
+    address: tuple[str, int] | None = None
+    formations: dict[int, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class _SaveInfo:
     """What the coordinator sends each rank in its final plan: the rank's place in the group that saves
-    (DCP passes no group size, and the group may be a subgroup or a single process). Not the step: with
-    DCP's plan caching a rank may get the final plan of an earlier save."""
+    (DCP passes no group size, and the group may be a subgroup or a single process), and the
+    introduction its engine is formed from. Not the step: with DCP's plan caching a rank may get the
+    final plan of an earlier save."""
 
     rank: int
     world_size: int
+    introduction: Introduction | None = None
 
 
 class FlashStorageWriter(StorageWriter):
@@ -181,21 +196,47 @@ class FlashStorageWriter(StorageWriter):
                     "goes on from"
                 )
             self._planned = requested
-        return dataclasses.replace(plan, storage_data=_LocalInfo(self._planned))
+        info = _LocalInfo(self._planned)
+        if _distributed():  # the ranks may span nodes: say where this one's engine will serve
+            formations = {w: i.token for w, i in shared.introductions(self.layout, self.rank).items()}
+            info = _LocalInfo(self._planned, node_key(), shared.listening(self.layout, self.rank), formations)
+        return dataclasses.replace(plan, storage_data=info)
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         """The coordinator checks that every rank saves the same step and tells each its place in the
-        group that saves it."""
-        steps = sorted({p.storage_data.step for p in plans if isinstance(p.storage_data, _LocalInfo)})
+        group that saves it, and how the ranks know each other: so opening the engines in ``write_data``
+        needs no collective of its own (a rank that fails before it would leave the others waiting in
+        it, where DCP expects them to report)."""
+        infos = [p.storage_data for p in plans]
+        steps = sorted({i.step for i in infos if isinstance(i, _LocalInfo)})
         if len(steps) > 1:
             raise ValueError(
                 f"the ranks name different flash steps ({', '.join(map(str, steps))}); give every rank the "
                 "same checkpoint_id (on several nodes always give one: a replaced node holds no step)"
             )
+        introduction = self._introduce(infos) if len(plans) > 1 else None
         return [
-            dataclasses.replace(plan, storage_data=_SaveInfo(rank, len(plans)))
+            dataclasses.replace(plan, storage_data=_SaveInfo(rank, len(plans), introduction))
             for rank, plan in enumerate(plans)
         ]
+
+    def _introduce(self, infos: list[Any]) -> Introduction:
+        """The formation the ranks' engines keep (every rank holds it, or can still join it on the
+        address it was introduced at), else a new one from the addresses the ranks gave."""
+        world = len(infos)
+        if not all(isinstance(i, _LocalInfo) and i.address is not None for i in infos):
+            raise ValueError(
+                "a rank's save plan lost FlashStorageWriter's SavePlan.storage_data, or was made without "
+                "torch.distributed; a SavePlanner must keep it from prepare_local_plan to prepare_global_plan"
+            )
+        current = shared.introductions(self.layout, self.rank).get(world)
+        if current is not None and all(
+            info.formations.get(world) == current.token
+            or (world not in info.formations and (info.node, info.address) == current.members[rank])
+            for rank, info in enumerate(infos)
+        ):
+            return current
+        return Introduction.draw([(info.node, info.address) for info in infos])
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         info = plan.storage_data
@@ -208,7 +249,7 @@ class FlashStorageWriter(StorageWriter):
             raise ValueError("FlashStorageWriter.write_data was called before prepare_local_plan")
         step, self._planned = self._planned, None
         self.step, self.rank, self.world_size = step, info.rank, info.world_size
-        engine = self._take_engine(info.rank, info.world_size)  # collective the first time
+        engine = self._take_engine(info.rank, info.world_size, info.introduction)
         saves = _saves_of(engine)
         if not saves.busy.acquire(blocking=False):
             raise RankLockedError(
@@ -304,22 +345,33 @@ class FlashStorageWriter(StorageWriter):
     def close(self) -> None:
         """Finish background work and let go of the rank (the last writer of a job in this process
         closes its engine: buffers are freed, committed steps stay); the writer stays usable."""
+        self._let_go()
+        shared.stop_listening(self.layout, self.rank)
+
+    # internals
+
+    def _let_go(self) -> None:
         if self._engine is not None and self._engine_key is not None:
             _saves_of(self._engine).drop_staged(self._engine)
             self._engine = None
             shared.let_go(self.layout, *self._engine_key)
             self._engine_key = None
 
-    # internals
-
     def _durable_step(self, step: int) -> bool:
         every = self.durable_every_n_steps
         return every is not None and step % every == 0
 
-    def _take_engine(self, rank: int, world_size: int) -> FlashEngine:
-        if self._engine is not None and self._engine_key == (rank, world_size):
-            return self._engine
-        self.close()  # the group changed (another subgroup, no_dist): hold the engine of the new one
+    def _take_engine(
+        self, rank: int, world_size: int, introduction: Introduction | None = None
+    ) -> FlashEngine:
+        """The engine of this rank in the group that saves; without an introduction (``continue_from``,
+        or one process) opening it is collective."""
+        current = self._engine
+        if current is not None and self._engine_key == (rank, world_size):
+            if introduction is None or current.introduction == introduction:
+                return current
+        else:
+            self._let_go()  # the group changed (another subgroup, no_dist): hold the engine of the new one
         group = None if world_size == 1 else self.process_group
         if world_size > 1:
             import torch.distributed as dist
@@ -337,20 +389,31 @@ class FlashStorageWriter(StorageWriter):
             durable = None
             if self.durable_url is not None:
                 durable = DurableTier(self.durable_url, options, keep=durable_keep)
-            return FlashEngine(
-                self.layout,
-                rank=rank,
-                world_size=world_size,
-                keep=self.keep,
-                durable=durable,
-                chunk_size=self.chunk_size,
-                threads=self._threads,
-                process_group=group,
-                replicas=self.replicas,
-                on_durable_error=on_error,
-            )
+            listener = shared.take_listener(self.layout, rank) if introduction is not None else None
+            try:
+                return FlashEngine(
+                    self.layout,
+                    rank=rank,
+                    world_size=world_size,
+                    keep=self.keep,
+                    durable=durable,
+                    chunk_size=self.chunk_size,
+                    threads=self._threads,
+                    process_group=group,
+                    replicas=self.replicas,
+                    on_durable_error=on_error,
+                    introduction=introduction,
+                    listener=listener,
+                )
+            except BaseException:
+                if listener is not None:
+                    listener.close()
+                raise
 
-        self._engine = shared.engine_for(self.layout, rank, world_size, self.settings(), build)
+        hold = self._engine_key != (rank, world_size)  # this writer holds the engine once per group
+        self._engine = shared.engine_for(
+            self.layout, rank, world_size, self.settings(), build, introduction=introduction, hold=hold
+        )
         self._engine_key = (rank, world_size)
         return self._engine
 
