@@ -507,3 +507,44 @@ def test_ranks_that_picked_different_steps_are_refused_before_anything_is_read(t
         reader.prepare_global_plan(
             [LoadPlan([], storage_data=_Choice(step, 2, True, False)) for step in (3, 4)]
         )
+
+
+# dcp.async_save's staging: the writer is its own stager
+
+
+def _storage(staged: dict, key: str) -> int:
+    return staged[key].untyped_storage().data_ptr()
+
+
+def test_async_save_saves_the_state_as_it_was_at_the_call(tmp_path: Path) -> None:
+    from torch.distributed.checkpoint.staging import AsyncStager
+
+    writer = FlashStorageWriter("job", root=tmp_path)
+    assert isinstance(writer, AsyncStager)  # dcp.async_save stages through it when given no stager
+    state = {"w": torch.randn(1 << 22), "step": torch.tensor(1)}
+    want = copy.deepcopy(state)
+    for step in (1, 2):
+        future = dcp.async_save(state, checkpoint_id=step, storage_writer=writer)
+        state["w"].add_(1.0)  # training goes on at once
+        state["step"].add_(1)
+        future.result()
+        target = {"w": torch.zeros(1 << 22), "step": torch.tensor(0)}
+        dcp.load(target, checkpoint_id=step, storage_reader=FlashStorageReader("job", root=tmp_path))
+        _assert_same(target, want)
+        want = copy.deepcopy(state)
+    writer.close()
+
+
+def test_a_staged_copy_is_reused_only_once_written(tmp_path: Path) -> None:
+    writer = FlashStorageWriter("job", root=tmp_path)
+    state = {"w": torch.randn(4096), "b": torch.arange(8)}
+    first = writer.stage(state)
+    second = writer.stage(state)  # the first is still lent (not yet written): never staged into again
+    assert _storage(first, "w") != _storage(second, "w")
+    dcp.save(first, checkpoint_id=1, storage_writer=writer)  # written into the flash buffer: free again
+    third = writer.stage(state)
+    assert _storage(third, "w") == _storage(first, "w")
+    assert torch.equal(third["w"], state["w"]) and torch.equal(third["b"], state["b"])
+    reshaped = writer.stage({"w": torch.randn(10), "b": torch.arange(8)})  # another shape: a new copy
+    assert _storage(reshaped, "w") not in {_storage(first, "w"), _storage(second, "w")}
+    writer.close()

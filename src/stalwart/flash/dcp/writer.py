@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner
+from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
@@ -89,13 +90,19 @@ class _SaveInfo:
     introduction: Introduction | None = None
 
 
-class FlashStorageWriter(StorageWriter):
+class FlashStorageWriter(StorageWriter, AsyncStager):
     """A DCP ``StorageWriter`` that saves into the flash tier of ``job_id`` (one object per rank).
 
     ``replicas`` copies of every rank's object go to the next nodes in a ring (when the ranks span
     several nodes); every ``durable_every_n_steps``-th step is copied to ``durable`` (an fsspec URL)
     in the background. A durable outage is a warning with the lag in steps (``on_durable_error``).
+
+    It is also ``dcp.async_save``'s stager when none is given: the caller waits for one copy of the
+    state into memory the writer keeps from save to save (one copy of the rank's state; two while a
+    save is still being written when the next is staged), not for a fresh allocation every time.
     """
+
+    _synchronize_after_execute = False  # staging is done when stage() returns
 
     def __init__(
         self,
@@ -144,6 +151,7 @@ class FlashStorageWriter(StorageWriter):
         self.rank, self.world_size = 0, 1  # in the group of the newest save
         self.is_coordinator = False
         self.save_id = uuid.uuid4().hex
+        self._staging = _Staging()
 
     def settings(self) -> tuple:
         """What the engine of this writer is built with (writers sharing an engine must agree)."""
@@ -161,6 +169,16 @@ class FlashStorageWriter(StorageWriter):
     def step_dir(self, step: int) -> Path:
         """The checkpoint id DCP should be given for ``step``."""
         return self.layout.step_dir(step_of(step))
+
+    # dcp.async_save's staging (AsyncStager)
+
+    def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """A copy of ``state_dict`` in CPU memory, taken now: what ``dcp.async_save`` saves while the
+        caller trains on. The memory is reused by the next save once this one has been written."""
+        return self._staging.stage(state_dict)
+
+    def synchronize_staging(self) -> None:
+        """Nothing to wait for: ``stage`` copies before it returns."""
 
     # DCP's calls, in order
 
@@ -264,6 +282,7 @@ class FlashStorageWriter(StorageWriter):
                 raise ValueError(
                     f"flash step {step} is already committed by rank {info.rank}; it is not rewritten"
                 )
+            self._staging.written(tensors)  # in the flash buffer now: the staged copy may be reused
             if self.is_coordinator:
                 saves.staged = (self.save_id, step, staged)  # committed in finish, with the metadata
             else:
@@ -433,7 +452,89 @@ class FlashStorageWriter(StorageWriter):
         shared.close_idle(self.layout)
         state = dict(self.__dict__)
         state["save_id"] = uuid.uuid4().hex
+        state["_staging"] = _Staging()  # the staged copies stay in this process
         return state
+
+
+class _Staging:
+    """The copies ``stage`` hands DCP, kept for the next saves: a copy is *lent* until ``write_data``
+    has copied it into the flash buffer (in this process; a copy the process executor writes elsewhere
+    never comes back and is left to the garbage collector), then *free* for a state of the same shape.
+    A lent copy is never staged into again, so a save that is still being written is never changed."""
+
+    LENT_TRACKED = 2  # lent copies remembered; an older one (its save failed, or went elsewhere) is let go
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._free: tuple[tuple, dict[str, Any]] | None = None
+        self._lent: list[tuple[tuple, frozenset[int], dict[str, Any]]] = []
+
+    def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
+
+        signature = _signature(state_dict)
+        with self._lock:
+            free, self._free = self._free, None
+        if free is None or free[0] != signature:
+            copy = _create_cpu_state_dict(state_dict, pin_memory=torch.cuda.is_available())
+        else:
+            copy = free[1]
+        staged = _copy_state_dict(state_dict, copy, type_check=False)
+        with self._lock:
+            self._lent.append((signature, _storages(staged), staged))
+            del self._lent[: -self.LENT_TRACKED]
+        return staged
+
+    def written(self, tensors: list[torch.Tensor]) -> None:
+        """``tensors`` (a save's items) are in the flash buffer: the lent copy they came from is free."""
+        if not self._lent:
+            return
+        used = {t.untyped_storage().data_ptr() for t in tensors if t.device.type == "cpu"}
+        with self._lock:
+            for entry in self._lent:
+                signature, storages, staged = entry
+                if storages & used:  # items of this copy (DCP may have left the rest to other ranks)
+                    self._lent.remove(entry)
+                    self._free = (signature, staged)
+                    return
+
+
+def _signature(state_dict: dict[str, Any]) -> tuple:
+    """What a staged copy must match to be reused: the tree and every tensor's kind, dtype and shape."""
+    from torch.utils._pytree import tree_flatten
+
+    leaves, spec = tree_flatten(state_dict)
+    kinds = []
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            local = getattr(leaf, "_local_tensor", leaf)  # a DTensor's shard
+            kinds.append((type(leaf), leaf.dtype, tuple(leaf.shape), tuple(local.shape)))
+        elif hasattr(leaf, "local_shards"):  # a ShardedTensor
+            kinds.append(
+                (
+                    type(leaf),
+                    tuple(
+                        (tuple(s.tensor.shape), tuple(s.metadata.shard_offsets)) for s in leaf.local_shards()
+                    ),
+                )
+            )
+        else:
+            kinds.append(type(leaf))
+    return (spec, tuple(kinds))
+
+
+def _storages(state_dict: dict[str, Any]) -> frozenset[int]:
+    """The storages of the tensors in a staged copy (how ``written`` recognises it)."""
+    from torch.utils._pytree import tree_flatten
+
+    found = set()
+    for leaf in tree_flatten(state_dict)[0]:
+        if isinstance(leaf, torch.Tensor):
+            found.add(getattr(leaf, "_local_tensor", leaf).untyped_storage().data_ptr())
+        elif hasattr(leaf, "local_shards"):
+            found.update(s.tensor.untyped_storage().data_ptr() for s in leaf.local_shards())
+    found.discard(0)  # empty tensors have no storage
+    return frozenset(found)
 
 
 class _RankSaves:
