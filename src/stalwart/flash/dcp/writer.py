@@ -5,10 +5,12 @@ one takes the step after the newest this node holds (give one on several nodes: 
 none). The ranks of a step are the group that saves it: the whole world, a ``process_group`` (give it
 to the writer too), or one process with ``no_dist=True``.
 
-Call order (DCP's): ``set_up_storage_writer`` -> ``prepare_local_plan`` (this rank's step) ->
-``prepare_global_plan`` on the coordinator (every rank names the same step) -> ``write_data`` (copy
-into a flash buffer and commit; the coordinator only copies) -> ``finish`` on the coordinator (commit
-its object with the global metadata: the step is complete).
+Call order (DCP's): ``set_up_storage_writer`` -> ``prepare_local_plan`` (this rank's step, its node
+and the address its engine will serve on) -> ``prepare_global_plan`` on the coordinator (every rank
+names the same step; the introduction the ranks' engines are formed from) -> ``write_data`` (copy into
+a flash buffer and commit; the coordinator only copies) -> ``finish`` on the coordinator (commit its
+object with the global metadata: the step is complete). The writer runs no collective of its own in
+between: a rank that fails anywhere is reported by DCP on every rank.
 
 A rank is owned by one process: from its first save the writer's engine holds the rank's lock, its
 buffers and its replication server until ``close()`` (DCP never calls it; the process's end does).
@@ -452,7 +454,6 @@ class FlashStorageWriter(StorageWriter, AsyncStager):
         shared.close_idle(self.layout)
         state = dict(self.__dict__)
         state["save_id"] = uuid.uuid4().hex
-        state["_staging"] = _Staging()  # the staged copies stay in this process
         return state
 
 
@@ -468,6 +469,9 @@ class _Staging:
         self._lock = threading.Lock()
         self._free: tuple[tuple, dict[str, Any]] | None = None
         self._lent: list[tuple[tuple, frozenset[int], dict[str, Any]]] = []
+
+    def __reduce__(self) -> tuple:
+        return (_Staging, ())  # sent to another process (with its writer): the copies stay here
 
     def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
