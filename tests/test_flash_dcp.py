@@ -548,3 +548,39 @@ def test_a_staged_copy_is_reused_only_once_written(tmp_path: Path) -> None:
     reshaped = writer.stage({"w": torch.randn(10), "b": torch.arange(8)})  # another shape: a new copy
     assert _storage(reshaped, "w") not in {_storage(first, "w"), _storage(second, "w")}
     writer.close()
+
+
+def test_a_visitor_load_is_not_changed_by_the_owner_reusing_the_step_memory(tmp_path: Path) -> None:
+    """While another process owns the rank (dcp.async_save's checkpoint process) it may drop the step
+    being loaded and reuse its memory for a newer one: the visitor copies each object out and verifies
+    the copy, so what it loads is the committed step even if the owner's file changes mid-load."""
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    from stalwart.flash.engine import FlashEngine
+    from stalwart.flash.layout import FlashLayout
+
+    state = _tensor_state(3)
+    writer = FlashStorageWriter("job", root=tmp_path)
+    dcp.save(state, checkpoint_id=1, storage_writer=writer)
+    writer.close()
+    layout = FlashLayout(tmp_path, "job")
+    owner = FlashEngine(layout)  # another owner of rank 0 (in a real job: the checkpoint process)
+    path = layout.object_path(1, 0)
+    original = path.read_bytes()
+
+    class OwnerReusesTheMemory(DefaultLoadPlanner):
+        def resolve_tensor(self, read_item: Any) -> torch.Tensor:
+            with open(path, "r+b") as file:  # the owner writes a newer step into the same memory
+                file.seek(HEADER_SIZE)
+                file.write(b"\xff" * (len(original) - HEADER_SIZE - 64))
+            return super().resolve_tensor(read_item)
+
+    try:
+        reader = FlashStorageReader("job", root=tmp_path)
+        target = {k: torch.zeros_like(v) for k, v in state.items()}
+        dcp.load(target, checkpoint_id=1, storage_reader=reader, planner=OwnerReusesTheMemory())
+        _assert_same(target, state)
+        assert reader.restored_from == {0: "flash"}
+        assert not list(layout.pool_dir(0).parent.glob("visitor-*"))  # its buffers are freed
+    finally:
+        owner.close()

@@ -169,6 +169,8 @@ def fetch(
         try:
             if mine and step in store.own:
                 return Fetched(store.verify(step), "flash")
+            if not store.owner:
+                return _copied(engine, record)
             verified = verify_object(layout, step, rank, copier)
             return Fetched(verified, "flash", verified.buffer.close)
         except (CorruptObjectError, OSError) as exc:
@@ -208,6 +210,29 @@ def fetch(
         f"rank {rank}'s object of flash step {step} of job {layout.job_id!r} could not be read intact from "
         f"any tier, so nothing was loaded: {'; '.join(said[:4])}"
     )
+
+
+def _copied(engine: FlashEngine, record: Any) -> Fetched:
+    """A visitor's read of this node's object: another process owns the rank and may drop the step
+    and reuse its memory for a newer one while this load runs, so the bytes are copied out first and
+    the copy verified (a step changed under the copy fails verification: never loaded)."""
+    store = engine.store
+    path = engine.layout.object_path(record.step, record.rank)
+    size = record.objects[0]["size"]
+    buffer = store.acquire(size)
+    try:
+        with open(path, "rb") as source:
+            done = 0
+            while done < size:
+                got = source.readinto(buffer.view[done:size])
+                if not got:
+                    raise CorruptObjectError(f"{path}: truncated to {done} bytes, committed with {size}")
+                done += got
+        verified = verify_mapped(buffer, record, engine.copier, where=str(path))
+    except BaseException:
+        store.release(buffer)
+        raise
+    return Fetched(verified, "flash", lambda: store.release(buffer))
 
 
 def _keep(engine: FlashEngine, verified: VerifiedObject, record: Any, source: str, mine: bool) -> Fetched:
