@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import platform
@@ -31,6 +32,8 @@ import warnings
 from pathlib import Path
 
 # run as a script, this file's directory comes first on sys.path and its name would hide the megatron package
+# (a namespace package: a megatron.py anywhere on the path wins), so the directory goes and its launcher is
+# loaded by file
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 
@@ -196,7 +199,11 @@ def _worker(rank: int, world: int, port: int, total: int, repeats: int, root: st
 
 
 def main() -> None:
-    from two_ranks import run_two_ranks
+    spec = importlib.util.spec_from_file_location("two_ranks", _HERE / "two_ranks.py")
+    assert spec is not None and spec.loader is not None
+    two_ranks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(two_ranks)
+    run_two_ranks = two_ranks.run_two_ranks
 
     from stalwart.quantities import parse_bytes
 
