@@ -82,3 +82,60 @@ def test_a_retried_task_resumes_from_flash_then_from_durable(stalwart_home: Path
     assert [a.status for a in wiped.attempts] == ["killed", "succeeded"]
     assert wiped.output["start"] == 4 and wiped.output["restored_from"] == "durable"  # the copy of step 4
     assert _weights_equal(wiped.output["weights"], twin["weights"])
+
+
+# restoring a chosen step (issue 11)
+
+
+def _spiky(tmp_path: Path) -> tuple[sw.FlashCheckpointer, dict[int, torch.Tensor]]:
+    """Steps 1..5 saved, flash keeping the newest 2 and the durable store all 5."""
+    flash = sw.FlashCheckpointer(
+        "spike",
+        root=tmp_path / "flash",
+        durable=(tmp_path / "durable").as_uri(),
+        durable_every_n_steps=1,
+        durable_keep=5,
+        keep=2,
+        async_save=False,
+    )
+    saved = {step: torch.full((64,), float(step)) for step in range(1, 6)}
+    for step, weights in saved.items():
+        flash.save(step, {"w": weights})
+    flash.wait()
+    return flash, saved
+
+
+def test_steps_lists_what_each_tier_holds(tmp_path: Path) -> None:
+    flash, _ = _spiky(tmp_path)
+    assert flash.steps() == {"flash": [4, 5], "durable": [1, 2, 3, 4, 5]}
+    flash.close()
+
+
+def test_restore_a_chosen_step_from_whichever_tier_holds_it_and_go_on_from_there(tmp_path: Path) -> None:
+    flash, saved = _spiky(tmp_path)
+    state = {"w": torch.zeros(64)}
+    assert flash.restore(state, step=4) == 4 and flash.restored_from == "flash"
+    assert torch.equal(state["w"], saved[4])
+    assert flash.restore(state, step=2) == 2 and flash.restored_from == "durable"  # past the loss spike
+    assert torch.equal(state["w"], saved[2])
+    assert flash.steps() == {"flash": [2], "durable": [1, 2]}  # what came after is an abandoned timeline
+    assert flash.save(3, {"w": torch.full((64,), 30.0)})  # so training can save those numbers again
+    flash.close()
+    with sw.FlashCheckpointer(
+        "spike", root=tmp_path / "flash", durable=(tmp_path / "durable").as_uri()
+    ) as again:
+        state = {"w": torch.zeros(64)}
+        assert again.restore(state) == 3 and torch.equal(state["w"], torch.full((64,), 30.0))
+
+
+def test_restoring_a_step_no_tier_holds_names_those_that_exist_and_changes_nothing(tmp_path: Path) -> None:
+    flash, _ = _spiky(tmp_path)
+    state = {"w": torch.zeros(64)}
+    with pytest.raises(sw.FlashRestoreError, match=r"step 9 .*flash: 4, 5; durable: 1, 2, 3, 4, 5"):
+        flash.restore(state, step=9)
+    assert torch.equal(state["w"], torch.zeros(64))
+    assert flash.steps() == {"flash": [4, 5], "durable": [1, 2, 3, 4, 5]}
+    for bad in (-1, True, "3", 2.0):
+        with pytest.raises(ValueError, match=r"step=.* is not accepted; use an int >= 0 or None"):
+            flash.restore(state, step=bad)
+    flash.close()

@@ -161,17 +161,27 @@ class FlashCheckpointer:
             )
         return self._engine
 
-    def restore(self, state_dict: MutableMapping[str, Any]) -> int | None:
+    def restore(self, state_dict: MutableMapping[str, Any], *, step: int | None = None) -> int | None:
         """Load the newest complete state into ``state_dict`` in place; return its step, or None.
 
         The newest step any tier holds intact wins (tmpfs, a peer node, the durable store), and
         ``restored_from`` says which: "flash", "peer" or "durable". None means no tier holds a
         checkpoint of this job; one that exists but cannot be read raises FlashRestoreError instead,
-        so training never silently starts over.
+        so training never silently starts over. ``step``: that step instead (to roll back past a loss
+        spike; ``steps()`` lists them); FlashRestoreError naming what each tier holds if none holds it.
+        Training goes on from the step restored: the steps after it are forgotten in every tier.
         """
-        step = self.engine.load(state_dict)
-        self.last_saved_step = step
-        return step
+        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+            raise ValueError(f"step={step!r} is not accepted; use an int >= 0 or None (the newest)")
+        restored = self.engine.load(state_dict, step=step)
+        self.last_saved_step = restored
+        return restored
+
+    def steps(self) -> dict[str, list[int]]:
+        """The steps each tier holds whole: {"flash": [...], "durable": [...]} ("flash" counts every
+        node's tmpfs, replicas on peers included; "durable" only with a durable store). With several
+        ranks this is a collective: call it on every rank."""
+        return self.engine.steps()
 
     def continue_from(self, step: int) -> list[int]:
         """Training goes on from ``step``, restored from elsewhere (e.g. a regular checkpoint file): the

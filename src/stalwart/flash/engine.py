@@ -31,7 +31,7 @@ from .layout import FlashLayout, RankLockedError
 from .objects import DEFAULT_CHUNK, TensorRef, dtype_name, flatten, load_meta
 from .placement import RingPlacement
 from .rankstore import RankStore, StagedObject, VerifiedObject
-from .restore import restore_newest
+from .restore import holdings, restore_newest
 from .uploader import DurableUploader
 
 __all__ = ["FlashEngine", "FlashError", "FlashSpaceError"]
@@ -276,8 +276,9 @@ class FlashEngine:
 
     # loading
 
-    def load(self, state: MutableMapping[str, Any]) -> int | None:
-        """Restore the newest step every rank can obtain from any tier into ``state`` (in place).
+    def load(self, state: MutableMapping[str, Any], *, step: int | None = None) -> int | None:
+        """Restore the newest step every rank can obtain from any tier into ``state`` (in place), or
+        ``step``, which some tier must hold whole (FlashRestoreError naming what each tier holds if not).
 
         Returns the step, or None when no tier holds any checkpoint of this job. Raises
         FlashRestoreError when one exists but cannot be read. Steps newer than the one restored are
@@ -289,7 +290,9 @@ class FlashEngine:
             raise TypeError(f"state must be a dict (a state dict); got {type(state).__name__}")
         self._quiesce()
         self.restored_from = None
-        restored = restore_newest(self.store, self._group, self.copier, self.cluster, self.durable)
+        if step is not None:
+            _check_int("step", step, 0)
+        restored = restore_newest(self.store, self._group, self.copier, self.cluster, self.durable, step=step)
         step = restored.step
         failure: BaseException | None = None
         if restored.verified is not None:
@@ -311,6 +314,18 @@ class FlashEngine:
         self.restored_from = restored.source
         self._cut_timeline(step, restored.durable_steps, durable_listed=restored.durable_steps is not None)
         return step
+
+    def steps(self) -> dict[str, list[int]]:
+        """Collective: the steps each tier holds whole, {"flash": [...], "durable": [...]} (flash counts
+        every node's tmpfs, replicas included; "durable" is absent without a durable store)."""
+        self._check_open()
+        found = holdings(self.store, self._group, self.cluster, self.durable)
+        listed = {"flash": sorted(found.flash)}
+        if self.durable is not None:
+            if found.durable is None:
+                raise FlashRestoreError(f"the durable store {self.durable.url} could not be listed")
+            listed["durable"] = sorted(found.durable)
+        return listed
 
     def continue_from(self, step: int) -> list[int]:
         """Training goes on from ``step``, restored from elsewhere (a regular checkpoint file): this

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from .copier import Copier
     from .durable import DurableTier
 
-__all__ = ["Restored", "restore_newest"]
+__all__ = ["Holdings", "Restored", "holdings", "restore_newest"]
 
 log = logging.getLogger("stalwart.flash")
 
@@ -55,11 +55,24 @@ class _Attempt:
     source: str | None = None
 
 
-def restore_newest(
-    store: RankStore, group: Any, copier: Copier, cluster: Cluster | None, durable: DurableTier | None
-) -> Restored:
-    """Collective: obtain and verify the newest whole step on this rank (see the module docstring)."""
-    job = store.layout.job_id
+@dataclass(frozen=True)
+class Holdings:
+    """What the tiers hold whole, the same on every rank (``holdings``)."""
+
+    flash: frozenset[int]  # every rank's object is in some node's tmpfs (its own, or a replica)
+    holders: dict[tuple[int, int], list[int]]  # (step, rank) -> ranks whose node holds it (several nodes)
+    durable: frozenset[int] | None  # complete in the durable store; None when it could not be listed
+    durable_unreadable: list[str]  # durable commit records that exist but cannot be read
+
+    def describe(self) -> str:
+        durable = (
+            "not listed" if self.durable is None else ", ".join(map(str, sorted(self.durable))) or "none"
+        )
+        return f"flash: {', '.join(map(str, sorted(self.flash))) or 'none'}; durable: {durable}"
+
+
+def holdings(store: RankStore, group: Any, cluster: Cluster | None, durable: DurableTier | None) -> Holdings:
+    """Collective: the steps each tier holds whole."""
     if cluster is not None:
         holders = cluster.holders(store, group)
         flash_steps = cluster.whole_steps(holders)
@@ -68,7 +81,36 @@ def restore_newest(
         held = group.gather(sorted(store.own))
         flash_steps = set(held[0]).intersection(*held[1:])
     durable_steps, durable_unreadable = _durable_steps(durable, store.world_size, group)
-    candidates = sorted(flash_steps | (durable_steps or set()), reverse=True)
+    return Holdings(frozenset(flash_steps), holders, durable_steps, durable_unreadable)
+
+
+def restore_newest(
+    store: RankStore,
+    group: Any,
+    copier: Copier,
+    cluster: Cluster | None,
+    durable: DurableTier | None,
+    *,
+    step: int | None = None,
+) -> Restored:
+    """Collective: obtain and verify the newest whole step on this rank (see the module docstring), or
+    ``step``, which some tier must hold whole: it is not traded for an older one."""
+    job = store.layout.job_id
+    found = holdings(store, group, cluster, durable)
+    holders, durable_steps, durable_unreadable = found.holders, found.durable, found.durable_unreadable
+    candidates = sorted(found.flash | (durable_steps or set()), reverse=True)
+    if step is not None:
+        if step not in candidates:
+            unlisted = (
+                " (the durable store, which may hold it, could not be listed)"
+                if durable_steps is None
+                else ""
+            )
+            raise FlashRestoreError(
+                f"step {step} of flash job {job!r} is held whole by no tier{unlisted}, so nothing was "
+                f"restored; the steps each tier holds: {found.describe()}"
+            )
+        candidates = [step]
     skipped: list[str] = []
     for step in candidates:
         if skipped and durable is not None and durable_steps is None:
@@ -94,6 +136,11 @@ def restore_newest(
         skipped.append(f"step {step} ({bad})")
         if store.rank == 0:
             log.warning("flash: not restoring step %d of job %s: %s; trying an older step", step, job, bad)
+    if step is not None:
+        raise FlashRestoreError(
+            f"step {step} of flash job {job!r} failed verification on some rank, so nothing was restored: "
+            f"{'; '.join(skipped[:4])}; the steps each tier holds: {found.describe()}"
+        )
     if candidates:
         raise FlashRestoreError(
             f"every step of flash job {job!r} failed verification on some rank, so nothing was restored: "
