@@ -17,9 +17,17 @@ from stalwart.flash.buffers import BufferPool
 from stalwart.flash.copier import Copier
 from stalwart.flash.engine import FlashEngine
 from stalwart.flash.layout import FlashLayout
-from stalwart.flash.objects import TensorRef
-from stalwart.flash.rankstore import RankStore
-from stalwart.flash.replication import Peer, ReplicaKeeper, ReplicationServer, RingPlacement, pull
+from stalwart.flash.objects import PACKED_HEADER_SIZE, CorruptObjectError, Header, TensorRef, load_meta
+from stalwart.flash.rankstore import RankStore, read_head
+from stalwart.flash.replication import (
+    Peer,
+    ReplicaKeeper,
+    ReplicationServer,
+    RingPlacement,
+    held_by,
+    pull,
+    pull_head,
+)
 from stalwart.flash.transport import AuthError, Connection, ServerHandshake
 
 
@@ -69,6 +77,28 @@ def test_an_authenticated_peer_pulls_a_verified_object(server, tmp_path: Path) -
     )
     del verified
     pool.close()
+
+
+def test_a_peer_lists_what_its_node_holds_and_serves_an_object_head_verified(server) -> None:
+    """What a DCP load asks of the other nodes inside DCP's steps, where it must not wait for their
+    training processes: what each holds, and the metadata of an object without its tensor bytes."""
+    srv, layout = server
+    peer = Peer(0, "a", srv.address)
+    assert held_by(peer, b"s" * 32) == (True, [(7, 0, 1)])
+    record = layout.read_commit(7, 0)
+    meta = pull_head(peer, 7, 0, b"s" * 32)
+    assert meta == read_head(layout.object_path(7, 0), record)
+    assert load_meta(meta)[0] == {"w": TensorRef(0)}
+    with pytest.raises(ConnectionError, match="cannot serve step 8"):
+        pull_head(peer, 8, 0, b"s" * 32)
+    header = Header.unpack(layout.object_path(7, 0).read_bytes()[:PACKED_HEADER_SIZE], where="test")
+    with open(layout.object_path(7, 0), "r+b") as file:  # a flipped byte of the metadata on that node
+        file.seek(header.meta_offset)
+        first = file.read(1)
+        file.seek(header.meta_offset)
+        file.write(bytes([first[0] ^ 0xFF]))
+    with pytest.raises(CorruptObjectError, match="metadata checksum mismatch"):
+        pull_head(peer, 7, 0, b"s" * 32)
 
 
 def test_the_same_replica_twice_changes_nothing_and_leaks_nothing(server, tmp_path: Path) -> None:

@@ -458,15 +458,11 @@ def verify_mapped(buffer: Buffer, record: CommitRecord, copier: Copier, *, where
     if entry["size"] > size:
         raise CorruptObjectError(f"{where}: truncated to {size} bytes, committed with {entry['size']}")
     view = buffer.view
-    raw_header = bytes(view[:PACKED_HEADER_SIZE])  # copies: no view of the map outlives this call
-    if hash_bytes(raw_header) != entry["header_hash"]:
-        raise CorruptObjectError(f"{where}: header does not match its commit record")
-    header = Header.unpack(raw_header, where=where)
-    if header.step != record.step or header.rank != record.rank or header.end > buffer.capacity:
-        raise CorruptObjectError(f"{where}: header names step {header.step}, rank {header.rank}")
+    header = verify_header(bytes(view[:PACKED_HEADER_SIZE]), record, where)  # copies: no view outlives this
+    if header.end > buffer.capacity:
+        raise CorruptObjectError(f"{where}: header names {header.end} bytes, more than the object holds")
     meta_region = bytes(view[header.meta_offset : header.end])
-    if hash_bytes(meta_region) != header.meta_hash:
-        raise CorruptObjectError(f"{where}: metadata checksum mismatch")
+    meta = verify_meta(meta_region, header, where)
     hashes = unpack_hashes(meta_region[len(meta_region) - 8 * header.chunks :], header.chunks)
     actual = copier.hash_data(view, header.data_size, header.chunk_size)
     bad = [i for i, (a, b) in enumerate(zip(actual, hashes, strict=True)) if a != b]
@@ -476,5 +472,30 @@ def verify_mapped(buffer: Buffer, record: CommitRecord, copier: Copier, *, where
             f"{where}: data checksum mismatch in {len(bad)} chunk(s), the first at bytes "
             f"{first}-{first + header.chunk_size}"
         )
-    meta = meta_region[: len(meta_region) - 8 * header.chunks]
     return VerifiedObject(record.step, record.rank, buffer, header, meta)
+
+
+def verify_header(raw_header: bytes, record: CommitRecord, where: str) -> Header:
+    """An object's packed header, checked against its commit record."""
+    if hash_bytes(raw_header) != record.objects[0]["header_hash"]:
+        raise CorruptObjectError(f"{where}: header does not match its commit record")
+    header = Header.unpack(raw_header, where=where)
+    if header.step != record.step or header.rank != record.rank:
+        raise CorruptObjectError(f"{where}: header names step {header.step}, rank {header.rank}")
+    return header
+
+
+def verify_meta(meta_region: bytes, header: Header, where: str) -> bytes:
+    """The metadata of an object (its meta region checked against the header, chunk hashes cut off):
+    what a reader that needs no tensor bytes verifies."""
+    if len(meta_region) != header.meta_size or hash_bytes(meta_region) != header.meta_hash:
+        raise CorruptObjectError(f"{where}: metadata checksum mismatch")
+    return meta_region[: len(meta_region) - 8 * header.chunks]
+
+
+def read_head(path: Path, record: CommitRecord) -> bytes:
+    """The verified metadata of the committed object at ``path``, read without its tensor bytes."""
+    with open(path, "rb") as file:
+        header = verify_header(file.read(PACKED_HEADER_SIZE), record, str(path))
+        file.seek(header.meta_offset)
+        return verify_meta(file.read(header.meta_size), header, str(path))

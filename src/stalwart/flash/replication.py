@@ -24,9 +24,9 @@ from .board import Board
 from .buffers import Buffer, BufferPool, FlashSpaceError
 from .copier import Copier
 from .layout import CommitRecord, FlashLayout
-from .objects import HEADER_SIZE, CorruptObjectError
+from .objects import HEADER_SIZE, PACKED_HEADER_SIZE, CorruptObjectError, Header
 from .placement import Peer, RingPlacement
-from .rankstore import VerifiedObject, verify_mapped
+from .rankstore import VerifiedObject, verify_header, verify_mapped, verify_meta
 from .transport import (
     HANDSHAKE_DEADLINE,
     HANDSHAKE_SLOTS,
@@ -46,6 +46,7 @@ __all__ = [
     "RingPlacement",
     "held_by",
     "pull",
+    "pull_head",
 ]
 
 log = logging.getLogger("stalwart.flash")
@@ -228,8 +229,35 @@ class ReplicationServer:
             return self._put(conn, request)
         if op == "list":
             return self._list(conn)
-        why = f"unknown operation {short(op)}; use 'get', 'put' or 'list'"
+        if op == "head":
+            return self._head(conn, request)
+        why = f"unknown operation {short(op)}; use 'get', 'put', 'list' or 'head'"
         return self._refuse(conn, request, why, keep=True)
+
+    def _head(self, conn: Connection, request: dict) -> bool:
+        """A committed object's packed header and meta region, without its tensor bytes (a reader that
+        needs only the metadata: DCP's global metadata rides in the coordinator's object)."""
+        parsed = self._parse(request)
+        if parsed is None:
+            return self._refuse(conn, request, "not an object name of this job", keep=True)
+        record = self.layout.read_commit(*parsed)
+        path = self.layout.object_path(*parsed)
+        try:
+            if record is None:
+                raise FileNotFoundError(path)
+            with open(path, "rb") as file:
+                raw_header = file.read(PACKED_HEADER_SIZE)
+                header = Header.unpack(raw_header, where=str(path))
+                file.seek(header.meta_offset)
+                meta_region = file.read(header.meta_size)
+        except (OSError, ValueError) as exc:  # the client verifies what it gets; this it cannot read
+            conn.send_header({"ok": False, "error": f"no readable object {request['object']} here: {exc}"})
+            return True
+        conn.send_header(
+            {"ok": True, "commit": record.__dict__, "header": len(raw_header), "meta": len(meta_region)}
+        )
+        conn.sock.sendall(raw_header + meta_region)
+        return True
 
     def _list(self, conn: Connection) -> bool:
         """What this node holds: [step, rank, world size] of every committed object in its flash root."""
@@ -358,6 +386,36 @@ def held_by(peer: Peer, secret: bytes) -> tuple[bool, list[tuple[int, int, int]]
             raise ConnectionError(f"rank {peer.rank} listed a malformed object {short(item)}")
         items.append((item[0], item[1], item[2]))
     return job, items
+
+
+def pull_head(peer: Peer, step: int, rank: int, secret: bytes) -> bytes:
+    """The verified metadata of a committed object on ``peer``, without its tensor bytes."""
+    conn = Connection.connect(peer.address, secret)
+    try:
+        conn.send_header({"op": "head", "object": object_name(step, rank)})
+        reply = conn.recv_header()
+        if reply.get("ok") is not True:
+            raise ConnectionError(
+                f"rank {peer.rank} cannot serve step {step} of rank {rank}: {str(reply.get('error'))[:300]}"
+            )
+        try:
+            record = record_from_wire(reply.get("commit"))
+        except ValueError as exc:
+            raise ConnectionError(
+                f"rank {peer.rank} sent a bad commit record for step {step}: {exc}"
+            ) from None
+        sizes = reply.get("header"), reply.get("meta")
+        if (record.step, record.rank) != (step, rank) or sizes[0] != PACKED_HEADER_SIZE:
+            raise ConnectionError(f"rank {peer.rank} answered for step {record.step} of rank {record.rank}")
+        if not typed_int(sizes[1]) or not 0 < sizes[1] <= record.objects[0]["size"]:
+            raise ConnectionError(f"rank {peer.rank} announced a meta region of {short(sizes[1])} bytes")
+        raw = bytearray(PACKED_HEADER_SIZE + sizes[1])
+        conn.recv_into(memoryview(raw))
+    finally:
+        conn.close()
+    where = f"{object_name(step, rank)} from rank {peer.rank}"
+    header = verify_header(bytes(raw[:PACKED_HEADER_SIZE]), record, where)
+    return verify_meta(bytes(raw[PACKED_HEADER_SIZE:]), header, where)
 
 
 def pull(

@@ -41,6 +41,9 @@ from ..durable import DurableTier
 from ..engine import FlashEngine
 from ..errors import FlashRestoreError
 from ..layout import FlashLayout
+from ..objects import CorruptObjectError
+from ..rankstore import read_head
+from ..replication import pull_head
 from .steps import FlashItem, is_step_id, metadata_of, step_of
 from .survey import Fetched, Survey, fetch, survey, survey_alone
 
@@ -148,8 +151,7 @@ class FlashStorageReader(StorageReader):
         engine = self._open_engine()
         self.step, self._world = step, whole[step]
         self._resume = requested is None or step == max(whole)
-        fetched = self._object(0)
-        metadata = metadata_of(fetched.verified, f"rank 0's object of flash step {step}")
+        metadata = self._metadata(engine, found, step)
         if metadata.storage_meta is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id or uuid.uuid4().hex
@@ -359,6 +361,30 @@ class FlashStorageReader(StorageReader):
                     self.layout.object_path(found, owner).unlink(missing_ok=True)
             self.layout.remove_step_if_abandoned(found)
         engine.forget_after(step, generation)
+
+    def _metadata(self, engine: FlashEngine, found: Survey, step: int) -> Metadata:
+        """DCP's global metadata from the coordinator's object of ``step``: its head only (header and
+        meta region, verified) from this node or a peer, else the whole object (the durable store)."""
+        where = f"rank 0's object of flash step {step}"
+        said: list[str] = []
+        record = self.layout.read_commit(step, 0)
+        if record is not None and record.world_size == self._world:
+            try:
+                return metadata_of(read_head(self.layout.object_path(step, 0), record), where)
+            except (CorruptObjectError, OSError) as exc:
+                said.append(str(exc))
+        cluster = engine.cluster
+        for holder in found.flash_holders(step, 0, self._world) if cluster is not None else []:
+            peer = cluster.peers[holder]
+            if peer.node == cluster.node:
+                continue
+            try:
+                return metadata_of(pull_head(peer, step, 0, cluster.secret), where)
+            except (CorruptObjectError, OSError, ValueError) as exc:
+                said.append(f"the copy on rank {holder} ({peer.node}): {exc}")
+        if said:
+            log.warning("flash: reading the metadata of step %d: %s", step, "; ".join(said[:4]))
+        return metadata_of(self._object(0).verified.meta, where)  # verified whole, from any tier that has it
 
     def _object(self, rank: int) -> Fetched:
         opened = self._opened.get(rank)

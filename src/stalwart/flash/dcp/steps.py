@@ -23,7 +23,6 @@ if TYPE_CHECKING:
     from torch.distributed.checkpoint.metadata import Metadata
 
     from ..layout import FlashLayout
-    from ..rankstore import VerifiedObject
 
 __all__ = ["FORMAT", "FlashItem", "is_step_id", "metadata_of", "skeleton", "step_of"]
 
@@ -74,9 +73,9 @@ def skeleton(metadata: bytes | None) -> dict[str, Any]:
     return {"format": FORMAT} if metadata is None else {"format": FORMAT, "metadata": metadata}
 
 
-def metadata_of(verified: VerifiedObject, where: str) -> Metadata:
-    """The global DCP metadata carried by a verified coordinator object."""
-    found, _ = load_meta(verified.meta)
+def metadata_of(meta: bytes, where: str) -> Metadata:
+    """The global DCP metadata carried by a coordinator object (``meta``: its verified metadata)."""
+    found, _ = load_meta(meta)
     if not isinstance(found, dict) or found.get("format") != FORMAT:
         raise ValueError(
             f"{where} was not saved through FlashStorageWriter (a FlashCheckpointer object?); load it "
