@@ -283,6 +283,21 @@ def test_every_kind_of_every_task_validates(schemas: dict[str, dict]) -> None:
             validate(render(task, kind, run_id="a-run-1", checkpoint_store=STORE, namespace="ns"), schemas)
 
 
+def test_pods_get_the_time_a_save_on_sigterm_needs(schemas: dict[str, dict]) -> None:
+    """Between SIGTERM and SIGKILL a pod's flash checkpointer saves its newest step (issue 11)."""
+    pod = render(evaluate, "pod", run_id="eval-1", checkpoint_store=STORE)
+    job = render(ddp_cpu, "pytorchjob", run_id="ddp-1", checkpoint_store=STORE)
+    template = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]
+    for spec in (pod["spec"], template["spec"]):
+        assert spec["terminationGracePeriodSeconds"] == 30
+        assert (
+            spec["terminationGracePeriodSeconds"]
+            > sw.FlashCheckpointer.__init__.__kwdefaults__["grace_period"]
+        )
+    validate(pod, schemas)
+    validate(job, schemas)
+
+
 def test_shared_memory_and_omp_threads() -> None:
     ddp = render(ddp_cpu, run_id="d-1", checkpoint_store=STORE)
     container = ddp["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]

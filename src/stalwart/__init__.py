@@ -47,6 +47,7 @@ _EXPORTS: dict[str, str] = {
     "FlashError": "stalwart.flash.errors",
     "FlashSpaceError": "stalwart.flash.errors",
     "FlashRestoreError": "stalwart.flash.errors",
+    "Preempted": "stalwart.flash.preemption",
 }
 
 __all__ = [  # spelled out for linters and IDEs; a test checks it matches _EXPORTS
@@ -68,6 +69,7 @@ __all__ = [  # spelled out for linters and IDEs; a test checks it matches _EXPOR
     "FlashStorageWriter",
     "Neuron",
     "NonRetryableError",
+    "Preempted",
     "Resources",
     "RetryStrategy",
     "Run",
@@ -107,6 +109,7 @@ if TYPE_CHECKING:
     from .flash.checkpointer import FlashCheckpointer
     from .flash.dcp import FlashStorageReader, FlashStorageWriter
     from .flash.errors import FlashError, FlashRestoreError, FlashSpaceError
+    from .flash.preemption import Preempted
     from .resources import Resources
     from .retry import Backoff, NonRetryableError, RetryStrategy
     from .runtime.runner import Run, RunFailedError, run, with_runcontext

@@ -171,6 +171,7 @@ def _execute(
     quiet: bool,
     rerun: bool = False,
 ) -> int:
+    from ..flash.preemption import Preempted
     from ..runtime.runner import RunFailedError, new_run_id, with_runcontext
 
     try:
@@ -195,6 +196,9 @@ def _execute(
     except RunFailedError as exc:
         print(f"stalwart: {exc}", file=sys.stderr)
         return 1
+    except Preempted as exc:  # SIGTERM: the attempt saved its newest step; the same run id resumes
+        print(f"stalwart: {exc}", file=sys.stderr)
+        return exc.code if isinstance(exc.code, int) else 143
     except (TypeError, ValueError) as exc:  # inputs that do not pickle, a run id of another task...
         raise CliError(str(exc)) from None
     except FileNotFoundError as exc:  # a run that succeeded, whose output file is gone

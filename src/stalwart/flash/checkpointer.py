@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
 from .. import config
 from ..context import ctx
+from . import preemption
 from .durable import DurableTier
 from .engine import FlashEngine
 from .layout import FlashLayout, check_job_id
@@ -71,6 +73,8 @@ class FlashCheckpointer:
         threads: int | None = None,
         chunk_size: int = DEFAULT_CHUNK,
         on_durable_error: str = "warn",
+        save_on_preemption: bool = True,
+        grace_period: float = preemption.DEFAULT_GRACE_PERIOD,
     ) -> None:
         context = ctx()
         if job_id is None:
@@ -121,8 +125,23 @@ class FlashCheckpointer:
                 "warning with the lag, raised at wait()/close()) or 'raise' (raised by the next save)"
             )
         self.on_durable_error = on_durable_error
+        if not isinstance(save_on_preemption, bool):
+            raise ValueError(f"save_on_preemption={save_on_preemption!r} is not accepted; use True or False")
+        if (
+            isinstance(grace_period, bool)
+            or not isinstance(grace_period, (int, float))
+            or not grace_period > 0
+        ):
+            raise ValueError(
+                f"grace_period={grace_period!r} is not accepted; use the seconds a save may take after "
+                f"SIGTERM (> 0; Kubernetes kills {preemption.TERMINATION_GRACE_SECONDS} s after it)"
+            )
+        self.grace_period = float(grace_period)
         self._engine: FlashEngine | None = None
         self.last_saved_step: int | None = None
+        self._seen_step: int | None = None  # the newest step maybe_save/save was called with
+        self._grace_checked = False
+        self.save_on_preemption = save_on_preemption and preemption.watch(self)
 
     @property
     def job_dir(self) -> Path:
@@ -203,18 +222,88 @@ class FlashCheckpointer:
         ``step`` is a multiple of ``durable_every_n_steps``. Returns False if the step was already saved."""
         if durable is None:
             durable = bool(self.durable_every_n_steps) and step % self.durable_every_n_steps == 0
+        self._seen_step = step
+        if self.save_on_preemption and preemption.notice() is not None:
+            self._save_and_stop(step, state_dict)
         saved = self.engine.save(step, state_dict, blocking=not self.async_save, durable=durable)
         if saved:
             self.last_saved_step = step
+            self._check_grace()
         return saved
 
+    def _check_grace(self) -> None:
+        """Once: a grace period shorter than one save means a preemption save cannot finish."""
+        if self._grace_checked or not self.save_on_preemption:
+            return
+        self._grace_checked = True
+        blocked = self.engine.last_save_blocked
+        if blocked > self.grace_period:
+            log.warning(
+                "flash: one save took %.1f s, longer than grace_period=%.0f s: a save on SIGTERM would not "
+                "finish before the kill; raise grace_period (and the pod's terminationGracePeriodSeconds)",
+                blocked,
+                self.grace_period,
+            )
+
     def maybe_save(self, step: int, state_dict: MutableMapping[str, Any]) -> bool:
-        """Save if ``step`` is a multiple of ``every_n_steps`` (and not saved yet); True if it saved."""
+        """Save if ``step`` is a multiple of ``every_n_steps`` (and not saved yet); True if it saved.
+        Call it at every step boundary: after SIGTERM it saves this step whatever its number and raises
+        ``Preempted`` (see ``save_on_preemption``)."""
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step={step!r} is not accepted; use an int >= 0")
+        self._seen_step = step
+        if self.save_on_preemption and preemption.notice() is not None:
+            self._save_and_stop(step, state_dict)
         if step % self.every_n_steps or step == self.last_saved_step:
             return False
         return self.save(step, state_dict)
+
+    # preemption
+
+    def preempted_at(self, at: float) -> None:
+        """SIGTERM arrived (called by the signal handler): watch the grace period."""
+        if not self.save_on_preemption:
+            return
+        preemption.start_watchdog(at + self.grace_period, self._late)
+        blocked = self._engine.last_save_blocked if self._engine is not None else 0.0
+        if blocked > self.grace_period:
+            log.error(
+                "flash: a save took %.1f s, longer than the %.0f s grace period: the preemption save may not "
+                "finish, and the %s since step %s would be lost",
+                blocked,
+                self.grace_period,
+                self._lag(),
+                self.last_saved_step,
+            )
+
+    def _lag(self) -> str:
+        steps = (self._seen_step or 0) - (self.last_saved_step or 0)
+        return f"{steps} step{'s' * (steps != 1)}"
+
+    def _late(self) -> str | None:
+        if self._seen_step is not None and self._seen_step == self.last_saved_step:
+            return None
+        return (
+            f"no step boundary (maybe_save) within the {self.grace_period:.0f} s grace period after SIGTERM: "
+            f"the {self._lag()} after step {self.last_saved_step} will be lost when the process is killed"
+        )
+
+    def _save_and_stop(self, step: int, state_dict: MutableMapping[str, Any]) -> None:
+        """The preemption save: this step, now, with its durable copy if there is a store, then wait
+        for replicas and uploads (the next attempt may run elsewhere) and stop."""
+        if step != self.last_saved_step:
+            self.engine.save(step, state_dict, blocking=True, durable=self.durable_url is not None)
+            self.last_saved_step = step
+        self.wait()
+        at = preemption.notice() or 0.0
+        took = time.monotonic() - at
+        where = (
+            "flash"
+            + (", its replicas" if self.replicas else "")
+            + (" and durable" if self.durable_url else "")
+        )
+        log.warning("flash: preempted: step %d saved to %s %.1f s after SIGTERM", step, where, took)
+        raise preemption.Preempted(f"preempted by SIGTERM: step {step} saved to {where}", step)
 
     def wait(self) -> None:
         """Block until background commits and uploads finish; raise what failed."""

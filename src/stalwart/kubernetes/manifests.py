@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from stalwart import config
 from stalwart.elastic import Elastic, RunPolicy
 from stalwart.flash.layout import ROOT_ENV as FLASH_ROOT_ENV
+from stalwart.flash.preemption import TERMINATION_GRACE_SECONDS
 from stalwart.kubernetes.command import default_command, input_args, script_of
 from stalwart.kubernetes.resources import SHM_MOUNT_PATH, SHM_VOLUME_NAME, KubernetesResources
 
@@ -145,6 +146,10 @@ class Launch:
         return f"{self.checkpoint_store.rstrip('/')}/{self.run_id}"
 
 
+# Seconds between SIGTERM and SIGKILL: a flash checkpointer saves on SIGTERM within its grace period
+GRACE = TERMINATION_GRACE_SECONDS
+
+
 def checkpoint_store_for(task: Task, checkpoint_store: str | None = None) -> str:
     """The store the pods use: the argument, the task's, ``$STALWART_CHECKPOINT_STORE``, else pod-local."""
     return (
@@ -184,7 +189,7 @@ def pod_manifest(task: Task, launch: Launch) -> dict:
             "render a pytorchjob or a trainjob instead"
         )
     container = _container("main", task, launch)
-    spec = {"restartPolicy": "Never", "containers": [container]}
+    spec = {"restartPolicy": "Never", "terminationGracePeriodSeconds": GRACE, "containers": [container]}
     return {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -203,7 +208,9 @@ def pytorchjob_manifest(task: Task, launch: Launch) -> dict:
     container = {**_container(PYTORCH_CONTAINER, task, launch), "ports": [dict(PYTORCH_PORT)]}
     template = {
         "metadata": {"labels": _labels(task, launch)},
-        "spec": _pod_resources(task).apply({"containers": [container]}),
+        "spec": _pod_resources(task).apply(
+            {"terminationGracePeriodSeconds": GRACE, "containers": [container]}
+        ),
     }
     policy: dict[str, Any] = {
         "rdzvBackend": "c10d",
@@ -243,6 +250,8 @@ def trainjob_manifest(
 
     Node selectors, tolerations and ``/dev/shm`` go into ``podSpecOverrides`` of ``target_job`` (the
     runtime's replicated job) and its ``container``; the defaults match the torch-distributed runtime.
+    The time between SIGTERM and SIGKILL is the runtime's pod template's (``podSpecOverrides`` cannot
+    set it; Kubernetes' default 30 s fits the flash checkpointer's default grace period).
     """
     elastic = task.elastic
     trainer: dict[str, Any] = {

@@ -21,7 +21,7 @@ __all__ = ["Outcome", "describe_exit", "load_output", "oom_kill_count", "read_ou
 @dataclass(frozen=True)
 class Outcome:
     ok: bool
-    status: str  # succeeded, failed, killed, exited
+    status: str  # succeeded, failed, killed, exited, preempted
     description: str | None  # a predicate: "raised ValueError: ...", "was killed by SIGKILL"
     exit_code: int | None
     result: AttemptResult | None
@@ -99,6 +99,8 @@ def read_outcome(attempt_dir: Path, code: int, oom_kills: tuple[int | None, int 
             return Outcome(False, "failed", description, code, result, retryable=False)
         return Outcome(True, "succeeded", None, code, result, output)
     if result is not None and not result.ok:
+        if getattr(result, "preempted", False):  # a result file of an older stalwart has no such field
+            return Outcome(False, "preempted", f"was preempted: {result.error_message}", code, result)
         if result.description:  # an elastic attempt: which worker failed first, and how
             description = f"failed: {result.description}"
         else:

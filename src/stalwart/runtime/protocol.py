@@ -58,6 +58,7 @@ class AttemptResult:
     retryable: bool = True
     description: str | None = None  # how the attempt failed, when more than "raised <type>: <message>"
     extra: dict = field(default_factory=dict)
+    preempted: bool = False  # stopped by SIGTERM after saving its newest step (flash.preemption)
 
 
 def write_atomic(path: Path, payload: bytes) -> None:

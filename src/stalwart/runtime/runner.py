@@ -14,16 +14,19 @@ import os
 import pickle
 import re
 import secrets
+import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 from .. import config
 from ..environment import Task
+from ..flash.preemption import Preempted
 from ..retry import NonRetryableError, RetryStrategy
 from .outcome import Outcome, load_output, oom_kill_count, read_outcome
 from .processes import kill_tree
@@ -191,6 +194,10 @@ class _Runner:
         self.home = Path(options.home).expanduser() if options.home else config.home()
         self.store = RunStore(self.home / "runs.db")
         self.store.check()  # a damaged file is reported before any attempt, never worked around
+        self._stopping = False  # SIGTERM came: no further attempt here
+
+    def _stop(self) -> None:
+        self._stopping = True
 
     def run(self) -> Run:
         retries = self.task.retries
@@ -227,6 +234,11 @@ class _Runner:
                     self.store.add_event(run_id, number, "backoff", f"{delay:.3f} s")
                     time.sleep(delay)
             outcome = self._attempt(run_id, number, checkpoint_uri, last + 1)
+            if self._stopping and not outcome.ok:  # this machine is going away: the next one resumes
+                why = f"preempted (SIGTERM) during attempt {number}, which {outcome.description}"
+                self.store.finish_run(run_id, "preempted", why)
+                log.warning("run %s: %s; run it again (same run id) to resume", run_id, why)
+                raise Preempted(f"run {run_id} was {why}")
             if outcome.ok:
                 self.store.finish_run(run_id, "succeeded")
                 return self._record(run_id, "succeeded", outcome.output)
@@ -385,6 +397,7 @@ class _Runner:
                 start_new_session=True,
             )
         tails = []
+        forwarding = _forward_sigterm(proc, self._stop)
         try:
             self.store.start_attempt(run_id, number, proc.pid, str(attempt_dir))
             if self.options.echo:
@@ -402,6 +415,7 @@ class _Runner:
                 self.store.finish_run(run_id, "aborted", "the runner was interrupted")
             raise
         finally:
+            forwarding.close()
             done.set()
             for tail in tails:
                 tail.join(timeout=5)
@@ -446,6 +460,35 @@ class _Runner:
                 cause.__cause__ = RemoteTraceback(result.traceback)
                 error.__cause__ = cause
         return error
+
+
+class _Forwarding:
+    """SIGTERM to the runner goes to the attempt's process group while the attempt runs: it saves its
+    newest step and stops (a flash checkpointer answers SIGTERM), where dying with the runner would
+    lose the steps since the last save."""
+
+    def __init__(self, previous: Any) -> None:
+        self.previous = previous
+
+    def close(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+            self.previous = None
+
+
+def _forward_sigterm(proc: subprocess.Popen, stopped: Callable[[], None]) -> _Forwarding:
+    if threading.current_thread() is not threading.main_thread():
+        return _Forwarding(None)  # only the main thread may set handlers: the runner dies as before
+
+    def forward(signum: int, frame: Any) -> None:
+        stopped()
+        log.warning(
+            "stalwart: SIGTERM: passing it to attempt process %d and waiting for it to stop", proc.pid
+        )
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGTERM)
+
+    return _Forwarding(signal.signal(signal.SIGTERM, forward))
 
 
 def _inputs_text(inputs: dict[str, str]) -> str:

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..flash.preemption import Preempted
 from ..retry import NonRetryableError
 from .elastic_failures import WorkerFailedError
 from .processes import die_with_parent
@@ -116,6 +117,7 @@ def failure_result(exc: BaseException) -> AttemptResult:
         traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
         exception=pickled,
         retryable=not isinstance(exc, NonRetryableError),
+        preempted=isinstance(exc, Preempted),
     )
 
 

@@ -1,0 +1,96 @@
+"""Saving on a preemption notice: SIGTERM (what Kubernetes, SLURM and spot reclaimers send first) is
+answered by one more flash save at the next step boundary, then a clean exit.
+
+The signal handler only notes the time: a save in the middle of an optimizer step would capture a
+state that never existed. ``FlashCheckpointer.maybe_save`` (or ``save``), called at every step
+boundary, sees the note, saves the step at once with its replicas and durable copy, and raises
+``Preempted`` (a ``SystemExit``, code 143 as for SIGTERM): the training loop ends, the task's runner
+records the attempt as preempted, and the retry resumes from that step. If no step boundary comes
+within the grace period, a watchdog says how many steps will be lost before the kill arrives.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["DEFAULT_GRACE_PERIOD", "TERMINATION_GRACE_SECONDS", "Preempted", "notice", "watch"]
+
+log = logging.getLogger("stalwart.flash")
+
+DEFAULT_GRACE_PERIOD = 25.0  # seconds a preemption save may take: fits Kubernetes' default 30 s
+TERMINATION_GRACE_SECONDS = 30  # what rendered manifests give a pod between SIGTERM and SIGKILL
+
+
+class Preempted(SystemExit):
+    """The process was told to stop (SIGTERM) and saved its newest step first: not a crash."""
+
+    def __init__(self, message: str, step: int | None = None) -> None:
+        super().__init__(128 + signal.SIGTERM)
+        self.message, self.step = message, step
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self) -> tuple:
+        return (Preempted, (self.message, self.step))
+
+
+class _Notice:
+    """When this process was told to stop (None: it was not), and who is waiting to hear it."""
+
+    def __init__(self) -> None:
+        self.at: float | None = None
+        self.installed = False
+        self.previous: Any = None
+        self.listeners: weakref.WeakSet[Any] = weakref.WeakSet()
+        self.lock = threading.Lock()
+
+    def handle(self, signum: int, frame: Any) -> None:
+        if self.at is None:
+            self.at = time.monotonic()
+            log.warning("flash: SIGTERM received: saving the newest step at the next step boundary")
+            for listener in list(self.listeners):
+                listener.preempted_at(self.at)
+        previous = self.previous
+        if callable(previous):  # a handler of the application's own still hears it
+            previous(signum, frame)
+
+
+_notice = _Notice()
+
+
+def notice() -> float | None:
+    """The monotonic time SIGTERM arrived, or None."""
+    return _notice.at
+
+
+def watch(listener: Any) -> bool:
+    """Answer SIGTERM for ``listener`` (its ``preempted_at(t)`` is called in the handler). The handler is
+    installed once per process, from the main thread only (Python's rule); False if it could not be."""
+    with _notice.lock:
+        if not _notice.installed:
+            if threading.current_thread() is not threading.main_thread():
+                log.info("flash: not answering SIGTERM: the checkpointer was made outside the main thread")
+                return False
+            _notice.previous = signal.signal(signal.SIGTERM, _notice.handle)
+            _notice.installed = True
+        _notice.listeners.add(listener)
+    return True
+
+
+def start_watchdog(deadline: float, late: Callable[[], str | None]) -> None:
+    """At ``deadline`` (monotonic), log what ``late()`` says will be lost, unless it says nothing."""
+
+    def run() -> None:
+        time.sleep(max(0.0, deadline - time.monotonic()))
+        message = late()
+        if message:
+            log.error("flash: %s", message)
+
+    threading.Thread(target=run, name="stalwart-preemption-watchdog", daemon=True).start()

@@ -1,0 +1,133 @@
+"""A preemption notice (SIGTERM) is answered by a flash save at the next step boundary and a clean stop;
+the run records the attempt as preempted and the retry resumes from that step (issue 11)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import flash_tasks
+import pytest
+
+import stalwart as sw
+from stalwart.runtime.store import RunStore
+
+HERE = Path(__file__).parent
+
+
+def _weights_equal(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(x.equal(y) for x, y in zip(a, b, strict=True))
+
+
+def test_sigterm_mid_step_saves_that_step_and_the_retry_resumes_from_it(stalwart_home: Path) -> None:
+    twin = sw.run(flash_tasks.train, steps=10).output
+    run = sw.run(flash_tasks.train, steps=10, term_in=7)  # every_n_steps=2: step 7 is not a regular save
+    assert [a.status for a in run.attempts] == ["preempted", "succeeded"]
+    assert "preempted by SIGTERM: step 7 saved to flash, its replicas and durable" in (
+        run.attempts[0].error or ""
+    )
+    assert run.output["start"] == 7 and run.output["restored_from"] == "flash"
+    assert _weights_equal(run.output["weights"], twin["weights"])  # bit-exact: nothing lost, nothing redone
+
+
+def test_sigterm_to_the_runner_reaches_the_attempt_and_the_same_run_id_resumes(
+    stalwart_home: Path, tmp_path: Path
+) -> None:
+    """What Kubernetes does to a pod: SIGTERM to its main process, `stalwart run`."""
+    progress = tmp_path / "progress"
+    command = [sys.executable, "-m", "stalwart.cli", "run", str(HERE / "flash_tasks.py"), "slow_train"]
+    command += ["--steps", "400", "--progress", str(progress), "--run-id", "preempted-run"]
+    runner = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (progress.exists() and progress.read_text().strip() and int(progress.read_text()) >= 5):
+        assert runner.poll() is None and time.monotonic() < deadline, runner.communicate()
+        time.sleep(0.05)
+    runner.send_signal(signal.SIGTERM)
+    _, err = runner.communicate(timeout=60)
+    assert runner.returncode == 143, err
+    assert "was preempted (SIGTERM) during attempt 0" in err
+    records = RunStore(stalwart_home / "runs.db")
+    assert records.get_run("preempted-run").status == "preempted"
+    (attempt,) = records.attempts("preempted-run")
+    assert attempt.status == "preempted"
+    saved = int(attempt.error.split("step ")[1].split(" ")[0])
+    assert saved >= 5
+
+    again = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert records.get_run("preempted-run").status == "succeeded"
+    assert [a.status for a in records.attempts("preempted-run")] == ["preempted", "succeeded"]
+    # resumed from the preemption save, and every step done exactly once
+    assert f"'start': {saved}, 'restored_from': 'flash', 'w': 400.0" in again.stdout, again.stdout
+
+
+def _script(tmp_path: Path, body: str) -> subprocess.CompletedProcess:
+    code = textwrap.dedent(
+        f"""
+        import os, signal, torch
+        import stalwart as sw
+        root = {str(tmp_path / "flash")!r}
+        """
+    ) + textwrap.dedent(body)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+def test_outside_a_task_the_loop_needs_no_code_and_the_process_exits_143(tmp_path: Path) -> None:
+    done = _script(
+        tmp_path,
+        """
+        flash = sw.FlashCheckpointer("job", root=root, every_n_steps=100, async_save=False)
+        state = {"w": torch.zeros(8)}
+        for step in range(1, 1000):
+            state["w"] += 1
+            if step == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+            flash.maybe_save(step, state)
+        print("never reached")
+        """,
+    )
+    assert done.returncode == 143, done.stderr
+    assert "never reached" not in done.stdout
+    flash = sw.FlashCheckpointer("job", root=tmp_path / "flash", save_on_preemption=False)
+    assert flash.steps() == {"flash": [3]}  # the step boundary right after the notice, not a multiple of 100
+    flash.close()
+
+
+def test_opting_out_leaves_sigterm_as_it_was(tmp_path: Path) -> None:
+    done = _script(
+        tmp_path,
+        """
+        flash = sw.FlashCheckpointer("job", root=root, save_on_preemption=False)
+        flash.save(1, {"w": torch.zeros(8)})
+        flash.wait()
+        os.kill(os.getpid(), signal.SIGTERM)
+        print("survived")
+        """,
+    )
+    assert done.returncode == -signal.SIGTERM and "survived" not in done.stdout
+
+
+def test_a_grace_period_shorter_than_one_save_is_said_at_the_first_save(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import torch
+
+    flash = sw.FlashCheckpointer("job", root=tmp_path, grace_period=1e-9, async_save=False)
+    with caplog.at_level("WARNING", logger="stalwart.flash"):
+        flash.save(1, {"w": torch.zeros(1 << 16)})
+        flash.save(2, {"w": torch.zeros(1 << 16)})
+    said = [r.getMessage() for r in caplog.records if "grace_period" in r.getMessage()]
+    assert len(said) == 1 and "longer than grace_period=0 s" in said[0], said
+    flash.close()
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, True, "30"])
+def test_bad_grace_periods_say_what_is_accepted(tmp_path: Path, bad: object) -> None:
+    with pytest.raises(ValueError, match=r"grace_period=.* is not accepted; use the seconds"):
+        sw.FlashCheckpointer("job", root=tmp_path, grace_period=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="save_on_preemption='yes'"):
+        sw.FlashCheckpointer("job", root=tmp_path, save_on_preemption="yes")  # type: ignore[arg-type]
