@@ -131,3 +131,23 @@ def test_bad_grace_periods_say_what_is_accepted(tmp_path: Path, bad: object) -> 
         sw.FlashCheckpointer("job", root=tmp_path, grace_period=bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="save_on_preemption='yes'"):
         sw.FlashCheckpointer("job", root=tmp_path, save_on_preemption="yes")  # type: ignore[arg-type]
+
+
+def test_a_forked_child_is_stopped_by_sigterm_as_before(tmp_path: Path) -> None:
+    """DataLoader workers are forked from the training process: they must not inherit the handler,
+    or their parent could not stop them."""
+    done = _script(
+        tmp_path,
+        """
+        import time
+        flash = sw.FlashCheckpointer("job", root=root)
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(60)
+            os._exit(0)
+        os.kill(pid, signal.SIGTERM)
+        _, status = os.waitpid(pid, 0)
+        print("child", os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM)
+        """,
+    )
+    assert "child True" in done.stdout, done.stderr

@@ -12,6 +12,7 @@ within the grace period, a watchdog says how many steps will be lost before the 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -63,6 +64,20 @@ class _Notice:
 
 
 _notice = _Notice()
+
+
+def _forked_child() -> None:
+    """A forked child (a DataLoader worker) has no checkpointer of its own: SIGTERM must stop it as
+    before, or its parent could not shut it down."""
+    if _notice.installed:
+        previous = _notice.previous
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        _notice.installed, _notice.previous, _notice.at = False, None, None
+        _notice.listeners = weakref.WeakSet()
+        _notice.lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forked_child)
 
 
 def notice() -> float | None:
