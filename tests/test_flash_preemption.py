@@ -141,10 +141,13 @@ def test_a_forked_child_is_stopped_by_sigterm_as_before(tmp_path: Path) -> None:
         """
         import time
         flash = sw.FlashCheckpointer("job", root=root)
+        ready, tell = os.pipe()
         pid = os.fork()
-        if pid == 0:
+        if pid == 0:  # a worker started at once, as DataLoader's are; it is stopped much later
+            os.write(tell, b"x")
             time.sleep(60)
             os._exit(0)
+        os.read(ready, 1)
         os.kill(pid, signal.SIGTERM)
         _, status = os.waitpid(pid, 0)
         print("child", os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM)
