@@ -3,6 +3,7 @@ the run records the attempt as preempted and the retry resumes from that step (i
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -154,3 +155,30 @@ def test_a_forked_child_is_stopped_by_sigterm_as_before(tmp_path: Path) -> None:
         """,
     )
     assert "child True" in done.stdout, done.stderr
+
+
+def test_a_node_preempted_alone_stops_every_rank_at_one_saved_step(tmp_path: Path) -> None:
+    """Only rank 1 gets SIGTERM (its node is reclaimed, the other is not): the ranks agree on the step
+    after its notice through the job's store, both save it (a whole step) and stop with code 143,
+    instead of rank 0 failing in its next collective with nothing saved."""
+    import multiprocessing
+    import socket
+
+    import preemption_workers
+    from processes import run_all
+
+    from stalwart.flash.layout import FlashLayout
+
+    root, out = tmp_path / "flash", tmp_path / "out"
+    out.mkdir()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = multiprocessing.get_context("spawn")
+    args = (2, port, str(root), str(out))
+    procs = [ctx.Process(target=preemption_workers.one_rank_gets_sigterm, args=(r, *args)) for r in range(2)]
+    run_all(procs, 180, "ranks")
+    assert [p.exitcode for p in procs] == [143, 143]
+    reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert reports[0]["stopped"] == reports[1]["stopped"] == 6, reports  # the step after rank 1's notice
+    assert 6 in FlashLayout(root, "job").complete_steps(2)  # every rank saved it: a whole step

@@ -140,6 +140,7 @@ class FlashCheckpointer:
         self._engine: FlashEngine | None = None
         self.last_saved_step: int | None = None
         self._seen_step: int | None = None  # the newest step maybe_save/save was called with
+        self._stop_step: int | None = None  # the step every rank saves at and stops, after SIGTERM
         self._grace_checked = False
         self.save_on_preemption = save_on_preemption and preemption.watch(self)
 
@@ -223,7 +224,7 @@ class FlashCheckpointer:
         if durable is None:
             durable = bool(self.durable_every_n_steps) and step % self.durable_every_n_steps == 0
         self._seen_step = step
-        if self.save_on_preemption and preemption.notice() is not None:
+        if self._preempted_at_or_before(step):
             self._save_and_stop(step, state_dict)
         saved = self.engine.save(step, state_dict, blocking=not self.async_save, durable=durable)
         if saved:
@@ -252,7 +253,7 @@ class FlashCheckpointer:
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step={step!r} is not accepted; use an int >= 0")
         self._seen_step = step
-        if self.save_on_preemption and preemption.notice() is not None:
+        if self._preempted_at_or_before(step):
             self._save_and_stop(step, state_dict)
         if step % self.every_n_steps or step == self.last_saved_step:
             return False
@@ -275,6 +276,24 @@ class FlashCheckpointer:
                 self._lag(),
                 self.last_saved_step,
             )
+
+    def _preempted_at_or_before(self, step: int) -> bool:
+        """Whether the ranks stop at this step boundary. One rank: after its SIGTERM. Several (a node
+        may be preempted alone): the first rank to get the notice posts the *next* step in the job's
+        torch.distributed store, and every rank looks at each boundary (one store round trip). The
+        next one: the others may be past this boundary already, but none can pass the next before
+        this rank joins that step's collectives (as every data-parallel step has)."""
+        if not self.save_on_preemption:
+            return False
+        if self._stop_step is None:
+            noticed = preemption.notice() is not None
+            if self.engine.world_size == 1:
+                self._stop_step = step if noticed else None
+            else:
+                self._stop_step = preemption.agree(
+                    f"stalwart/flash/{self.job_id}/preempted", step + 1, noticed
+                )
+        return self._stop_step is not None and step >= self._stop_step
 
     def _lag(self) -> str:
         steps = (self._seen_step or 0) - (self.last_saved_step or 0)

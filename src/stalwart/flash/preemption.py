@@ -99,6 +99,19 @@ def watch(listener: Any) -> bool:
     return True
 
 
+def agree(key: str, proposal: int, noticed: bool) -> int | None:
+    """The stop step the ranks of a job share through torch.distributed's store: ``proposal`` if this
+    rank noticed first, the step another rank posted, or None (nobody was told to stop)."""
+    import torch.distributed.distributed_c10d as c10d
+
+    store = c10d._get_default_store()
+    if noticed:
+        return int(store.compare_set(key, "", str(proposal)))  # the first rank's proposal stands
+    if store.check([key]):
+        return int(store.get(key))
+    return None
+
+
 def start_watchdog(deadline: float, late: Callable[[], str | None]) -> None:
     """At ``deadline`` (monotonic), log what ``late()`` says will be lost, unless it says nothing."""
 
