@@ -388,25 +388,34 @@ def held_by(peer: Peer, secret: bytes) -> tuple[bool, list[tuple[int, int, int]]
     return job, items
 
 
+def _ask(conn: Connection, op: str, peer: Peer, step: int, rank: int) -> tuple[dict, CommitRecord]:
+    """Send ``op`` for the object of (``step``, ``rank``); the reply and its commit record, checked."""
+    conn.send_header({"op": op, "object": object_name(step, rank)})
+    reply = conn.recv_header()
+    if reply.get("ok") is not True:
+        raise ConnectionError(
+            f"rank {peer.rank} cannot serve step {step} of rank {rank}: {str(reply.get('error'))[:300]}"
+        )
+    try:
+        record = record_from_wire(reply.get("commit"))
+    except ValueError as exc:
+        raise ConnectionError(f"rank {peer.rank} sent a bad commit record for step {step}: {exc}") from None
+    if (record.step, record.rank) != (step, rank):
+        raise ConnectionError(
+            f"rank {peer.rank} answered for step {step} of rank {rank} with step {record.step} of rank "
+            f"{record.rank}"
+        )
+    return reply, record
+
+
 def pull_head(peer: Peer, step: int, rank: int, secret: bytes) -> bytes:
     """The verified metadata of a committed object on ``peer``, without its tensor bytes."""
     conn = Connection.connect(peer.address, secret)
     try:
-        conn.send_header({"op": "head", "object": object_name(step, rank)})
-        reply = conn.recv_header()
-        if reply.get("ok") is not True:
-            raise ConnectionError(
-                f"rank {peer.rank} cannot serve step {step} of rank {rank}: {str(reply.get('error'))[:300]}"
-            )
-        try:
-            record = record_from_wire(reply.get("commit"))
-        except ValueError as exc:
-            raise ConnectionError(
-                f"rank {peer.rank} sent a bad commit record for step {step}: {exc}"
-            ) from None
+        reply, record = _ask(conn, "head", peer, step, rank)
         sizes = reply.get("header"), reply.get("meta")
-        if (record.step, record.rank) != (step, rank) or sizes[0] != PACKED_HEADER_SIZE:
-            raise ConnectionError(f"rank {peer.rank} answered for step {record.step} of rank {record.rank}")
+        if sizes[0] != PACKED_HEADER_SIZE:
+            raise ConnectionError(f"rank {peer.rank} announced a header of {short(sizes[0])} bytes")
         if not typed_int(sizes[1]) or not 0 < sizes[1] <= record.objects[0]["size"]:
             raise ConnectionError(f"rank {peer.rank} announced a meta region of {short(sizes[1])} bytes")
         raw = bytearray(PACKED_HEADER_SIZE + sizes[1])
@@ -424,27 +433,12 @@ def pull(
     """Fetch a committed object from a peer into a buffer of ``pool``, verified, not yet renamed."""
     conn = Connection.connect(peer.address, secret)
     try:
-        conn.send_header({"op": "get", "object": object_name(step, rank)})
-        reply = conn.recv_header()
-        if reply.get("ok") is not True:
-            raise ConnectionError(
-                f"rank {peer.rank} cannot serve step {step} of rank {rank}: {str(reply.get('error'))[:300]}"
-            )
-        try:
-            record = record_from_wire(reply.get("commit"))
-        except ValueError as exc:
-            raise ConnectionError(
-                f"rank {peer.rank} sent a bad commit record for step {step}: {exc}"
-            ) from None
+        reply, record = _ask(conn, "get", peer, step, rank)
         size = reply.get("size")
-        if (
-            (record.step, record.rank) != (step, rank)
-            or not typed_int(size)
-            or size != record.objects[0]["size"]
-        ):
+        if not typed_int(size) or size != record.objects[0]["size"]:
             raise ConnectionError(
-                f"rank {peer.rank} answered for step {step} of rank {rank} with step {record.step} of rank "
-                f"{record.rank}, size {short(size)}"
+                f"rank {peer.rank} answered for step {step} of rank {rank} with size {short(size)}, "
+                f"committed with {record.objects[0]['size']}"
             )
         where = f"{object_name(step, rank)} from rank {peer.rank}"
         buffer = pool.acquire(size)
