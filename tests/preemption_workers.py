@@ -34,5 +34,6 @@ def one_rank_gets_sigterm(rank: int, world_size: int, port: int, root: str, out:
     except sw.Preempted as exc:
         report.update(stopped=exc.step, message=str(exc))
         Path(out, f"rank{rank}.json").write_text(json.dumps(report))
+        dist.destroy_process_group()  # as a job does before it exits: gloo's threads end cleanly
         raise
     Path(out, f"rank{rank}.json").write_text(json.dumps(report))

@@ -322,6 +322,7 @@ class FlashCheckpointer:
             + (" and durable" if self.durable_url else "")
         )
         log.warning("flash: preempted: step %d saved to %s %.1f s after SIGTERM", step, where, took)
+        self.close()  # the process stops: the engine's threads end here, not in the interpreter's teardown
         raise preemption.Preempted(f"preempted by SIGTERM: step {step} saved to {where}", step)
 
     def wait(self) -> None:
