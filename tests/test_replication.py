@@ -19,6 +19,7 @@ from stalwart.flash.engine import FlashEngine
 from stalwart.flash.layout import FlashLayout
 from stalwart.flash.objects import PACKED_HEADER_SIZE, CorruptObjectError, Header, TensorRef, load_meta
 from stalwart.flash.rankstore import RankStore, read_head
+from stalwart.flash.recovery import pull_head
 from stalwart.flash.replication import (
     Peer,
     ReplicaKeeper,
@@ -26,7 +27,6 @@ from stalwart.flash.replication import (
     RingPlacement,
     held_by,
     pull,
-    pull_head,
 )
 from stalwart.flash.transport import AuthError, Connection, ServerHandshake
 

@@ -18,6 +18,7 @@ import os
 import secrets
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,8 +27,9 @@ from .copier import Copier
 from .layout import FlashLayout
 from .objects import CorruptObjectError
 from .placement import Peer, RingPlacement, node_key, replica_host
-from .rankstore import RankStore, VerifiedObject
-from .replication import ReplicaKeeper, ReplicationServer, Replicator, pull
+from .rankstore import RankStore
+from .recovery import Head, Landing, fetch_head, receive
+from .replication import ReplicaKeeper, ReplicationServer, Replicator
 
 __all__ = ["Cluster", "Introduction", "listen"]
 
@@ -186,40 +188,56 @@ class Cluster:
             )
         return whole
 
-    def pull(
-        self, store: RankStore, step: int, holders: list[int], *, rounds: int = 3
-    ) -> tuple[VerifiedObject | None, list[tuple[str, str]]]:
-        """This rank's object of ``step`` from a node that holds it, verified and made this rank's own.
+    def recover(
+        self, step: int, holders: list[int], land: Callable[[Head], Landing], *, rounds: int = 3
+    ) -> tuple[Landing | None, list[tuple[str, str]]]:
+        """This rank's object of ``step`` from the nodes that hold it, straight into the caller's tensors
+        (``recovery``): its head from one of them, then ``land(head)`` says where each byte goes, then
+        the data comes from all of them at once, verified chunk by chunk.
 
         A peer that does not answer is asked again (``rounds`` times, backing off): under load a pull may
-        time out, and giving up would restore an older step. Returns the object, or None and what each
-        peer said ("corrupt" or "error", with a message).
+        time out, and giving up would restore an older step. Returns the filled landing, or None and what
+        each peer said ("corrupt" or "error", with a message). ``land`` raises ``UnfitState`` when the
+        caller's state cannot take the object.
         """
         remote = [h for h in holders if self.peers[h].node != self.node]
         problems: dict[int, tuple[str, str]] = {}
+        head: Head | None = None
         for attempt in range(rounds):
             for holder in remote:
                 if problems.get(holder, ("",))[0] == "corrupt":
                     continue  # its copy is bad: asking again would not help
                 peer = self.peers[holder]
                 try:
-                    record, verified = pull(peer, step, self.rank, self.secret, store, self.copier)
+                    head = fetch_head(peer, step, self.rank, self.secret)
+                    break
                 except CorruptObjectError as exc:
                     problems[holder] = ("corrupt", f"the copy on rank {holder}: {exc}")
-                    continue
                 except (OSError, ValueError) as exc:
                     problems[holder] = ("error", f"pulling from rank {holder} ({peer.node}) failed: {exc}")
                     log.warning("flash: pulling step %d from rank %d failed: %s", step, holder, exc)
-                    continue
-                store.adopt_pulled(verified, record)
-                log.info(
-                    "flash: rank %d pulled step %d from rank %d (node %s)", self.rank, step, holder, peer.node
-                )
-                return verified, []
-            if all(kind == "corrupt" for kind, _ in problems.values()) or attempt == rounds - 1:
+            if head is not None or all(kind == "corrupt" for kind, _ in problems.values()):
                 break
-            time.sleep(0.5 * 2**attempt)
-        return None, list(problems.values())
+            if attempt < rounds - 1:
+                time.sleep(0.5 * 2**attempt)
+        if head is None:
+            return None, list(problems.values())
+        landing = land(head)
+        usable = [h for h in remote if problems.get(h, ("",))[0] != "corrupt"]
+        started = time.perf_counter()
+        ok, more = receive(
+            {h: self.peers[h] for h in usable}, usable, head, landing, self.secret, rounds=rounds
+        )
+        if not ok:
+            return None, [p for p in problems.values() if p[0] == "corrupt"] + more
+        log.info(
+            "flash: rank %d recovered step %d from %s in %.3f s",
+            self.rank,
+            step,
+            ", ".join(f"rank {h} ({self.peers[h].node})" for h in usable),
+            time.perf_counter() - started,
+        )
+        return landing, []
 
     def after_restore(self, step: int | None, group: Any, generation: str | None = None) -> None:
         """Collective (unless the ranks agreed on the new ``generation`` already): facts posted before the

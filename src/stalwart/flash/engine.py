@@ -5,7 +5,8 @@ metadata, the commit record, retention and replication run on a background threa
 is raised by the next call, never dropped. The durable copy goes through a ``DurableUploader``: in the
 background for non-blocking saves, before returning for blocking ones; a durable outage is a warning
 with the lag, never a lost flash save. ``load`` restores the newest step every rank can obtain from
-any tier (``restore``), copies it into the caller's tensors in place, and forgets what came after it.
+any tier (``restore``), copies it into the caller's tensors in place (from peers it is received there
+directly, ``recovery``), and forgets what came after it.
 
 Memory per rank, in buffers the size of one saved object: ``keep + 1`` (the kept steps and the one
 being written), plus up to 2 while non-blocking saves wait for the durable store and 2 while replication
@@ -15,6 +16,7 @@ lags (one in flight, the newest waiting); replicas kept for other nodes add ``ke
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import time
@@ -31,6 +33,7 @@ from .layout import FlashLayout, RankLockedError
 from .objects import DEFAULT_CHUNK, TensorRef, dtype_name, flatten, load_meta
 from .placement import RingPlacement
 from .rankstore import RankStore, StagedObject, VerifiedObject
+from .recovery import Head, Landing, UnfitState, plan_landing
 from .restore import holdings, restore_newest
 from .uploader import DurableUploader
 
@@ -283,6 +286,9 @@ class FlashEngine:
         Returns the step, or None when no tier holds any checkpoint of this job. Raises
         FlashRestoreError when one exists but cannot be read. Steps newer than the one restored are
         forgotten in every tier (they belong to an abandoned timeline).
+
+        An object pulled from peers is received straight into the state's tensors and verified there;
+        if the load then raises, those tensors may hold bytes of a step that was not restored.
         """
         self._check_open()
         self._check_owner()
@@ -292,13 +298,25 @@ class FlashEngine:
         self.restored_from = None
         if step is not None:
             _check_int("step", step, 0)
-        restored = restore_newest(self.store, self._group, self.copier, self.cluster, self.durable, step=step)
+        started = time.perf_counter()
+        restored = restore_newest(
+            self.store,
+            self._group,
+            self.copier,
+            self.cluster,
+            self.durable,
+            land=functools.partial(self._landing, state),
+            step=step,
+        )
         step = restored.step
-        failure: BaseException | None = None
-        if restored.verified is not None:
-            started = time.perf_counter()
+        failure: BaseException | None = restored.unfit
+        if failure is None and (restored.verified is not None or restored.landing is not None):
             try:
-                self._apply(restored.verified, state)
+                if restored.landing is not None:
+                    self._land(restored.landing, state)
+                else:
+                    assert restored.verified is not None
+                    self._apply(restored.verified, state)
             except Exception as exc:  # told to the other ranks first: they must not wait for this one
                 failure = exc
             else:
@@ -444,6 +462,25 @@ class FlashEngine:
         _merge_into(skeleton, state, entries, pairs, created, "state")
         self.copier.copy_out(verified.buffer, [e for e, _ in pairs], [t for _, t in pairs])
 
+    def _landing(self, state: MutableMapping[str, Any], head: Head) -> Landing:
+        """Where an object pulled from peers lands in ``state``: its tensors, and tensors made for what
+        the state lacks. The state's structure changes only once the data is verified (``_land``)."""
+        skeleton, entries = load_meta(head.meta)
+        pairs: list[tuple[Any, Any]] = []
+        created: dict[int, Any] = {}
+        try:
+            _check_shapes(skeleton, state, entries, "state")
+            _merge_into(skeleton, state, entries, pairs, created, "state", write=False)
+        except ValueError as exc:
+            raise UnfitState(str(exc)) from exc
+        return plan_landing(head.header, pairs, context=(skeleton, entries, created))
+
+    def _land(self, landing: Landing, state: MutableMapping[str, Any]) -> None:
+        """Finish a verified landing: scratch copies in, the saved structure laid over ``state``."""
+        landing.finish()
+        skeleton, entries, created = landing.context
+        _merge_into(skeleton, state, entries, [], created, "state")
+
     # life cycle
 
     def _check_open(self) -> None:
@@ -514,9 +551,13 @@ def _check_shapes(skeleton: Any, current: Any, entries: list, path: str) -> None
             _check_shapes(value, old, entries, f"{path}[{i}]")
 
 
-def _merge_into(skeleton: Any, current: Any, entries: list, pairs: list, created: dict, path: str) -> Any:
+def _merge_into(
+    skeleton: Any, current: Any, entries: list, pairs: list, created: dict, path: str, *, write: bool = True
+) -> Any:
     """Lay the saved skeleton over the caller's state: tensors are filled in place where the caller has
-    one of the same shape and dtype, made where it has none; plain values are replaced."""
+    one of the same shape and dtype, made where it has none (kept in ``created``, by index, and reused
+    from it); plain values are replaced. ``write`` False: only find the (entry, tensor) ``pairs``,
+    leaving the state's containers as they are."""
     import torch
 
     if isinstance(skeleton, TensorRef):
@@ -536,14 +577,20 @@ def _merge_into(skeleton: Any, current: Any, entries: list, pairs: list, created
     if isinstance(skeleton, dict):
         target = current if isinstance(current, MutableMapping) else type(skeleton)()
         for key, value in skeleton.items():
-            target[key] = _merge_into(value, target.get(key), entries, pairs, created, f"{path}[{key!r}]")
+            merged = _merge_into(
+                value, target.get(key), entries, pairs, created, f"{path}[{key!r}]", write=write
+            )
+            if write:
+                target[key] = merged
         return target
     if isinstance(skeleton, list):
         target = (
             current if isinstance(current, list) and len(current) == len(skeleton) else [None] * len(skeleton)
         )
         for i, value in enumerate(skeleton):
-            target[i] = _merge_into(value, target[i], entries, pairs, created, f"{path}[{i}]")
+            merged = _merge_into(value, target[i], entries, pairs, created, f"{path}[{i}]", write=write)
+            if write:
+                target[i] = merged
         return target
     if isinstance(skeleton, tuple):
         old = (
@@ -552,7 +599,7 @@ def _merge_into(skeleton: Any, current: Any, entries: list, pairs: list, created
             else (None,) * len(skeleton)
         )
         return tuple(
-            _merge_into(v, c, entries, pairs, created, f"{path}[{i}]")
+            _merge_into(v, c, entries, pairs, created, f"{path}[{i}]", write=write)
             for i, (v, c) in enumerate(zip(skeleton, old, strict=True))
         )
     return skeleton

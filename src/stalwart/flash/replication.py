@@ -26,7 +26,7 @@ from .copier import Copier
 from .layout import CommitRecord, FlashLayout
 from .objects import HEADER_SIZE, PACKED_HEADER_SIZE, CorruptObjectError, Header
 from .placement import Peer, RingPlacement
-from .rankstore import VerifiedObject, verify_header, verify_mapped, verify_meta
+from .rankstore import VerifiedObject, verify_mapped
 from .transport import (
     HANDSHAKE_DEADLINE,
     HANDSHAKE_SLOTS,
@@ -44,9 +44,9 @@ __all__ = [
     "ReplicationServer",
     "Replicator",
     "RingPlacement",
+    "ask",
     "held_by",
     "pull",
-    "pull_head",
 ]
 
 log = logging.getLogger("stalwart.flash")
@@ -324,6 +324,8 @@ class ReplicationServer:
         return True
 
     def _get(self, conn: Connection, request: dict) -> bool:
+        """A committed object, or the range ``offset``/``length`` of it (a recovery asks several nodes,
+        or one over several connections, for pieces at once)."""
         parsed = self._parse(request)
         if parsed is None:
             return self._refuse(conn, request, "not an object name of this job", keep=True)
@@ -333,9 +335,15 @@ class ReplicationServer:
             conn.send_header({"ok": False, "error": f"no committed object {request['object']} here"})
             return True
         size = record.objects[0]["size"]
+        offset, length = request.get("offset", 0), request.get("length", size)
+        if not (typed_int(offset) and typed_int(length) and offset >= 0 and 0 < length <= size - offset):
+            why = f"bytes {short(offset)}+{short(length)} are not a range of the {size}-byte object"
+            return self._refuse(conn, request, why, keep=True)
         with open(path, "rb") as file:
-            conn.send_header({"ok": True, "size": size, "commit": record.__dict__})
-            conn.send_file(file, size)
+            conn.send_header(
+                {"ok": True, "size": size, "commit": record.__dict__, "offset": offset, "length": length}
+            )
+            conn.send_file(file, length, offset=offset)
         return True
 
     def close(self) -> None:
@@ -388,9 +396,11 @@ def held_by(peer: Peer, secret: bytes) -> tuple[bool, list[tuple[int, int, int]]
     return job, items
 
 
-def _ask(conn: Connection, op: str, peer: Peer, step: int, rank: int) -> tuple[dict, CommitRecord]:
+def ask(
+    conn: Connection, op: str, peer: Peer, step: int, rank: int, **extra: int
+) -> tuple[dict, CommitRecord]:
     """Send ``op`` for the object of (``step``, ``rank``); the reply and its commit record, checked."""
-    conn.send_header({"op": op, "object": object_name(step, rank)})
+    conn.send_header({"op": op, "object": object_name(step, rank), **extra})
     reply = conn.recv_header()
     if reply.get("ok") is not True:
         raise ConnectionError(
@@ -408,32 +418,13 @@ def _ask(conn: Connection, op: str, peer: Peer, step: int, rank: int) -> tuple[d
     return reply, record
 
 
-def pull_head(peer: Peer, step: int, rank: int, secret: bytes) -> bytes:
-    """The verified metadata of a committed object on ``peer``, without its tensor bytes."""
-    conn = Connection.connect(peer.address, secret)
-    try:
-        reply, record = _ask(conn, "head", peer, step, rank)
-        sizes = reply.get("header"), reply.get("meta")
-        if sizes[0] != PACKED_HEADER_SIZE:
-            raise ConnectionError(f"rank {peer.rank} announced a header of {short(sizes[0])} bytes")
-        if not typed_int(sizes[1]) or not 0 < sizes[1] <= record.objects[0]["size"]:
-            raise ConnectionError(f"rank {peer.rank} announced a meta region of {short(sizes[1])} bytes")
-        raw = bytearray(PACKED_HEADER_SIZE + sizes[1])
-        conn.recv_into(memoryview(raw))
-    finally:
-        conn.close()
-    where = f"{object_name(step, rank)} from rank {peer.rank}"
-    header = verify_header(bytes(raw[:PACKED_HEADER_SIZE]), record, where)
-    return verify_meta(bytes(raw[PACKED_HEADER_SIZE:]), header, where)
-
-
 def pull(
     peer: Peer, step: int, rank: int, secret: bytes, pool: BufferPool, copier: Copier
 ) -> tuple[CommitRecord, VerifiedObject]:
     """Fetch a committed object from a peer into a buffer of ``pool``, verified, not yet renamed."""
     conn = Connection.connect(peer.address, secret)
     try:
-        reply, record = _ask(conn, "get", peer, step, rank)
+        reply, record = ask(conn, "get", peer, step, rank)
         size = reply.get("size")
         if not typed_int(size) or size != record.objects[0]["size"]:
             raise ConnectionError(

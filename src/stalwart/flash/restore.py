@@ -24,11 +24,13 @@ from typing import TYPE_CHECKING, Any
 from .errors import FlashRestoreError
 from .objects import CorruptObjectError
 from .rankstore import RankStore, VerifiedObject, verify_mapped
+from .recovery import UnfitState
 
 if TYPE_CHECKING:
     from .cluster import Cluster
     from .copier import Copier
     from .durable import DurableTier
+    from .recovery import Head, Landing
 
 __all__ = ["Holdings", "Restored", "holdings", "restore_newest"]
 
@@ -42,9 +44,11 @@ class Restored:
     """The outcome of a restore on this rank."""
 
     step: int | None
-    verified: VerifiedObject | None
+    verified: VerifiedObject | None  # to copy into the state (from tmpfs or the durable store)
     source: str | None  # "flash", "peer" or "durable"
     durable_steps: frozenset[int] | None  # complete durable steps, None when the store could not be listed
+    landing: Landing | None = None  # from peers: already in the state's tensors, verified
+    unfit: BaseException | None = None  # the state cannot take the step: raise this on every rank
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,8 @@ class _Attempt:
     message: str = ""
     verified: VerifiedObject | None = None
     source: str | None = None
+    landing: Landing | None = None
+    unfit: BaseException | None = None
 
 
 @dataclass(frozen=True)
@@ -91,10 +97,12 @@ def restore_newest(
     cluster: Cluster | None,
     durable: DurableTier | None,
     *,
+    land: Callable[[Head], Landing],
     step: int | None = None,
 ) -> Restored:
     """Collective: obtain and verify the newest whole step on this rank (see the module docstring), or
-    ``step``, which some tier must hold whole: it is not traded for an older one."""
+    ``step``, which some tier must hold whole: it is not traded for an older one. ``land`` lays an
+    object pulled from peers over the caller's tensors (``recovery``): it is received straight there."""
     job = store.layout.job_id
     found = holdings(store, group, cluster, durable)
     holders, durable_steps, durable_unreadable = found.holders, found.durable, found.durable_unreadable
@@ -119,7 +127,7 @@ def restore_newest(
                 f"store {durable.url}, which may hold it intact, could not be listed: an older step would "
                 "silently lose progress, so nothing was restored"
             )
-        attempt = _obtain(store, copier, cluster, durable, step, holders, durable_steps or frozenset())
+        attempt = _obtain(store, copier, cluster, durable, step, holders, durable_steps or frozenset(), land)
         notes = group.gather((attempt.kind, attempt.message))
         errors = [f"rank {rank}: {message}" for rank, (kind, message) in enumerate(notes) if kind == "error"]
         if errors:
@@ -128,8 +136,9 @@ def restore_newest(
                 f"(an older step would silently lose progress): {'; '.join(errors[:4])}"
             )
         if all(kind == "ok" for kind, _ in notes):
-            assert attempt.verified is not None
-            return Restored(step, attempt.verified, attempt.source, durable_steps)
+            return Restored(
+                step, attempt.verified, attempt.source, durable_steps, attempt.landing, attempt.unfit
+            )
         bad = "; ".join(
             f"rank {rank}: {message}" for rank, (kind, message) in enumerate(notes) if kind != "ok"
         )
@@ -206,6 +215,7 @@ def _obtain(
     step: int,
     holders: dict[tuple[int, int], list[int]],
     durable_steps: frozenset[int],
+    land: Callable[[Head], Landing],
 ) -> _Attempt:
     """This rank's object of ``step`` from the cheapest tier that has it intact."""
     corrupt: list[str] = []
@@ -219,9 +229,12 @@ def _obtain(
             log.warning("flash: not loading step %d from tmpfs: %s", step, exc)
             corrupt.append(str(exc))
     if cluster is not None and holders.get((step, store.rank)):
-        verified, problems = cluster.pull(store, step, holders[(step, store.rank)])
-        if verified is not None:
-            return _Attempt("ok", verified=verified, source="peer")
+        try:
+            landing, problems = cluster.recover(step, holders[(step, store.rank)], land)
+        except UnfitState as exc:  # the object is fine; the state cannot take it (told after agreeing)
+            return _Attempt("ok", source="peer", unfit=exc.__cause__ or exc)
+        if landing is not None:
+            return _Attempt("ok", source="peer", landing=landing)
         for kind, message in problems:
             (corrupt if kind == "corrupt" else errors).append(message)
     if durable is not None and step in durable_steps:

@@ -43,7 +43,7 @@ from ..errors import FlashRestoreError
 from ..layout import FlashLayout
 from ..objects import CorruptObjectError
 from ..rankstore import read_head
-from ..replication import pull_head
+from ..recovery import pull_head
 from .steps import FlashItem, is_step_id, metadata_of, step_of
 from .survey import Fetched, Survey, fetch, survey, survey_alone
 
