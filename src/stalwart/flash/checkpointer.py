@@ -10,9 +10,13 @@
         flash.maybe_save(step + 1, state)       # async: blocks only for the copy
 
 Steps count completed training steps: ``restore`` returns the step a save recorded, which is where
-training resumes. Inside a stalwart task the job id defaults to the run id (so a retried attempt on the
-same machine finds the flash state of the attempt that died) and the durable store defaults to the
-run's checkpoint store.
+training resumes. For an exact resume, put the data loader (anything with ``state_dict`` and
+``load_state_dict``, e.g. torchdata's ``StatefulDataLoader``) in the state too; every rank's random
+generators ride with each step (``rng=True``), so a resumed run equals an uninterrupted one.
+
+Inside a stalwart task the job id defaults to the run id (so a retried attempt on the same machine
+finds the flash state of the attempt that died) and the durable store defaults to the run's
+checkpoint store.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Any
 
 from .. import config
 from ..context import ctx
-from . import preemption
+from . import preemption, stateful
 from .durable import DurableTier
 from .engine import FlashEngine
 from .layout import FlashLayout, check_job_id
@@ -75,7 +79,10 @@ class FlashCheckpointer:
         on_durable_error: str = "warn",
         save_on_preemption: bool = True,
         grace_period: float = preemption.DEFAULT_GRACE_PERIOD,
+        rng: bool = True,
     ) -> None:
+        """``rng``: save this rank's random generators (Python, NumPy, torch) with every step and set
+        them back on restore, so the draws after a resume are those of an uninterrupted run."""
         context = ctx()
         if job_id is None:
             if not context.in_task:
@@ -137,6 +144,9 @@ class FlashCheckpointer:
                 f"SIGTERM (> 0; Kubernetes kills {preemption.TERMINATION_GRACE_SECONDS} s after it)"
             )
         self.grace_period = float(grace_period)
+        if not isinstance(rng, bool):
+            raise ValueError(f"rng={rng!r} is not accepted; use True (save the random generators) or False")
+        self.rng = rng
         self._engine: FlashEngine | None = None
         self.last_saved_step: int | None = None
         self._seen_step: int | None = None  # the newest step maybe_save/save was called with
@@ -183,6 +193,8 @@ class FlashCheckpointer:
 
     def restore(self, state_dict: MutableMapping[str, Any], *, step: int | None = None) -> int | None:
         """Load the newest complete state into ``state_dict`` in place; return its step, or None.
+        Stateful values (a module, an optimizer, a data loader) get theirs through ``load_state_dict``,
+        and with ``rng`` the random generators are set back as they were at that step.
 
         The newest step any tier holds intact wins (tmpfs, a peer node, the durable store), and
         ``restored_from`` says which: "flash", "peer" or "durable". None means no tier holds a
@@ -193,7 +205,9 @@ class FlashCheckpointer:
         """
         if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
             raise ValueError(f"step={step!r} is not accepted; use an int >= 0 or None (the newest)")
-        restored = self.engine.load(state_dict, step=step)
+        restored = stateful.restore_into(
+            state_dict, lambda target: self.engine.load(target, step=step), rng=self.rng
+        )
         self.last_saved_step = restored
         return restored
 
@@ -226,7 +240,9 @@ class FlashCheckpointer:
         self._seen_step = step
         if self._preempted_at_or_before(step):
             self._save_and_stop(step, state_dict)
-        saved = self.engine.save(step, state_dict, blocking=not self.async_save, durable=durable)
+        saved = self.engine.save(
+            step, stateful.to_saved(state_dict, rng=self.rng), blocking=not self.async_save, durable=durable
+        )
         if saved:
             self.last_saved_step = step
             self._check_grace()
@@ -311,7 +327,12 @@ class FlashCheckpointer:
         """The preemption save: this step, now, with its durable copy if there is a store, then wait
         for replicas and uploads (the next attempt may run elsewhere) and stop."""
         if step != self.last_saved_step:
-            self.engine.save(step, state_dict, blocking=True, durable=self.durable_url is not None)
+            self.engine.save(
+                step,
+                stateful.to_saved(state_dict, rng=self.rng),
+                blocking=True,
+                durable=self.durable_url is not None,
+            )
             self.last_saved_step = step
         self.wait()
         at = preemption.notice() or 0.0
