@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import torch
 import torch.distributed as dist
@@ -100,3 +101,27 @@ def killed_while_its_peer_waits() -> None:
     if sw.ctx().rank == 1:
         os.kill(os.getpid(), signal.SIGKILL)
     dist.barrier()
+
+
+@env.task(elastic=sw.Elastic(nproc_per_node=2, max_restarts=0, monitor_interval=0.2), retries=1)
+def slow_ddp(steps: int, progress: str) -> dict:
+    """Data-parallel steps (an all_reduce each); attempt 0 is slow and writes its step to ``progress``
+    (the test sends its torch elastic agent SIGTERM meanwhile). Only the preemption save."""
+    dist.init_process_group("gloo")
+    context = sw.ctx()
+    flash = sw.FlashCheckpointer(every_n_steps=1000)
+    weights = torch.zeros(16)
+    start = flash.restore({"w": weights}) or 0
+    for step in range(start, steps):
+        grad = torch.ones(16)
+        dist.all_reduce(grad)
+        weights += grad
+        if context.attempt == 0:
+            time.sleep(0.05)
+            if context.rank == 0:
+                with open(progress, "w") as out:
+                    out.write(str(step + 1))
+        flash.maybe_save(step + 1, {"w": weights})
+    flash.close()
+    dist.destroy_process_group()
+    return {"start": start, "restored_from": flash.restored_from, "w": weights[0].item()}

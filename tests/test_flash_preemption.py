@@ -182,3 +182,35 @@ def test_a_node_preempted_alone_stops_every_rank_at_one_saved_step(tmp_path: Pat
     reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     assert reports[0]["stopped"] == reports[1]["stopped"] == 6, reports  # the step after rank 1's notice
     assert 6 in FlashLayout(root, "job").complete_steps(2)  # every rank saved it: a whole step
+
+
+def test_sigterm_to_a_torch_elastic_agent_is_a_preemption_and_the_retry_resumes(
+    stalwart_home: Path, tmp_path: Path
+) -> None:
+    """What Kubernetes does to a pod whose main process is the torch elastic agent: SIGTERM to the agent
+    alone. It passes the signal to its workers, which save one step and stop; the attempt is recorded as
+    preempted (not as the agent's SignalException) and the retry resumes from that step."""
+    import psutil
+
+    progress = tmp_path / "progress"
+    command = [sys.executable, "-m", "stalwart.cli", "run", str(HERE / "elastic_tasks.py"), "slow_ddp"]
+    command += ["--steps", "300", "--progress", str(progress), "--run-id", "agent-preempted"]
+    runner = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not (progress.exists() and progress.read_text().strip() and int(progress.read_text()) >= 5):
+        assert runner.poll() is None and time.monotonic() < deadline, runner.communicate()
+        time.sleep(0.05)
+    (agent,) = psutil.Process(runner.pid).children()  # the attempt process runs the agent
+    assert len(agent.children()) == 2  # its two workers
+    agent.send_signal(signal.SIGTERM)
+    out, err = runner.communicate(timeout=180)
+    assert runner.returncode == 0, err
+    assert "SignalException" not in err, err
+    records = RunStore(stalwart_home / "runs.db")
+    first, second = records.attempts("agent-preempted")
+    assert (first.status, second.status) == ("preempted", "succeeded")
+    assert "the torch elastic agent got SIGTERM and passed it to its workers" in (first.error or "")
+    saved = int(first.error.split("step ")[1].split(" ")[0])
+    assert saved >= 5
+    # resumed from the preemption save; each step adds 2 (an all_reduce over 2 ranks): none lost or redone
+    assert f"'start': {saved}, 'restored_from': 'flash', 'w': 600.0" in out, out

@@ -28,6 +28,7 @@ __all__ = [
     "WorkerFailure",
     "first_failure",
     "peer_loss",
+    "preemption_reported",
     "read_report",
     "write_report",
 ]
@@ -102,6 +103,17 @@ def read_report(attempt_dir: str | Path, pid: int) -> WorkerReport | None:
     except (OSError, pickle.UnpicklingError, EOFError, AttributeError):
         return None
     return report if isinstance(report, WorkerReport) and report.pid == pid else None
+
+
+def preemption_reported(attempt_dir: str | Path) -> WorkerReport | None:
+    """The first report of a worker that saved its step and stopped on SIGTERM (``Preempted``), if any."""
+    reports = []
+    for path in Path(attempt_dir).glob(f"{REPORT_PREFIX}*.pkl"):
+        pid = path.stem.removeprefix(REPORT_PREFIX)
+        report = read_report(attempt_dir, int(pid)) if pid.isdigit() else None
+        if report is not None and report.result.preempted:
+            reports.append(report)
+    return min(reports, key=lambda r: r.time, default=None)
 
 
 def clear_reports(attempt_dir: str | Path) -> None:

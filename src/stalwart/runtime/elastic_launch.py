@@ -6,7 +6,8 @@ take over. Workers find the task the way an attempt does, read ``RANK``/``LOCAL_
 through ``ctx()``, and rank 0's return value is the task's output: it stays pickled until the runner,
 where the task's script is ``__main__``, unpickles it. A worker that raises leaves a report that names
 the first failure of the group (``elastic_failures``); a NonRetryableError there ends the attempt
-without restarting the group.
+without restarting the group. SIGTERM to the agent reaches the workers; if they saved their step and
+stopped (``FlashCheckpointer``), the attempt was preempted, not failed.
 
 Several nodes rendezvous at ``STALWART_RDZV_ENDPOINT`` (or ``PET_RDZV_ENDPOINT``, which the Kubeflow
 training operator sets); one node picks a free port on 127.0.0.1.
@@ -19,6 +20,7 @@ import contextlib
 import inspect
 import os
 import pickle
+import signal
 import socket
 import sys
 from collections.abc import Iterator
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..elastic import Elastic
+from ..flash.preemption import Preempted
 from .elastic_failures import (
     WorkerFailedError,
     any_non_retryable,
@@ -34,6 +37,7 @@ from .elastic_failures import (
     clear_reports,
     first_failure,
     peer_loss,
+    preemption_reported,
     write_report,
 )
 from .processes import die_with_parent
@@ -106,6 +110,7 @@ def _agent_watching_reports(attempt_dir: Path) -> Iterator[_Rounds]:
 
 def launch(spec: AttemptSpec, attempt_dir: Path) -> bytes | None:
     """Run the task through torch elastic; returns rank 0's value, pickled (None on nodes without rank 0)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -146,9 +151,28 @@ def launch(spec: AttemptSpec, attempt_dir: Path) -> bytes | None:
     except ChildFailedError as exc:
         first, others = first_failure(exc.failures, attempt_dir)
         raise WorkerFailedError(attempt_result(first, others, max(rounds.failed - 1, 0))) from None
+    except SignalException as exc:
+        # The agent was told to stop (a preemption notice to the pod's main process): it passed the
+        # signal to its workers and waited for them. Workers that saved and stopped make it a preemption.
+        saved = preemption_reported(attempt_dir)
+        if saved is None:
+            raise
+        step = getattr(_unpickled(saved.result.exception), "step", None)
+        raise Preempted(
+            f"{saved.result.error_message} (the torch elastic agent got {signal.Signals(exc.sigval).name} "
+            "and passed it to its workers)",
+            step,
+        ) from None
     if not output_file.exists():
         return None  # rank 0 ran on another node
     return output_file.read_bytes()
+
+
+def _unpickled(payload: bytes | None) -> Any:
+    try:
+        return pickle.loads(payload) if payload else None
+    except Exception:  # a report written by another version: the message still says it all
+        return None
 
 
 def run_worker(attempt_dir: str) -> None:

@@ -150,6 +150,9 @@ def main(argv: list[str]) -> int:
         if isinstance(exc, WorkerFailedError):  # the workers printed their own tracebacks
             result = exc.result
             print(f"stalwart: {result.description}", file=sys.stderr)
+        elif isinstance(exc, Preempted):  # a clean stop, said in one line
+            result = failure_result(exc)
+            print(f"stalwart: {exc}", file=sys.stderr)
         else:
             result = failure_result(exc)
             traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
