@@ -120,3 +120,38 @@ def train(max_steps: int = 50, crashes: str = "20,30,40") -> dict:
         "global_step": trainer.state.global_step,
         "weights": weights(trainer),
     }
+
+
+class Term(TrainerCallback):
+    """SIGTERM to this process as step ``at`` begins: the preemption notice, in the middle of a step."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_step_begin(
+        self, args: TrainingArguments, state: object, control: object, **kwargs: object
+    ) -> None:
+        if state.global_step == self.at:  # type: ignore[attr-defined]
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@env.task(retries=1)
+def train_preempted(max_steps: int = 30, term_at: int = 13) -> dict:
+    """Saves every 10 steps; attempt 0 gets SIGTERM during step ``term_at`` + 1, which the mirror saves
+    (not a multiple of 10) before the process stops. Notes where each attempt resumed from."""
+    torch.set_num_threads(1)
+    context = sw.ctx()
+    flash = sw.FlashCheckpointer(every_n_steps=10)
+    output_dir = Path(os.environ["STALWART_HOME"]) / "hf-out" / str(context.run_id)
+    callbacks: list = [CheckpointMirrorCallback(flash=flash)]
+    if context.attempt == 0:
+        callbacks.append(Term(term_at))
+    trainer = make_trainer(output_dir, max_steps, callbacks)
+    point = resume_checkpoint(output_dir, flash=flash)
+    trainer.train(resume_from_checkpoint=point)
+    flash.close()
+    return {
+        "resumed": [point.source, point.step] if point else None,
+        "global_step": trainer.state.global_step,
+        "weights": weights(trainer),
+    }

@@ -143,3 +143,37 @@ def fit(max_steps: int = 60, crashes: str = "35,47,52") -> dict:
         "global_step": trainer.global_step,
         "weights": [p.detach().clone() for p in model.parameters()],
     }
+
+
+class Term(pl.Callback):
+    """SIGTERM to this process as the batch after global step ``at`` starts: a preemption notice in the
+    middle of a step."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: object) -> None:
+        if trainer.global_step == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@env.task(retries=1)
+def fit_preempted(max_steps: int = 30, term_at: int = 12) -> dict:
+    """Flash every 5 steps; attempt 0 gets SIGTERM during step ``term_at`` + 1, which the callback saves
+    (not a multiple of 5) before the process stops. Notes where each attempt resumed from."""
+    torch.set_num_threads(1)
+    context = sw.ctx()
+    flash = sw.FlashCheckpointer(every_n_steps=5)
+    torch.manual_seed(0)
+    model = Regressor()
+    callbacks: list = [FlashCheckpointCallback(flash)]
+    if context.attempt == 0:
+        callbacks.append(Term(term_at))
+    trainer = make_trainer(max_steps, callbacks, enable_checkpointing=False)
+    ckpt = resume_checkpoint(trainer)
+    trainer.fit(model, ckpt_path=ckpt)
+    flash.close()
+    return {
+        "resumed": [ckpt.source, ckpt.step] if ckpt else None,
+        "weights": [p.detach().clone() for p in model.parameters()],
+    }

@@ -149,3 +149,14 @@ def test_example_is_killed_and_resumes_from_flash(run_example) -> None:
     assert "attempt 0: step 96 is in the flash tier; simulating a crash (SIGKILL)" in proc.stdout
     assert "attempt 1: resuming at step 96 from the flash tier" in proc.stdout
     assert "attempt 1: finished at step 160" in proc.stdout and "succeeded" in proc.stdout
+
+
+def test_sigterm_saves_that_step_through_the_callback_and_the_retry_resumes_bit_exactly(
+    stalwart_home: Path, lt: ModuleType
+) -> None:
+    twin = lt.uninterrupted(max_steps=30)
+    run = sw.run(lt.fit_preempted, max_steps=30, term_at=12)
+    assert [a.status for a in run.attempts] == ["preempted", "succeeded"]
+    assert "step 13 saved to flash" in (run.attempts[0].error or "")
+    assert run.output["resumed"] == ["flash", 13]
+    assert _equal(run.output["weights"], twin)

@@ -83,3 +83,15 @@ def test_example_is_killed_and_resumes_from_flash(run_example, ht: ModuleType) -
     assert "attempt 0: checkpoint-40 is mirrored; simulating a crash (SIGKILL)" in proc.stdout
     assert "attempt 1: resuming at step 40 from the flash tier" in proc.stdout
     assert "attempt 1: finished at step 60" in proc.stdout and "succeeded" in proc.stdout
+
+
+def test_sigterm_saves_that_step_through_the_mirror_and_the_retry_resumes_bit_exactly(
+    stalwart_home: Path, tmp_path: Path, ht: ModuleType
+) -> None:
+    twin, _ = ht.uninterrupted(tmp_path / "twin", max_steps=30)
+    run = sw.run(ht.train_preempted, max_steps=30, term_at=13)
+    assert [a.status for a in run.attempts] == ["preempted", "succeeded"]
+    assert "step 14 saved to flash" in (run.attempts[0].error or "")
+    assert run.output["resumed"] == ["flash", 14]
+    assert run.output["global_step"] == 30
+    assert _equal(run.output["weights"], twin)

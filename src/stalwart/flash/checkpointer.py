@@ -238,7 +238,7 @@ class FlashCheckpointer:
         if durable is None:
             durable = bool(self.durable_every_n_steps) and step % self.durable_every_n_steps == 0
         self._seen_step = step
-        if self._preempted_at_or_before(step):
+        if self.preempted(step):
             self._save_and_stop(step, state_dict)
         saved = self.engine.save(
             step, stateful.to_saved(state_dict, rng=self.rng), blocking=not self.async_save, durable=durable
@@ -269,7 +269,7 @@ class FlashCheckpointer:
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step={step!r} is not accepted; use an int >= 0")
         self._seen_step = step
-        if self._preempted_at_or_before(step):
+        if self.preempted(step):
             self._save_and_stop(step, state_dict)
         if step % self.every_n_steps or step == self.last_saved_step:
             return False
@@ -293,9 +293,13 @@ class FlashCheckpointer:
                 self.last_saved_step,
             )
 
-    def _preempted_at_or_before(self, step: int) -> bool:
-        """Whether the ranks stop at this step boundary. One rank: after its SIGTERM. Several (a node
-        may be preempted alone): the first rank to get the notice posts the *next* step in the job's
+    def preempted(self, step: int, *, world_size: int | None = None) -> bool:
+        """Whether training stops at this step boundary after a preemption notice (SIGTERM). For
+        integrations whose saves do not come at every step: ask at each boundary; when True, save this
+        step (``save`` then saves it whatever its number, and raises ``Preempted``).
+
+        One rank: after its SIGTERM. Several (``world_size``, default the engine's; a node may be
+        preempted alone): the first rank to get the notice posts the *next* step in the job's
         torch.distributed store, and every rank looks at each boundary (one store round trip). The
         next one: the others may be past this boundary already, but none can pass the next before
         this rank joins that step's collectives (as every data-parallel step has)."""
@@ -303,7 +307,7 @@ class FlashCheckpointer:
             return False
         if self._stop_step is None:
             noticed = preemption.notice() is not None
-            if self.engine.world_size == 1:
+            if (world_size if world_size is not None else self.engine.world_size) == 1:
                 self._stop_step = step if noticed else None
             else:
                 self._stop_step = preemption.agree(

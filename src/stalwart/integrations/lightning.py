@@ -282,10 +282,18 @@ class FlashCheckpointCallback(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        if step == self._last_step or not self.should_save(step):
+        stopping = self.enabled and self.flash is not None and self._preempted(trainer, step)
+        if not stopping and (step == self._last_step or not self.should_save(step)):
             return  # (the same step comes back while gradients accumulate)
         self._last_step = step
+        # after SIGTERM the flash save of this step raises Preempted: the process stops with it saved
         trainer.save_checkpoint(install_io(trainer, self.flash).path(step), weights_only=False)
+
+    def _preempted(self, trainer: Trainer, step: int) -> bool:
+        """Whether every rank stops at this step (a preemption notice reached one of them): checked at
+        each step boundary, as Lightning's own saves do not come at every step."""
+        assert self.flash is not None
+        return self.flash.preempted(step, world_size=trainer.world_size)
 
     def state_dict(self) -> dict[str, Any]:
         return {"rng": get_rng_state()} if self.enabled else {}

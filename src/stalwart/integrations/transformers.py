@@ -92,6 +92,14 @@ class CheckpointMirrorCallback(TrainerCallback):
         self.checkpoint = checkpoint
         self.flash = flash
 
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """After a preemption notice (SIGTERM to any rank), every rank saves this step: the Trainer
+        writes ``checkpoint-N`` and ``on_save`` stops the process with it in the flash tier."""
+        if self.flash is not None and self.flash.preempted(state.global_step, world_size=args.world_size):
+            control.should_save = True
+
     def on_save(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
@@ -102,9 +110,13 @@ class CheckpointMirrorCallback(TrainerCallback):
         if not directory.is_dir():
             log.warning("no %s after the Trainer saved step %d; nothing mirrored", directory, step)
             return
-        if self.flash is not None and step % self.flash.every_n_steps == 0:
-            self.flash.save(step, pack_directory(directory))
-        if (checkpoint := _task_checkpoint(self.checkpoint)) is not None:
+        stopping = self.flash is not None and self.flash.preempted(step, world_size=args.world_size)
+        checkpoint = _task_checkpoint(self.checkpoint)
+        if checkpoint is not None and stopping:
+            checkpoint.save_sync(directory)  # first: the flash save below ends the process
+        if self.flash is not None and (stopping or step % self.flash.every_n_steps == 0):
+            self.flash.save(step, pack_directory(directory))  # after SIGTERM: saves, then raises Preempted
+        if checkpoint is not None and not stopping:
             checkpoint.save_sync(directory)
 
     def on_train_end(
