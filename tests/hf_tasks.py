@@ -138,7 +138,7 @@ class Term(TrainerCallback):
 @env.task(retries=1)
 def train_preempted(max_steps: int = 30, term_at: int = 13) -> dict:
     """Saves every 10 steps; attempt 0 gets SIGTERM during step ``term_at`` + 1, which the mirror saves
-    (not a multiple of 10) before the process stops. Notes where each attempt resumed from."""
+    (not a multiple of 10) before the process stops. Returns where the last attempt resumed from."""
     torch.set_num_threads(1)
     context = sw.ctx()
     flash = sw.FlashCheckpointer(every_n_steps=10)

@@ -160,7 +160,7 @@ class Term(pl.Callback):
 @env.task(retries=1)
 def fit_preempted(max_steps: int = 30, term_at: int = 12) -> dict:
     """Flash every 5 steps; attempt 0 gets SIGTERM during step ``term_at`` + 1, which the callback saves
-    (not a multiple of 5) before the process stops. Notes where each attempt resumed from."""
+    (not a multiple of 5) before the process stops. Returns where the last attempt resumed from."""
     torch.set_num_threads(1)
     context = sw.ctx()
     flash = sw.FlashCheckpointer(every_n_steps=5)
