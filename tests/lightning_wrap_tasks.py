@@ -94,3 +94,47 @@ def ddp_fit(max_steps: int = 60, crash_at: int = 35) -> dict:
 
 if __name__ == "__main__":
     main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
+
+
+class TermAt(pl.Callback):
+    """SIGTERM to this process as the batch after global step ``at`` starts (a node preempted alone)."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: object) -> None:
+        if trainer.global_step == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@env.task(elastic=sw.Elastic(nproc_per_node=2, max_restarts=0, monitor_interval=0.2), retries=1)
+def ddp_fit_preempted(max_steps: int = 40, term_at: int = 22) -> dict:
+    """Rank 1 alone gets SIGTERM during step ``term_at`` + 1 of the first attempt: both ranks save that
+    step (not a multiple of 5) and stop; the retry resumes both. Each rank saves what it ended with."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = Regressor()
+    context = sw.ctx()
+    callbacks = [TermAt(term_at)] if context.attempt == 0 and context.rank == 1 else []
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_steps=max_steps,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        logger=False,
+        deterministic=True,
+        callbacks=callbacks,
+    )
+    ckpt = wrap_trainer(trainer, every_n_steps=5)
+    trainer.fit(model, ckpt_path=ckpt)
+    result = {
+        "rank": context.rank,
+        "resumed": None if ckpt is None else [ckpt.source, ckpt.step],
+        "global_step": trainer.global_step,
+        "weights": _weights(model),
+    }
+    torch.save(result, Path(os.environ["STALWART_HOME"]) / f"ddp-preempted-rank-{context.rank}.pt")
+    return result

@@ -48,6 +48,8 @@ def main() -> None:
         "restored": restored,
         "source": flash.restored_from,
         "exact": exact,
+        # the restored step is never saved again, also where it came from a peer and is not held here
+        "saved_again": restored is not None and flash.save(restored, state_for(rank, restored)),
     }
     with open(os.path.join(out, f"restore-{os.environ['STALWART_NODE']}-rank{rank}.json"), "w") as fh:
         json.dump(report, fh)

@@ -18,7 +18,7 @@ import torch
 from stalwart.flash.copier import Copier
 from stalwart.flash.engine import FlashEngine
 from stalwart.flash.layout import FlashLayout
-from stalwart.flash.objects import CorruptObjectError, Header, load_meta
+from stalwart.flash.objects import CorruptObjectError, Header, TensorRef, load_meta
 from stalwart.flash.recovery import Head, Landing, fetch_head, plan_landing, receive
 from stalwart.flash.replication import Peer, ReplicationServer, ask
 from stalwart.flash.transport import Connection
@@ -61,7 +61,8 @@ def holders(tmp_path: Path):
 
 def landing_for(head: Head, state: dict[str, torch.Tensor]) -> Landing:
     skeleton, entries = load_meta(head.meta)
-    return plan_landing(head.header, [(entries[skeleton[key]], state[key]) for key in skeleton])
+    tensors = [key for key in skeleton if isinstance(skeleton[key], TensorRef)]
+    return plan_landing(head.header, [(entries[skeleton[key]], state[key]) for key in tensors])
 
 
 def empty_state() -> dict[str, torch.Tensor]:
@@ -219,3 +220,54 @@ def test_bulk_transfers_to_a_stalled_peer_time_out(connected, tmp_path: Path) ->
     receiver.recv_into(memoryview(bytearray(1024)))  # what was sent arrives
     with pytest.raises(TimeoutError, match=r"sent nothing for 0\.5 s"):
         receiver.recv_into(memoryview(bytearray(256 * 2**20)))
+
+
+@pytest.fixture
+def one_node(tmp_path: Path):
+    """A node whose server serves what the test saves there."""
+    layout = FlashLayout(tmp_path / "node-a", "job")
+    copier = Copier(1)
+    srv = ReplicationServer(layout, SECRET, copier, "127.0.0.1")
+    yield layout, Peer(0, "a", srv.address)
+    srv.close()
+    copier.close()
+
+
+def test_an_object_without_tensor_bytes_is_recovered_from_its_head_alone(one_node) -> None:
+    layout, peer = one_node
+    with FlashEngine(layout, world_size=1) as engine:
+        engine.save(2, {"epoch": 3, "empty": torch.empty(0)})
+    head = fetch_head(peer, 2, 0, SECRET)
+    assert head.header.chunks == 0
+    landing = landing_for(head, {"empty": torch.empty(0)})
+    assert receive({0: peer}, [0], head, landing, SECRET) == (True, [])
+
+
+def test_tensors_sharing_memory_take_the_bytes_once(one_node) -> None:
+    """Tied weights come from ``state_dict()`` as two tensors over one storage, saved as two: only one
+    takes bytes from the streams (two streams writing one place could make a good copy look corrupt);
+    the other is copied in once everything is verified."""
+    layout, peer = one_node
+    weights = torch.randn(300_000)
+    with FlashEngine(layout, world_size=1, chunk_size=CHUNK) as engine:
+        engine.save(2, {"embed": weights, "head": weights.clone()})
+    head = fetch_head(peer, 2, 0, SECRET)
+    shared = torch.zeros(300_000)
+    landing = landing_for(head, {"embed": shared, "head": shared.view(300_000)})
+    assert len(landing.written) == 1 and len(landing.deferred) == 1
+    assert receive({0: peer}, [0], head, landing, SECRET, streams=4) == (True, [])
+    landing.finish()
+    assert torch.equal(shared, weights)
+
+
+def test_a_load_refuses_tensors_left_with_bytes_of_a_step_not_restored() -> None:
+    """A tensor that took bytes of step N from peers, when the ranks then restored an older step that
+    does not hold it, cannot be trusted: the load raises instead of returning it."""
+    from stalwart.flash.engine import _check_covered
+    from stalwart.flash.errors import FlashRestoreError
+
+    kept, stale = torch.zeros(3), torch.zeros(3)
+    landing = Landing(chunks=[], deferred=[], written=[kept, stale])
+    _check_covered([landing], [kept, stale], 5)  # the step restored filled both
+    with pytest.raises(FlashRestoreError, match=r"1 tensor\(s\) .* step 4, which was, does not hold them"):
+        _check_covered([landing], [kept], 4)

@@ -206,3 +206,23 @@ def test_when_the_flash_root_is_wiped_the_one_call_resumes_bit_exactly_from_the_
     wiped.fit(model, ckpt_path=point)
     wiped.strategy.checkpoint_io.flash.close()
     assert _equal([p.detach() for p in model.parameters()], twin)
+
+
+def test_two_ddp_processes_stop_together_when_one_is_preempted_and_resume_bit_exactly(
+    stalwart_home: Path, lt: ModuleType
+) -> None:
+    """SIGTERM reaches rank 1 only (its node is preempted): both ranks save that step and stop, the
+    attempt is recorded as preempted, and the retry resumes both from it."""
+    import lightning_wrap_tasks
+
+    twin = lt.uninterrupted(max_steps=40)
+    run = sw.run(lightning_wrap_tasks.ddp_fit_preempted, max_steps=40, term_at=22)
+    assert [a.status for a in run.attempts] == ["preempted", "succeeded"], run.attempts[0].error
+    assert "step 23 saved to flash" in (run.attempts[0].error or "") or "step 23 saved by" in (
+        run.attempts[0].error or ""
+    )
+    ranks = [torch.load(stalwart_home / f"ddp-preempted-rank-{r}.pt", weights_only=False) for r in (0, 1)]
+    for rank, result in enumerate(ranks):
+        assert result["resumed"] == ["flash", 23], f"rank {rank}"
+        assert result["global_step"] == 40
+        assert _equal(result["weights"], twin), f"rank {rank}"

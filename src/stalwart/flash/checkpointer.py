@@ -328,8 +328,13 @@ class FlashCheckpointer:
         )
 
     def _save_and_stop(self, step: int, state_dict: MutableMapping[str, Any]) -> None:
-        """The preemption save: this step, now, with its durable copy if there is a store, then wait
-        for replicas and uploads (the next attempt may run elsewhere) and stop."""
+        raise self.save_preempted(step, state_dict)
+
+    def save_preempted(self, step: int, state_dict: MutableMapping[str, Any]) -> preemption.Preempted:
+        """The preemption save: this step, now, with its durable copy if there is a store, then wait for
+        replicas and uploads (the next attempt may run elsewhere) and close. Returns the ``Preempted`` to
+        raise once the caller is done (``save`` raises it at once; an integration may first have to
+        leave a collective its other ranks wait in)."""
         if step != self.last_saved_step:
             self.engine.save(
                 step,
@@ -346,9 +351,12 @@ class FlashCheckpointer:
             + (", its replicas" if self.replicas else "")
             + (" and durable" if self.durable_url else "")
         )
-        log.warning("flash: preempted: step %d saved to %s %.1f s after SIGTERM", step, where, took)
+        if at:
+            log.warning("flash: preempted: step %d saved to %s %.1f s after SIGTERM", step, where, took)
+        else:
+            log.warning("flash: preempted: step %d saved to %s (SIGTERM reached another rank)", step, where)
         self.close()  # the process stops: the engine's threads end here, not in the interpreter's teardown
-        raise preemption.Preempted(f"preempted by SIGTERM: step {step} saved to {where}", step)
+        return preemption.Preempted(f"preempted by SIGTERM: step {step} saved to {where}", step)
 
     def wait(self) -> None:
         """Block until background commits and uploads finish; raise what failed."""

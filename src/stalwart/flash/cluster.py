@@ -222,7 +222,10 @@ class Cluster:
                 time.sleep(0.5 * 2**attempt)
         if head is None:
             return None, list(problems.values())
-        landing = land(head)
+        try:
+            landing = land(head)
+        except CorruptObjectError as exc:  # a head consistent with its checksums, not with itself
+            return None, [*problems.values(), ("corrupt", f"the copy on rank {holder}: {exc}")]
         usable = [h for h in remote if problems.get(h, ("",))[0] != "corrupt"]
         started = time.perf_counter()
         ok, more = receive(

@@ -160,6 +160,9 @@ class FlashEngine:
         self._closed = False
         self.last_save_blocked: float = 0.0  # seconds the caller waited in the newest save
         self.restored_from: str | None = None  # "flash", "peer" or "durable" after a load that found a step
+        # the step the last load restored: this rank may not hold it (a peer's copy landed in the state),
+        # yet saves must not repeat it
+        self._restored: int | None = None
 
     # saving
 
@@ -194,7 +197,8 @@ class FlashEngine:
         if durable and self.uploader is None:
             raise ValueError("durable=True needs a durable store; pass durable='s3://...' or a local path")
         self._settle(wait=True)
-        newest = max(self.store.own, default=None)
+        restored = [] if self._restored is None else [self._restored]
+        newest = max([*self.store.own, *restored], default=None)
         if newest is not None and step <= newest:
             if step == newest:
                 log.info("flash: step %d is already committed for rank %d; not saved again", step, self.rank)
@@ -299,13 +303,14 @@ class FlashEngine:
         if step is not None:
             _check_int("step", step, 0)
         started = time.perf_counter()
+        landings: list[Landing] = []  # every landing made, also of steps not restored in the end
         restored = restore_newest(
             self.store,
             self._group,
             self.copier,
             self.cluster,
             self.durable,
-            land=functools.partial(self._landing, state),
+            land=functools.partial(self._landing, state, landings),
             step=step,
         )
         step = restored.step
@@ -313,10 +318,11 @@ class FlashEngine:
         if failure is None and (restored.verified is not None or restored.landing is not None):
             try:
                 if restored.landing is not None:
-                    self._land(restored.landing, state)
+                    filled = self._land(restored.landing, state)
                 else:
                     assert restored.verified is not None
-                    self._apply(restored.verified, state)
+                    filled = self._apply(restored.verified, state)
+                _check_covered(landings, filled, step)
             except Exception as exc:  # told to the other ranks first: they must not wait for this one
                 failure = exc
             else:
@@ -330,6 +336,7 @@ class FlashEngine:
                 )
         self._agree("load the restored step", failure)
         self.restored_from = restored.source
+        self._restored = step
         self._cut_timeline(step, restored.durable_steps, durable_listed=restored.durable_steps is not None)
         return step
 
@@ -363,6 +370,8 @@ class FlashEngine:
                 self.layout.job_id,
             )
         self._cut_timeline(step, None, durable_listed=True)
+        if self._restored is not None and self._restored > step:
+            self._restored = step
         return abandoned
 
     def forget_after(self, step: int, generation: str) -> None:
@@ -454,17 +463,20 @@ class FlashEngine:
         if self.cluster:
             self.cluster.after_restore(step, self._group, generation)
 
-    def _apply(self, verified: VerifiedObject, state: MutableMapping[str, Any]) -> None:
+    def _apply(self, verified: VerifiedObject, state: MutableMapping[str, Any]) -> list[Any]:
+        """Copy a verified object into ``state``; the tensors filled."""
         skeleton, entries = load_meta(verified.meta)
         _check_shapes(skeleton, state, entries, "state")  # refuse before anything in the state changes
         pairs: list[tuple[Any, Any]] = []
         created: dict[int, Any] = {}
         _merge_into(skeleton, state, entries, pairs, created, "state")
         self.copier.copy_out(verified.buffer, [e for e, _ in pairs], [t for _, t in pairs])
+        return [t for _, t in pairs]
 
-    def _landing(self, state: MutableMapping[str, Any], head: Head) -> Landing:
+    def _landing(self, state: MutableMapping[str, Any], made: list[Landing], head: Head) -> Landing:
         """Where an object pulled from peers lands in ``state``: its tensors, and tensors made for what
-        the state lacks. The state's structure changes only once the data is verified (``_land``)."""
+        the state lacks (noted in ``made``). The state's structure changes only once the data is
+        verified (``_land``)."""
         skeleton, entries = load_meta(head.meta)
         pairs: list[tuple[Any, Any]] = []
         created: dict[int, Any] = {}
@@ -473,13 +485,19 @@ class FlashEngine:
             _merge_into(skeleton, state, entries, pairs, created, "state", write=False)
         except ValueError as exc:
             raise UnfitState(str(exc)) from exc
-        return plan_landing(head.header, pairs, context=(skeleton, entries, created))
+        landing = plan_landing(head.header, pairs, context=(skeleton, entries, created, pairs))
+        made_here = {id(t) for t in created.values()}  # not the caller's: never seen if not restored
+        landing.written = [t for t in landing.written if id(t) not in made_here]
+        made.append(landing)
+        return landing
 
-    def _land(self, landing: Landing, state: MutableMapping[str, Any]) -> None:
-        """Finish a verified landing: scratch copies in, the saved structure laid over ``state``."""
+    def _land(self, landing: Landing, state: MutableMapping[str, Any]) -> list[Any]:
+        """Finish a verified landing: scratch copies in, the saved structure laid over ``state``; the
+        tensors filled."""
         landing.finish()
-        skeleton, entries, created = landing.context
+        skeleton, entries, created, pairs = landing.context
         _merge_into(skeleton, state, entries, [], created, "state")
+        return [t for _, t in pairs]
 
     # life cycle
 
@@ -524,6 +542,19 @@ class FlashEngine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _check_covered(landings: list[Landing], filled: list[Any], step: int | None) -> None:
+    """Raise if a tensor of the state took bytes from peers for a step that was not restored in the end
+    (another rank found it corrupt everywhere) and the step restored does not hold that tensor."""
+    covered = {id(t) for t in filled}
+    stale = {id(t) for landing in landings for t in landing.written} - covered
+    if stale:
+        raise FlashRestoreError(
+            f"{len(stale)} tensor(s) of the state received bytes of a newer step that was not restored, "
+            f"and step {step}, which was, does not hold them: they cannot be trusted. Load again into a "
+            "fresh state"
+        )
 
 
 def _check_shapes(skeleton: Any, current: Any, entries: list, path: str) -> None:

@@ -99,6 +99,19 @@ def watch(listener: Any) -> bool:
     return True
 
 
+def take_back() -> None:
+    """Answer SIGTERM with stalwart's handler alone again, after a framework installed its own over it.
+
+    Lightning's handler, on a rank that gets SIGTERM, broadcasts from inside the handler (a collective
+    the other ranks are not in: the job hangs) and ends the fit with SIGTERMException after the batch,
+    before any save. The flash callback stops every rank at one saved step instead."""
+    with _notice.lock:
+        if not _notice.installed or threading.current_thread() is not threading.main_thread():
+            return
+        if signal.getsignal(signal.SIGTERM) != _notice.handle:
+            signal.signal(signal.SIGTERM, _notice.handle)
+
+
 def agree(key: str, proposal: int, noticed: bool) -> int | None:
     """The stop step the ranks of a job share through torch.distributed's store: ``proposal`` if this
     rank noticed first, the step another rank posted, or None (nobody was told to stop)."""

@@ -20,6 +20,7 @@ The caller's tensors hold unverified bytes while this runs. A restore that then 
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import logging
 import threading
@@ -103,6 +104,7 @@ class Landing:
     deferred: list[tuple[Any, Any]]  # (received, target): copied in once every chunk is verified
     keep: list[Any] = field(default_factory=list)  # what the views point into stays alive
     context: Any = None  # the caller's own (the engine keeps the skeleton and made tensors here)
+    written: list[Any] = field(default_factory=list)  # tensors whose own memory takes bytes unverified
 
     def finish(self) -> None:
         """Copy what landed in scratch into its tensors (call only after ``receive`` succeeded)."""
@@ -123,6 +125,8 @@ def plan_landing(
     deferred: list[tuple[Any, Any]] = []
     landed: dict[int, Any] = {}  # entry offset -> a tensor holding its bytes
     gaps: list[tuple[int, int]] = []
+    taken: list[tuple[int, int]] = []  # memory ranges bytes land in directly, sorted
+    written: list[Any] = []
     position = start
     for (entry, target), direct in sorted(zip(pairs, movable, strict=True), key=lambda p: p[0][0].offset):
         if entry.offset < start or entry.offset + entry.nbytes > end:
@@ -136,9 +140,10 @@ def plan_landing(
             raise CorruptObjectError(f"tensors overlap at byte {entry.offset} of the object")
         if entry.offset > position:
             gaps.append((position, entry.offset - position))
-        if direct:
+        if direct and _claim(taken, target.data_ptr(), entry.nbytes):
             segments.append((entry.offset, entry.nbytes, target.data_ptr()))
             landed[entry.offset] = target
+            written.append(target)
         else:
             scratch = torch.empty(entry.nbytes, dtype=torch.uint8)
             segments.append((entry.offset, entry.nbytes, scratch.data_ptr()))
@@ -167,7 +172,19 @@ def plan_landing(
             n = min(nbytes - done, (index + 1) * header.chunk_size - at)
             chunks[index].append(_writable(address + done, n))
             done += n
-    return Landing(chunks, deferred, keep, context)
+    return Landing(chunks, deferred, keep, context, written)
+
+
+def _claim(taken: list[tuple[int, int]], address: int, nbytes: int) -> bool:
+    """Reserve [address, address + nbytes) for bytes to land in, unless another tensor's memory overlaps it
+    (tied weights saved twice): two streams writing one place could make a good copy look corrupt."""
+    at = bisect.bisect_left(taken, (address, 0))
+    if at > 0 and taken[at - 1][0] + taken[at - 1][1] > address:
+        return False  # the tensor before it reaches into it
+    if at < len(taken) and taken[at][0] < address + nbytes:
+        return False  # it reaches into the tensor after it
+    taken.insert(at, (address, nbytes))
+    return True
 
 
 def _hash(views: list[memoryview]) -> int:
@@ -185,22 +202,35 @@ class _Work:
 
     pieces: list[tuple[int, int]]
     problems: dict[int, tuple[str, str]] = field(default_factory=dict)  # holder -> ("corrupt"|"error", why)
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    in_flight: int = 0
+    changed: threading.Condition = field(default_factory=threading.Condition)
 
     def take(self, holder: int) -> tuple[int, int] | None:
-        with self.lock:
-            if self.problems.get(holder, ("",))[0] == "corrupt" or not self.pieces:
-                return None
-            return self.pieces.pop(0)
+        """The next piece; None when none is left, or this holder's copy is corrupt. While other streams
+        still receive pieces this one waits: a piece they give back must find a stream to take it."""
+        with self.changed:
+            while True:
+                if self.problems.get(holder, ("",))[0] == "corrupt":
+                    return None
+                if self.pieces:
+                    self.in_flight += 1
+                    return self.pieces.pop(0)
+                if not self.in_flight:
+                    return None
+                self.changed.wait(1.0)  # in-flight pieces end within their sockets' timeouts
 
-    def give_back(self, piece: tuple[int, int]) -> None:
-        with self.lock:
-            self.pieces.insert(0, piece)
+    def done(self, piece: tuple[int, int], *, received: bool) -> None:
+        with self.changed:
+            self.in_flight -= 1
+            if not received:
+                self.pieces.insert(0, piece)
+            self.changed.notify_all()
 
     def note(self, holder: int, kind: str, message: str) -> None:
-        with self.lock:
+        with self.changed:
             if self.problems.get(holder, ("",))[0] != "corrupt":
                 self.problems[holder] = (kind, message)
+            self.changed.notify_all()
 
 
 def receive(
@@ -219,6 +249,8 @@ def receive(
     and what each holder said. A holder that does not answer is asked again, ``rounds`` times in all,
     backing off: under load a stream may time out, and giving up would restore an older step."""
     header, record = head.header, head.record
+    if header.chunks == 0:
+        return True, []  # no tensor bytes: the head was all of it
     wanted = 2 * max(streams, len(holders))  # pieces: a few per stream, so a slow one is helped out
     per_piece = max(1, min(_PIECE // header.chunk_size, -(-header.chunks // wanted)))
     work = _Work([(i, min(i + per_piece, header.chunks)) for i in range(0, header.chunks, per_piece)])
@@ -265,6 +297,7 @@ def _stream(peer: Peer, head: Head, landing: Landing, secret: bytes, work: _Work
         conn = Connection.connect(peer.address, secret)
         while (piece := work.take(peer.rank)) is not None:
             _receive_piece(conn, peer, head, landing, piece)
+            work.done(piece, received=True)
             piece = None
     except CorruptObjectError as exc:
         work.note(peer.rank, "corrupt", f"the copy on rank {peer.rank}: {exc}")
@@ -276,7 +309,7 @@ def _stream(peer: Peer, head: Head, landing: Landing, secret: bytes, work: _Work
         log.error("flash: a stream recovering step %d failed", record.step, exc_info=True)
     finally:
         if piece is not None:
-            work.give_back(piece)
+            work.done(piece, received=False)
         if conn is not None:
             conn.close()
 
@@ -303,6 +336,5 @@ def _receive_piece(
             conn.recv_into(view)
         if _hash(views) != head.hashes[index]:
             at = header.data_offset + index * header.chunk_size
-            raise CorruptObjectError(
-                f"{where}: data checksum mismatch in the chunk at bytes {at}-{at + header.chunk_size}"
-            )
+            end = header.data_offset + min((index + 1) * header.chunk_size, header.data_size)
+            raise CorruptObjectError(f"{where}: data checksum mismatch in the chunk at bytes {at}-{end}")

@@ -136,7 +136,7 @@ class ReplicationServer:
         copier: Copier,
         host: str,
         *,
-        max_connections: int = 4,
+        max_connections: int = 16,  # a recovery opens 4 per rank that lacks its object
         handshake_slots: int = HANDSHAKE_SLOTS,
         handshake_deadline: float = HANDSHAKE_DEADLINE,
         listener: socket.socket | None = None,
@@ -335,7 +335,8 @@ class ReplicationServer:
             conn.send_header({"ok": False, "error": f"no committed object {request['object']} here"})
             return True
         size = record.objects[0]["size"]
-        offset, length = request.get("offset", 0), request.get("length", size)
+        offset = request.get("offset", 0)
+        length = request.get("length", size - offset if typed_int(offset) else None)
         if not (typed_int(offset) and typed_int(length) and offset >= 0 and 0 < length <= size - offset):
             why = f"bytes {short(offset)}+{short(length)} are not a range of the {size}-byte object"
             return self._refuse(conn, request, why, keep=True)

@@ -234,6 +234,9 @@ def _obtain(
         except UnfitState as exc:  # the object is fine; the state cannot take it (told after agreeing)
             return _Attempt("ok", source="peer", unfit=exc.__cause__ or exc)
         if landing is not None:
+            if corrupt and store.owner:  # the peer's copy replaced what the local one could not give
+                log.warning("flash: dropping the corrupt tmpfs copy of step %d (rank %d)", step, store.rank)
+                store.drop(step)
             return _Attempt("ok", source="peer", landing=landing)
         for kind, message in problems:
             (corrupt if kind == "corrupt" else errors).append(message)

@@ -97,5 +97,6 @@ def restore_rng(saved: Mapping[str, Any]) -> None:
 
         kind, keys, position, has_gauss, cached = saved["numpy"]
         numpy.random.set_state((kind, numpy.array(keys, dtype=numpy.uint32), position, has_gauss, cached))
-    if "cuda" in saved and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(saved["cuda"])
+    if "cuda" in saved and torch.cuda.is_available():  # the devices both runs see (untested: no GPU)
+        for device, state in enumerate(saved["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, device)

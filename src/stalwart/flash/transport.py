@@ -278,7 +278,8 @@ class Connection:
     def _kernel_timeouts(self, option: int) -> Iterator[float]:
         """Blocking I/O bounded by the kernel's timeout ``option`` (SO_SNDTIMEO or SO_RCVTIMEO) instead
         of Python's: bulk bytes move in few system calls, with no ``poll`` before each."""
-        timeout = self.sock.gettimeout() or TIMEOUT
+        previous = self.sock.gettimeout()
+        timeout = previous or TIMEOUT
         seconds = int(timeout)
         self.sock.setsockopt(
             socket.SOL_SOCKET, option, struct.pack("ll", seconds, int((timeout - seconds) * 1e6))
@@ -288,7 +289,7 @@ class Connection:
             yield timeout
         finally:
             with contextlib.suppress(OSError):  # a socket closed meanwhile (the server shutting down)
-                self.sock.settimeout(timeout)
+                self.sock.settimeout(previous)
                 self.sock.setsockopt(socket.SOL_SOCKET, option, struct.pack("ll", 0, 0))
 
     def _recv_exact(self, size: int) -> bytes:

@@ -33,7 +33,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -45,7 +45,9 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from ..checkpoint.latest import latest_checkpoint
 from ..checkpoint.task import Checkpoint
 from ..context import ctx
+from ..flash import preemption
 from ..flash.checkpointer import FlashCheckpointer
+from ..flash.preemption import Preempted
 from . import SOURCES, ResumePoint, default_flash, from_rank_zero, newest_flash_step
 from .state import decode_checkpoint, encode_checkpoint, get_rng_state, set_rng_state
 
@@ -88,6 +90,8 @@ class FlashCheckpointIO(_WrappingCheckpointIO):
             )
         self.flash = flash
         self._held: tuple[int, dict[str, Any]] | None = None
+        self.preempting = False  # the next flash save is the preemption save (FlashCheckpointCallback)
+        self.preempted: Preempted | None = None  # what that save returned, for the callback to raise
 
     def _base(self) -> CheckpointIO:
         """The IO for regular paths; used outside a strategy, the innermost IO is Lightning's default."""
@@ -121,6 +125,9 @@ class FlashCheckpointIO(_WrappingCheckpointIO):
                 f"{os.fspath(path)}: the flash tier takes no storage options (its durable copies take "
                 "theirs from FlashCheckpointer(storage_options=...))"
             )
+        if self.preempting:  # returns instead of raising: Lightning's barrier follows on every rank
+            self.preempted = self.flash.save_preempted(step, encode_checkpoint(checkpoint))
+            return
         if not self.flash.save(step, encode_checkpoint(checkpoint)):
             raise ValueError(
                 f"flash step {step} of job {self.flash.job_id!r} is already committed, and committed steps "
@@ -267,6 +274,8 @@ class FlashCheckpointCallback(Callback):
         """Training starts at the restored step (or 0). That state exists already, so it is not saved
         again; flash steps newer than it (a resume from an older checkpoint) are an abandoned timeline."""
         self._last_step = trainer.global_step  # the same on every rank: they call save_checkpoint together
+        if self.enabled and self.flash is not None and self.flash.save_on_preemption:
+            preemption.take_back()  # Lightning installed its SIGTERM handler over the checkpointer's
         if self.enabled and trainer.is_global_zero:  # Lightning writes checkpoints from global rank 0
             assert self.flash is not None
             self.flash.continue_from(trainer.global_step)
@@ -282,18 +291,32 @@ class FlashCheckpointCallback(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        stopping = self.enabled and self.flash is not None and self._preempted(trainer, step)
-        if not stopping and (step == self._last_step or not self.should_save(step)):
+        if self.enabled and self.flash is not None and self._preempted(trainer, step):
+            self._stop(trainer, step)
+        if step == self._last_step or not self.should_save(step):
             return  # (the same step comes back while gradients accumulate)
         self._last_step = step
-        # after SIGTERM the flash save of this step raises Preempted: the process stops with it saved
         trainer.save_checkpoint(install_io(trainer, self.flash).path(step), weights_only=False)
 
     def _preempted(self, trainer: Trainer, step: int) -> bool:
-        """Whether every rank stops at this step (a preemption notice reached one of them): checked at
-        each step boundary, as Lightning's own saves do not come at every step."""
+        """Whether every rank stops at this step after a preemption notice (SIGTERM to any of them),
+        asked after every batch, as Lightning's own saves do not come at every step. Several ranks decide
+        together with one all-reduce, at this step: Lightning ends the fit with its SIGTERMException
+        after this batch on a rank that got the signal."""
         assert self.flash is not None
-        return self.flash.preempted(step, world_size=trainer.world_size)
+        if not self.flash.save_on_preemption:
+            return False
+        if trainer.world_size == 1:
+            return self.flash.preempted(step, world_size=1)
+        noticed = preemption.notice() is not None
+        return bool(trainer.strategy.reduce_boolean_decision(noticed, all=False))
+
+    def _stop(self, trainer: Trainer, step: int) -> NoReturn:
+        """Save this step (every rank takes part; global rank 0 writes) and stop every rank."""
+        io = install_io(trainer, self.flash)
+        io.preempting = True
+        trainer.save_checkpoint(io.path(step), weights_only=False)
+        raise io.preempted or Preempted(f"preempted by SIGTERM: step {step} saved by global rank 0", step)
 
     def state_dict(self) -> dict[str, Any]:
         return {"rng": get_rng_state()} if self.enabled else {}

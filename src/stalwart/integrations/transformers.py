@@ -32,6 +32,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from ..checkpoint.task import Checkpoint
 from ..context import ctx
 from ..flash.checkpointer import FlashCheckpointer
+from ..flash.preemption import Preempted
 from . import SOURCES, ResumePoint, newest_flash_step
 
 __all__ = ["CheckpointMirrorCallback", "pack_directory", "resume_checkpoint", "unpack_directory"]
@@ -103,14 +104,18 @@ class CheckpointMirrorCallback(TrainerCallback):
     def on_save(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        if not state.is_world_process_zero:
-            return
         step = state.global_step
+        stopping = self.flash is not None and self.flash.preempted(step, world_size=args.world_size)
+        if not state.is_world_process_zero:
+            if stopping:  # the main process mirrors the step; every other rank stops here too
+                raise Preempted(f"preempted by SIGTERM: step {step} saved by the main process", step)
+            return
         directory = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
         if not directory.is_dir():
             log.warning("no %s after the Trainer saved step %d; nothing mirrored", directory, step)
+            if stopping:
+                raise Preempted(f"preempted by SIGTERM at step {step}, which the Trainer did not save", step)
             return
-        stopping = self.flash is not None and self.flash.preempted(step, world_size=args.world_size)
         checkpoint = _task_checkpoint(self.checkpoint)
         if checkpoint is not None and stopping:
             checkpoint.save_sync(directory)  # first: the flash save below ends the process

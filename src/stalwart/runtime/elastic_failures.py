@@ -209,6 +209,9 @@ def attempt_result(first: WorkerFailure, others: list[WorkerFailure], restarts: 
         more = f" and {len(others) - 4} more" if len(others) > 4 else ""
         description += f"; then {shown}{more}"
     report = first.report.result if first.report is not None else None
+    preempted = all(f.report is not None and f.report.result.preempted for f in [first, *others])
+    if preempted:  # every worker saved the step it was told to stop at: a clean stop, not a failure
+        description = f"preempted: {report.error_message if report else ''} (every worker stopped at it)"
     return AttemptResult(
         ok=False,
         error_type=report.error_type if report else None,
@@ -217,13 +220,14 @@ def attempt_result(first: WorkerFailure, others: list[WorkerFailure], restarts: 
         exception=report.exception if report else None,
         retryable=first.retryable,
         description=description,
+        preempted=preempted,
     )
 
 
 def any_non_retryable(failures: Mapping[int, Any], attempt_dir: str | Path) -> bool:
-    """True when a failed worker raised NonRetryableError: restarting the group would not help."""
-    for failure in failures.values():
-        report = read_report(attempt_dir, failure.pid)
-        if report is not None and not report.result.retryable:
-            return True
-    return False
+    """True when a failed worker raised NonRetryableError, or every one stopped on a preemption notice
+    (its node is going away): restarting the group would not help."""
+    reports = [read_report(attempt_dir, failure.pid) for failure in failures.values()]
+    if any(report is not None and not report.result.retryable for report in reports):
+        return True
+    return bool(reports) and all(report is not None and report.result.preempted for report in reports)
