@@ -51,6 +51,8 @@ def main() -> None:
         # the restored step is never saved again, also where it came from a peer and is not held here
         "saved_again": restored is not None and flash.save(restored, state_for(rank, restored)),
     }
+    flash.wait()  # a step recovered from peers is pulled into this node's tmpfs again, in the background
+    report["held_here"] = restored is not None and restored in flash.engine.store.own
     with open(os.path.join(out, f"restore-{os.environ['STALWART_NODE']}-rank{rank}.json"), "w") as fh:
         json.dump(report, fh)
     for step in range((restored or 0) + 1, steps + 1):

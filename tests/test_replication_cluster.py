@@ -64,6 +64,7 @@ def test_losing_any_one_node_recovers_from_peers(tmp_path: Path, nnodes: int, lo
     replaced = [r for r in reports if r["node"] in {f"node-{n}" for n in lost}]
     assert replaced and all(r["source"] == "peer" for r in replaced)  # the empty node pulled its state
     assert not any(r["saved_again"] for r in reports), reports
+    assert all(r["held_here"] for r in reports), reports  # the replaced node holds its objects again
 
 
 def test_two_neighbours_lost_with_one_replica_falls_back_to_durable_and_two_replicas_do_not(

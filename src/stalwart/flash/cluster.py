@@ -29,7 +29,7 @@ from .objects import CorruptObjectError
 from .placement import Peer, RingPlacement, node_key, replica_host
 from .rankstore import RankStore
 from .recovery import Head, Landing, fetch_head, receive
-from .replication import ReplicaKeeper, ReplicationServer, Replicator
+from .replication import ReplicaKeeper, ReplicationServer, Replicator, lower_priority, pull
 
 __all__ = ["Cluster", "Introduction", "listen"]
 
@@ -78,6 +78,7 @@ class Cluster:
         self.server, self.board, self.placement, self.copier = server, board, placement, copier
         self.replicator: Replicator | None = None
         self.node = peers[rank].node
+        self.recovered: tuple[int, list[int]] | None = None  # the last step recover() landed, and from whom
 
     @classmethod
     def join(
@@ -240,7 +241,33 @@ class Cluster:
             ", ".join(f"rank {h} ({self.peers[h].node})" for h in usable),
             time.perf_counter() - started,
         )
+        self.recovered = (step, usable)
         return landing, []
+
+    def reseed(self, store: RankStore, step: int, holders: list[int], current: Callable[[], bool]) -> None:
+        """Pull this rank's object of ``step`` again, into a pool buffer, and make it this rank's own while
+        ``current()`` (the step is still the one training went on from, and nothing newer was saved here).
+        Run in the background after a recovery landed in the caller's tensors: until then the node holds
+        no copy of its own, and losing the peer would lose the step."""
+        lower_priority()
+        for holder in holders:
+            try:
+                record, verified = pull(self.peers[holder], step, self.rank, self.secret, store, self.copier)
+            except (OSError, ValueError) as exc:
+                log.warning("flash: re-seeding step %d from rank %d failed: %s", step, holder, exc)
+                continue
+            with store.mutex:
+                if current() and not any(s >= step for s in store.own):
+                    store.adopt_pulled(verified, record)
+                    log.info("flash: rank %d holds step %d in tmpfs again", self.rank, step)
+                    return
+                store.release(verified.buffer)
+                return
+        log.warning(
+            "flash: rank %d holds no copy of step %d in tmpfs (its peers do) until its next save",
+            self.rank,
+            step,
+        )
 
     def after_restore(self, step: int | None, group: Any, generation: str | None = None) -> None:
         """Collective (unless the ranks agreed on the new ``generation`` already): facts posted before the

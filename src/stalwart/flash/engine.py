@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import logging
 import socket
+import threading
 import time
 from collections.abc import MutableMapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -163,6 +164,7 @@ class FlashEngine:
         # the step the last load restored: this rank may not hold it (a peer's copy landed in the state),
         # yet saves must not repeat it
         self._restored: int | None = None
+        self._reseed: threading.Thread | None = None  # pulls a step restored from peers into tmpfs again
 
     # saving
 
@@ -273,9 +275,10 @@ class FlashEngine:
                 raise FlashError(f"flash save of step {step} failed in the background: {exc}") from exc
 
     def wait(self) -> None:
-        """Block until every pending commit, upload and replication is done; raise the first failure
-        (a durable copy that failed is raised here once, even when saves only warned about it)."""
+        """Block until every pending commit, upload, replication and re-seed is done; raise the first
+        failure (a durable copy that failed is raised here once, even when saves only warned about it)."""
         self._settle(wait=True)
+        self._join_reseed()
         if self.cluster:
             self.cluster.wait()
         if self.uploader is not None:
@@ -338,7 +341,29 @@ class FlashEngine:
         self.restored_from = restored.source
         self._restored = step
         self._cut_timeline(step, restored.durable_steps, durable_listed=restored.durable_steps is not None)
+        if restored.landing is not None:
+            self._start_reseed(step)
         return step
+
+    def _start_reseed(self, step: int) -> None:
+        """The step landed in the caller's tensors from peers: pull a copy into tmpfs again in the
+        background (memory the next saves would fault in anyway), so losing those peers loses nothing."""
+        recovered = self.cluster.recovered if self.cluster else None
+        if recovered is None or recovered[0] != step or not self.store.owner:
+            return
+        assert self.cluster is not None
+        self._reseed = threading.Thread(
+            target=self.cluster.reseed,
+            args=(self.store, step, recovered[1], lambda: self._restored == step and not self._closed),
+            name="stalwart-reseed",
+            daemon=True,
+        )
+        self._reseed.start()
+
+    def _join_reseed(self) -> None:
+        if self._reseed is not None:
+            self._reseed.join()  # bounded: its pull fails within the sockets' timeouts
+            self._reseed = None
 
     def steps(self) -> dict[str, list[int]]:
         """Collective: the steps each tier holds whole, {"flash": [...], "durable": [...]} (flash counts
@@ -389,6 +414,7 @@ class FlashEngine:
         """Let what this rank has in flight (a commit, replication, an upload) finish before the timeline
         is cut: a replica or a durable copy of a step about to be abandoned must not land after the cut."""
         self._settle(wait=True)
+        self._join_reseed()
         if self.cluster:
             self.cluster.wait(None)
         if self.uploader is not None:
@@ -526,6 +552,7 @@ class FlashEngine:
         finally:
             self._closed = True
             self._commits.shutdown(wait=True)
+            self._join_reseed()
             self._close_parts()
 
     def _close_parts(self) -> None:
