@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,8 @@ def test_unknown_attribute_is_an_attribute_error() -> None:
 def test_console_script_prints_the_version() -> None:
     import stalwart
 
-    exe = shutil.which("stalwart")
+    # the script installed for this interpreter (its venv's bin), not another one found first on PATH
+    exe = shutil.which("stalwart", path=sysconfig.get_path("scripts")) or shutil.which("stalwart")
     assert exe, "the console script is not installed: pip install -e ."
     proc = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and stalwart.__version__ in proc.stdout
