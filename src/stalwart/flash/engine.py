@@ -501,8 +501,8 @@ class FlashEngine:
 
     def _landing(self, state: MutableMapping[str, Any], made: list[Landing], head: Head) -> Landing:
         """Where an object pulled from peers lands in ``state``: its tensors, and tensors made for what
-        the state lacks (noted in ``made``). The state's structure changes only once the data is
-        verified (``_land``)."""
+        the state lacks; the landing is also appended to ``made``. The state's structure changes only
+        once the data is verified (``_land``)."""
         skeleton, entries = load_meta(head.meta)
         pairs: list[tuple[Any, Any]] = []
         created: dict[int, Any] = {}
