@@ -57,17 +57,9 @@ def main(base: str, ckpt_dir: str, max_steps: int, crash_at: int, out: str) -> N
     torch.save({"global_step": trainer.global_step, "weights": _weights(model)}, out)
 
 
-@env.task(elastic=sw.Elastic(nproc_per_node=2, max_restarts=1, monitor_interval=0.2))
-def ddp_fit(max_steps: int = 60, crash_at: int = 35) -> dict:
-    """Rank 0 dies by SIGKILL after step ``crash_at`` in the first round; torch elastic restarts both ranks,
-    which resume with the same one call (job id = run id). Each rank saves what it ended with."""
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = Regressor()
-    context = sw.ctx()
-    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    callbacks = [CrashAt(crash_at)] if restarts == 0 and context.rank == 0 else []
-    trainer = pl.Trainer(
+def ddp_trainer(max_steps: int, callbacks: list[pl.Callback]) -> pl.Trainer:
+    """Two DDP processes on gloo, started by torch elastic (a stalwart Elastic task)."""
+    return pl.Trainer(
         accelerator="cpu",
         devices=2,
         strategy="ddp",
@@ -79,6 +71,19 @@ def ddp_fit(max_steps: int = 60, crash_at: int = 35) -> dict:
         deterministic=True,
         callbacks=callbacks,
     )
+
+
+@env.task(elastic=sw.Elastic(nproc_per_node=2, max_restarts=1, monitor_interval=0.2))
+def ddp_fit(max_steps: int = 60, crash_at: int = 35) -> dict:
+    """Rank 0 dies by SIGKILL after step ``crash_at`` in the first round; torch elastic restarts both ranks,
+    which resume with the same one call (job id = run id). Each rank saves what it ended with."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = Regressor()
+    context = sw.ctx()
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    callbacks = [CrashAt(crash_at)] if restarts == 0 and context.rank == 0 else []
+    trainer = ddp_trainer(max_steps, callbacks)
     ckpt = wrap_trainer(trainer, every_n_steps=5)
     trainer.fit(model, ckpt_path=ckpt)
     result = {
@@ -116,18 +121,7 @@ def ddp_fit_preempted(max_steps: int = 40, term_at: int = 22) -> dict:
     model = Regressor()
     context = sw.ctx()
     callbacks = [TermAt(term_at)] if context.attempt == 0 and context.rank == 1 else []
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        max_steps=max_steps,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        logger=False,
-        deterministic=True,
-        callbacks=callbacks,
-    )
+    trainer = ddp_trainer(max_steps, callbacks)
     ckpt = wrap_trainer(trainer, every_n_steps=5)
     trainer.fit(model, ckpt_path=ckpt)
     result = {
