@@ -6,9 +6,11 @@ object (as a node and its replica do); a replaced node's restore asks both at on
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import shutil
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -279,3 +281,27 @@ def test_a_load_refuses_tensors_left_with_bytes_of_a_step_not_restored() -> None
     _check_covered([landing], [kept, stale], 5)  # the step restored filled both
     with pytest.raises(FlashRestoreError, match=r"1 tensor\(s\) .* step 4, which was, does not hold them"):
         _check_covered([landing], [kept], 4)
+
+
+def test_a_peer_that_trickles_bytes_cannot_stretch_a_receive_past_its_deadline(connected) -> None:
+    """Each wait for bytes is bounded by the socket's timeout, and the whole receive by its deadline:
+    a byte every 0.05 s keeps the first alive, not the second (a piece then goes to another holder)."""
+    sender, receiver = connected
+    stop = threading.Event()
+
+    def trickle() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                sender.sock.send(b"x")
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(TimeoutError, match="before the deadline"):
+            receiver.recv_into(memoryview(bytearray(10_000)), deadline=time.monotonic() + 0.5)
+    finally:
+        stop.set()
+        thread.join()
+    assert 0.5 <= time.monotonic() - started < 10

@@ -36,7 +36,7 @@ from .objects import PACKED_HEADER_SIZE, CorruptObjectError, Header, TensorEntry
 from .placement import Peer
 from .rankstore import verify_header, verify_meta
 from .replication import ask, object_name
-from .transport import Connection, short, typed_int
+from .transport import TIMEOUT, Connection, short, typed_int
 
 if TYPE_CHECKING:
     import torch
@@ -47,6 +47,7 @@ log = logging.getLogger("stalwart.flash")
 
 STREAMS = 4  # connections per recovery: enough to keep both cores busy over loopback
 _PIECE = 32 * 2**20  # bytes a stream asks for at a time; its chunks are verified as they land
+_SLOWEST = 4 * 2**20  # bytes per second below which a piece goes to another stream (and holder)
 
 
 class UnfitState(Exception):
@@ -330,10 +331,11 @@ def _receive_piece(
             f"rank {peer.rank} answered for bytes {short(reply.get('offset'))}+{short(reply.get('length'))}, "
             f"asked for {offset}+{length}"
         )
+    deadline = time.monotonic() + TIMEOUT + length / _SLOWEST  # a trickling peer gives its piece up
     for index in range(first, last):
         views = landing.chunks[index]
         for view in views:
-            conn.recv_into(view)
+            conn.recv_into(view, deadline=deadline)
         if _hash(views) != head.hashes[index]:
             at = header.data_offset + index * header.chunk_size
             end = header.data_offset + min((index + 1) * header.chunk_size, header.data_size)

@@ -20,6 +20,7 @@ import os
 import secrets
 import socket
 import struct
+import time
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
@@ -261,8 +262,12 @@ class Connection:
                     raise ConnectionError(f"the file ended after {done} of the {size} bytes for {self.peer}")
                 done += sent
 
-    def recv_into(self, view: memoryview) -> None:
-        """Fill ``view`` (e.g. a mapped buffer, or a tensor's memory) from the socket."""
+    def recv_into(self, view: memoryview, *, deadline: float | None = None) -> None:
+        """Fill ``view`` (e.g. a mapped buffer, or a tensor's memory) from the socket.
+
+        The socket's timeout bounds each wait for bytes; ``deadline`` (``time.monotonic()``) bounds the
+        whole, so a peer that trickles bytes cannot stretch it without end (it is checked between
+        receives: the call ends at most one socket timeout after it)."""
         done, size = 0, len(view)
         with self._kernel_timeouts(socket.SO_RCVTIMEO) as timeout:
             while done < size:
@@ -273,6 +278,8 @@ class Connection:
                 if got == 0:
                     raise ConnectionError(f"{self.peer} closed the connection after {done} of {size} bytes")
                 done += got
+                if deadline is not None and done < size and time.monotonic() > deadline:
+                    raise TimeoutError(f"{self.peer} sent {done} of {size} bytes before the deadline")
 
     @contextlib.contextmanager
     def _kernel_timeouts(self, option: int) -> Iterator[float]:
