@@ -214,3 +214,22 @@ def test_sigterm_to_a_torch_elastic_agent_is_a_preemption_and_the_retry_resumes(
     assert saved >= 5
     # resumed from the preemption save; each step adds 2 (an all_reduce over 2 ranks): none lost or redone
     assert f"'start': {saved}, 'restored_from': 'flash', 'w': 600.0" in out, out
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"step": -1}, "step=-1 is not accepted; use an int >= 0"),
+        ({"step": True}, "step=True is not accepted"),
+        ({"step": 3, "world_size": 0}, r"world_size=0 is not accepted; use an int >= 1 or None"),
+        ({"step": 3, "world_size": "2"}, "world_size='2' is not accepted"),
+    ],
+)
+def test_asking_whether_to_stop_with_bad_values_says_what_is_accepted(
+    tmp_path: Path, kwargs: dict, message: str
+) -> None:
+    flash = sw.FlashCheckpointer("asks", root=tmp_path)
+    with pytest.raises(ValueError, match=message):
+        flash.preempted(**kwargs)
+    assert flash.preempted(3, world_size=1) is False  # no SIGTERM in this process
+    flash.close()

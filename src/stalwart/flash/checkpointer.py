@@ -303,6 +303,12 @@ class FlashCheckpointer:
         torch.distributed store, and every rank looks at each boundary (one store round trip). The
         next one: the others may be past this boundary already, but none can pass the next before
         this rank joins that step's collectives (as every data-parallel step has)."""
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step={step!r} is not accepted; use an int >= 0")
+        if world_size is not None and (
+            isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1
+        ):
+            raise ValueError(f"world_size={world_size!r} is not accepted; use an int >= 1 or None")
         if not self.save_on_preemption:
             return False
         if self._stop_step is None:
