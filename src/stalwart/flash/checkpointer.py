@@ -42,6 +42,12 @@ __all__ = ["FlashCheckpointer"]
 log = logging.getLogger("stalwart.flash")
 
 
+def _step(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"step={value!r} is not accepted; use an int >= 0")
+    return value
+
+
 def _positive(name: str, value: object, *, optional: bool = False) -> int | None:
     if optional and value is None:
         return None
@@ -222,8 +228,7 @@ class FlashCheckpointer:
         steps this rank saved after it belong to an abandoned timeline, so they are forgotten in every tier
         (as ``restore`` forgets them), with a warning that names them. Returns the flash steps forgotten.
         With several nodes this is a collective: call it on every rank."""
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"step={step!r} is not accepted; use an int >= 0")
+        _step(step)
         abandoned = self.engine.continue_from(step)
         self.last_saved_step = max(self.engine.store.own, default=None)
         return abandoned
@@ -266,8 +271,7 @@ class FlashCheckpointer:
         """Save if ``step`` is a multiple of ``every_n_steps`` (and not saved yet); True if it saved.
         Call it at every step boundary: after SIGTERM it saves this step whatever its number and raises
         ``Preempted`` (see ``save_on_preemption``)."""
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"step={step!r} is not accepted; use an int >= 0")
+        _step(step)
         self._seen_step = step
         if self.preempted(step):
             self._save_and_stop(step, state_dict)
@@ -303,12 +307,8 @@ class FlashCheckpointer:
         torch.distributed store, and every rank looks at each boundary (one store round trip). The
         next one: the others may be past this boundary already, but none can pass the next before
         this rank joins that step's collectives (as every data-parallel step has)."""
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"step={step!r} is not accepted; use an int >= 0")
-        if world_size is not None and (
-            isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1
-        ):
-            raise ValueError(f"world_size={world_size!r} is not accepted; use an int >= 1 or None")
+        _step(step)
+        _positive("world_size", world_size, optional=True)
         if not self.save_on_preemption:
             return False
         if self._stop_step is None:
