@@ -20,6 +20,12 @@ from stalwart.runtime.store import RunStore
 HERE = Path(__file__).parent
 
 
+def _steps_done(progress: Path) -> int:
+    """The step a slow task wrote last; read once: the task truncates the file before each write."""
+    text = progress.read_text().strip() if progress.exists() else ""
+    return int(text) if text else 0
+
+
 def _weights_equal(a: list, b: list) -> bool:
     return len(a) == len(b) and all(x.equal(y) for x, y in zip(a, b, strict=True))
 
@@ -44,7 +50,7 @@ def test_sigterm_to_the_runner_reaches_the_attempt_and_the_same_run_id_resumes(
     command += ["--steps", "400", "--progress", str(progress), "--run-id", "preempted-run"]
     runner = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not (progress.exists() and progress.read_text().strip() and int(progress.read_text()) >= 5):
+    while _steps_done(progress) < 5:
         assert runner.poll() is None and time.monotonic() < deadline, runner.communicate()
         time.sleep(0.05)
     runner.send_signal(signal.SIGTERM)
@@ -197,7 +203,7 @@ def test_sigterm_to_a_torch_elastic_agent_is_a_preemption_and_the_retry_resumes(
     command += ["--steps", "300", "--progress", str(progress), "--run-id", "agent-preempted"]
     runner = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 180
-    while not (progress.exists() and progress.read_text().strip() and int(progress.read_text()) >= 5):
+    while _steps_done(progress) < 5:
         assert runner.poll() is None and time.monotonic() < deadline, runner.communicate()
         time.sleep(0.05)
     (agent,) = psutil.Process(runner.pid).children()  # the attempt process runs the agent
