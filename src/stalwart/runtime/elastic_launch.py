@@ -108,6 +108,13 @@ def _agent_watching_reports(attempt_dir: Path) -> Iterator[_Rounds]:
         launcher.LocalElasticAgent = base
 
 
+# A node that joins a running elastic job waits forever for the rendezvous' MASTER_ADDR key when torch
+# elastic shares its TCP store with the workers: the rank 0 agent of the restarted round already has its
+# store and does not post the key again (torch 2.13, dynamic_rendezvous.next_rendezvous). Without sharing,
+# every round posts it and the newcomer is admitted.
+SHARED_STORE_OFF = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+
+
 def launch(spec: AttemptSpec, attempt_dir: Path) -> bytes | None:
     """Run the task through torch elastic; returns rank 0's value, pickled (None on nodes without rank 0)."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -119,6 +126,8 @@ def launch(spec: AttemptSpec, attempt_dir: Path) -> bytes | None:
     assert elastic is not None
     if elastic.nproc_per_node > 1:
         os.environ.setdefault("OMP_NUM_THREADS", "1")  # as torchrun: workers share the cores
+    if elastic.min_nodes != elastic.max_nodes:
+        os.environ.setdefault(SHARED_STORE_OFF, "1")
     run_id = os.environ.get("STALWART_RUN_ID", "stalwart")
     config = LaunchConfig(
         min_nodes=elastic.min_nodes,

@@ -2,7 +2,9 @@
 
 A node is a torch elastic agent (``python -m torch.distributed.run``) with its own flash root and its
 own node key; the agents meet through c10d rendezvous on 127.0.0.1. Losing a node is killing its
-agent's process group and wiping its flash root; a restart starts every agent again.
+agent's process group and wiping its flash root; a restart starts every agent again. With
+``min_nodes`` the job is elastic (``--nnodes=MIN:MAX``): a node killed for good leaves the others to
+restart without it (``max_restarts``), and a node started later with ``join`` makes them restart with it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..runtime.elastic_launch import SHARED_STORE_OFF
 from ..runtime.processes import kill_tree
 
 __all__ = ["LocalCluster"]
@@ -38,63 +41,84 @@ class LocalCluster:
         *args: str,
         env: dict[str, str] | None = None,
         join_timeout: int = 60,
+        min_nodes: int | None = None,
+        max_restarts: int = 0,
     ) -> None:
         if nnodes < 1 or nproc_per_node < 1:
             raise ValueError("nnodes and nproc_per_node must be >= 1")
+        if min_nodes is not None and not 1 <= min_nodes <= nnodes:
+            raise ValueError(f"min_nodes={min_nodes!r} is not accepted; use 1..nnodes ({nnodes}) or None")
+        if max_restarts < 0:
+            raise ValueError(f"max_restarts={max_restarts!r} is not accepted; use an int >= 0")
         self.directory = Path(directory)
         self.nnodes, self.nproc_per_node = nnodes, nproc_per_node
         self.script, self.args, self.env = str(script), list(args), dict(env or {})
         self.join_timeout = join_timeout
+        self.min_nodes, self.max_restarts = min_nodes, max_restarts
         self.agents: dict[int, subprocess.Popen] = {}
         self.round = 0
+        self._port = 0
+        self._extra: tuple[str, ...] = ()
 
     def root(self, node: int) -> Path:
         """The flash root of ``node`` (its tmpfs, in a real cluster)."""
         return self.directory / f"node-{node}" / "flash"
 
-    def start(self, *extra_args: str) -> None:
-        """Start every agent (a new rendezvous: the previous round's agents must be gone)."""
+    def start(self, *extra_args: str, nodes: int | None = None) -> None:
+        """Start every agent, or the first ``nodes`` of them (a new rendezvous: the previous round's
+        agents must be gone)."""
         self.round += 1
-        port = free_port()
-        for node in range(self.nnodes):
-            logs = self.directory / f"node-{node}" / f"round-{self.round}"
-            logs.mkdir(parents=True, exist_ok=True)
-            env = {
-                **os.environ,
-                **self.env,
-                "STALWART_FLASH_ROOT": str(self.root(node)),
-                "STALWART_NODE": f"node-{node}",
-                "STALWART_REPLICATION_HOST": "127.0.0.1",
-                "OMP_NUM_THREADS": "1",
-            }
-            command = [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                f"--nnodes={self.nnodes}",
-                f"--nproc-per-node={self.nproc_per_node}",
-                "--rdzv-backend=c10d",
-                f"--rdzv-endpoint=127.0.0.1:{port}",
-                f"--rdzv-id=job-{self.round}",
-                f"--rdzv-conf=join_timeout={self.join_timeout}",
-                "--max-restarts=0",
-                "--monitor-interval=0.2",
-                "--log-dir",
-                str(logs / "workers"),
-                "--redirects=3",
-                self.script,
-                *self.args,
-                *extra_args,
-            ]
-            with open(logs / "agent.log", "wb") as out:
-                self.agents[node] = subprocess.Popen(
-                    command,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    env=env,
-                    start_new_session=True,
-                )
+        self._port, self._extra = free_port(), extra_args
+        self.agents = {}
+        for node in range(self.nnodes if nodes is None else nodes):
+            self.join(node)
+
+    def join(self, node: int) -> None:
+        """Start ``node``'s agent in the current round's rendezvous (an elastic job admits it)."""
+        if not 0 <= node < self.nnodes or (node in self.agents and self.agents[node].poll() is None):
+            raise ValueError(f"node {node} is not one of 0..{self.nnodes - 1} without a running agent")
+        port, extra_args = self._port, self._extra
+        nnodes = self.nnodes if self.min_nodes is None else f"{self.min_nodes}:{self.nnodes}"
+        logs = self.directory / f"node-{node}" / f"round-{self.round}"
+        logs.mkdir(parents=True, exist_ok=True)
+        env = {
+            **os.environ,
+            **self.env,
+            "STALWART_FLASH_ROOT": str(self.root(node)),
+            "STALWART_NODE": f"node-{node}",
+            "STALWART_REPLICATION_HOST": "127.0.0.1",
+            "OMP_NUM_THREADS": "1",
+        }
+        if self.min_nodes is not None:  # else a node that joins is never admitted (``elastic_launch``)
+            env.setdefault(SHARED_STORE_OFF, "1")
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nnodes={nnodes}",
+            f"--nproc-per-node={self.nproc_per_node}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=127.0.0.1:{port}",
+            f"--rdzv-id=job-{self.round}",
+            f"--rdzv-conf=join_timeout={self.join_timeout},last_call_timeout=2",
+            f"--max-restarts={self.max_restarts}",
+            "--monitor-interval=0.2",
+            "--log-dir",
+            str(logs / "workers"),
+            "--redirects=3",
+            self.script,
+            *self.args,
+            *extra_args,
+        ]
+        with open(logs / "agent.log", "wb") as out:
+            self.agents[node] = subprocess.Popen(
+                command,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+            )
 
     def wait(self, timeout: float) -> dict[int, int]:
         """Exit codes of every agent; agents still running at ``timeout`` are killed (code None -> -9)."""
