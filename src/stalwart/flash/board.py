@@ -20,6 +20,8 @@ log = logging.getLogger("stalwart.flash")
 
 
 class Board(Protocol):
+    world_size: int
+
     def committed(self, step: int, rank: int) -> None: ...
 
     def replicated(self, step: int, rank: int) -> None: ...

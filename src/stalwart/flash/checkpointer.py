@@ -35,6 +35,7 @@ from .durable import DurableTier
 from .engine import FlashEngine
 from .layout import FlashLayout, check_job_id
 from .objects import DEFAULT_CHUNK
+from .reshard import check_reshard
 from .uploader import ON_ERROR
 
 __all__ = ["FlashCheckpointer"]
@@ -197,7 +198,13 @@ class FlashCheckpointer:
             )
         return self._engine
 
-    def restore(self, state_dict: MutableMapping[str, Any], *, step: int | None = None) -> int | None:
+    def restore(
+        self,
+        state_dict: MutableMapping[str, Any],
+        *,
+        step: int | None = None,
+        reshard: str | None = None,
+    ) -> int | None:
         """Load the newest complete state into ``state_dict`` in place; return its step, or None.
         Stateful values (a module, an optimizer, a data loader) get theirs through ``load_state_dict``,
         and with ``rng`` the random generators are set back as they were at that step.
@@ -208,11 +215,19 @@ class FlashCheckpointer:
         so training never silently starts over. ``step``: that step instead (to roll back past a loss
         spike; ``steps()`` lists them); FlashRestoreError naming what each tier holds if none holds it.
         Training goes on from the step restored: the steps after it are forgotten in every tier.
+
+        ``reshard="replicated"``: the job may have been saved by another number of ranks (elastic
+        training that lost or gained a node) and every rank holds the same state, as with DDP: a step
+        saved by N ranks is restored on each of this job's ranks from saved rank 0's object (its random
+        generators included, as a checkpoint written by rank 0 restores them), from tmpfs, a peer or the
+        durable store. Sharded state (DTensor, FSDP2) reshards through DCP (``FlashStorageReader``).
+        Without it, a checkpoint of another world size raises FlashRestoreError saying so.
         """
         if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
             raise ValueError(f"step={step!r} is not accepted; use an int >= 0 or None (the newest)")
+        check_reshard(reshard)
         restored = stateful.restore_into(
-            state_dict, lambda target: self.engine.load(target, step=step), rng=self.rng
+            state_dict, lambda target: self.engine.load(target, step=step, reshard=reshard), rng=self.rng
         )
         self.last_saved_step = restored
         return restored

@@ -190,9 +190,16 @@ class Cluster:
         return whole
 
     def recover(
-        self, step: int, holders: list[int], land: Callable[[Head], Landing], *, rounds: int = 3
+        self,
+        step: int,
+        holders: list[int],
+        land: Callable[[Head], Landing],
+        *,
+        rounds: int = 3,
+        rank: int | None = None,
     ) -> tuple[Landing | None, list[tuple[str, str]]]:
-        """This rank's object of ``step`` from the nodes that hold it, straight into the caller's tensors
+        """This rank's object of ``step`` (or ``rank``'s, saved by another world size: ``reshard``) from
+        the nodes that hold it, straight into the caller's tensors
         (``recovery``): its head from one of them, then ``land(head)`` says where each byte goes, then
         the data comes from all of them at once, verified chunk by chunk.
 
@@ -201,6 +208,7 @@ class Cluster:
         each peer said ("corrupt" or "error", with a message). ``land`` raises ``UnfitState`` when the
         caller's state cannot take the object.
         """
+        source = self.rank if rank is None else rank
         remote = [h for h in holders if self.peers[h].node != self.node]
         problems: dict[int, tuple[str, str]] = {}
         head: Head | None = None
@@ -210,7 +218,7 @@ class Cluster:
                     continue  # its copy is bad: asking again would not help
                 peer = self.peers[holder]
                 try:
-                    head = fetch_head(peer, step, self.rank, self.secret)
+                    head = fetch_head(peer, step, source, self.secret)
                     break
                 except CorruptObjectError as exc:
                     problems[holder] = ("corrupt", f"the copy on rank {holder}: {exc}")
@@ -235,13 +243,15 @@ class Cluster:
         if not ok:
             return None, [p for p in problems.values() if p[0] == "corrupt"] + more
         log.info(
-            "flash: rank %d recovered step %d from %s in %.3f s",
+            "flash: rank %d recovered step %d%s from %s in %.3f s",
             self.rank,
             step,
+            "" if source == self.rank else f" (saved rank {source}'s object)",
             ", ".join(f"rank {h} ({self.peers[h].node})" for h in usable),
             time.perf_counter() - started,
         )
-        self.recovered = (step, usable)
+        if source == self.rank:  # another world's object is restored, never kept (``reshard``)
+            self.recovered = (step, usable)
         return landing, []
 
     def reseed(self, store: RankStore, step: int, holders: list[int], current: Callable[[], bool]) -> None:

@@ -161,28 +161,30 @@ class DurableTier:
                 self.store.remove(f"{base}/{name}")
 
     def drop_newer_than(self, rank: int, world_size: int, step: int | None) -> list[int]:
-        """Delete this rank's steps of this world size after ``step`` (all when None): a restore chose an
-        earlier state, so they belong to an abandoned timeline, and a new save of the same step number
-        must find its place free. Returns the steps dropped."""
-        dropped = []
+        """Delete this rank's steps after ``step`` (all when None): a restore chose an earlier state, so
+        they belong to an abandoned timeline, and a new save of the same step number must find its place
+        free. Steps of other world sizes go too, this rank taking the ranks ``_mine`` gives it. Returns
+        the steps dropped."""
+        dropped = set()
         for found, ranks in sorted(self.records().items()):
-            record = ranks.get(rank)
-            if record is not None and record.world_size == world_size and (step is None or found > step):
-                self._remove_rank(found, rank, record)
-                dropped.append(found)
-        return dropped
+            for record in ranks.values():
+                if _mine(record, rank, world_size) and (step is None or found > step):
+                    self._remove_rank(found, record.rank, record)
+                    dropped.add(found)
+        return sorted(dropped)
 
     def prune(self, rank: int, world_size: int) -> None:
-        """Delete this rank's objects of steps older than the newest ``keep`` complete steps, and what its
-        killed uploads left behind. Call it only between this rank's uploads."""
+        """Delete this rank's objects of steps older than the newest ``keep`` complete steps (of other
+        world sizes too, as ``_mine`` shares them out), and what its killed uploads left behind. Call it
+        only between this rank's uploads."""
         records = self.records()
         complete = self.complete_steps(world_size, records)
         if len(complete) > self.keep:
             cutoff = complete[-self.keep]
             for step, ranks in records.items():
-                record = ranks.get(rank)
-                if step < cutoff and record is not None and record.world_size == world_size:
-                    self._remove_rank(step, rank, record)
+                for record in ranks.values():
+                    if step < cutoff and _mine(record, rank, world_size):
+                        self._remove_rank(step, record.rank, record)
         self.collect_leftovers(rank)
 
     def collect_leftovers(self, rank: int) -> int:
@@ -208,6 +210,14 @@ class DurableTier:
                 self.url,
             )
         return collected
+
+
+def _mine(record: CommitRecord, rank: int, world_size: int) -> bool:
+    """Whether ``rank`` of a job of ``world_size`` ranks removes ``record``'s object when it is due: its
+    own, and of a step saved by another world size, the ranks equal to it modulo ``world_size``."""
+    if record.world_size == world_size:
+        return record.rank == rank
+    return record.rank % world_size == rank
 
 
 def _complete(ranks: dict[int, CommitRecord]) -> int | None:

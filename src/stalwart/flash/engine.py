@@ -35,6 +35,7 @@ from .objects import DEFAULT_CHUNK, TensorRef, dtype_name, flatten, load_meta
 from .placement import RingPlacement
 from .rankstore import RankStore, StagedObject, VerifiedObject
 from .recovery import Head, Landing, UnfitState, plan_landing
+from .reshard import check_reshard, drop_other_worlds
 from .restore import holdings, restore_newest
 from .uploader import DurableUploader
 
@@ -286,9 +287,13 @@ class FlashEngine:
 
     # loading
 
-    def load(self, state: MutableMapping[str, Any], *, step: int | None = None) -> int | None:
+    def load(
+        self, state: MutableMapping[str, Any], *, step: int | None = None, reshard: str | None = None
+    ) -> int | None:
         """Restore the newest step every rank can obtain from any tier into ``state`` (in place), or
         ``step``, which some tier must hold whole (FlashRestoreError naming what each tier holds if not).
+        ``reshard`` "replicated": a step saved by another world size counts too; every rank restores
+        saved rank 0's object of it (``reshard``).
 
         Returns the step, or None when no tier holds any checkpoint of this job. Raises
         FlashRestoreError when one exists but cannot be read. Steps newer than the one restored are
@@ -305,6 +310,7 @@ class FlashEngine:
         self.restored_from = None
         if step is not None:
             _check_int("step", step, 0)
+        check_reshard(reshard)
         started = time.perf_counter()
         landings: list[Landing] = []  # every landing made, also of steps not restored in the end
         restored = restore_newest(
@@ -315,6 +321,7 @@ class FlashEngine:
             self.durable,
             land=functools.partial(self._landing, state, landings),
             step=step,
+            reshard=reshard,
         )
         step = restored.step
         failure: BaseException | None = restored.unfit
@@ -331,13 +338,25 @@ class FlashEngine:
             else:
                 log.log(
                     logging.WARNING if restored.source == "durable" else logging.INFO,
-                    "flash: rank %d restored step %d from %s in %.3f s",
+                    "flash: rank %d restored step %d%s from %s in %.3f s",
                     self.rank,
                     step,
+                    "" if restored.world is None else f" (saved by {restored.world} ranks: rank 0's object)",
                     self.durable.url if restored.source == "durable" and self.durable else restored.source,
                     time.perf_counter() - started,
                 )
+            finally:
+                if restored.dispose is not None:
+                    restored.dispose()
+        if restored.world is not None and isinstance(failure, ValueError):
+            failure = ValueError(
+                f"step {step} was saved by {restored.world} ranks and is restored as replicated state "
+                f"(saved rank 0's object on each of this job's {self.world_size} ranks), which this state "
+                f"cannot take: {failure}"
+            )
         self._agree("load the restored step", failure)
+        if restored.other_worlds:  # steps of another world size: they go once one of this world is safe
+            self.store.on_safe = self._drop_other_worlds
         self.restored_from = restored.source
         self._restored = step
         self._cut_timeline(step, restored.durable_steps, durable_listed=restored.durable_steps is not None)
@@ -410,6 +429,22 @@ class FlashEngine:
         self._quiesce()
         self._cut_timeline(step, None, durable_listed=True, generation=generation)
 
+    def _drop_other_worlds(self, safe: int) -> bool:
+        """Once a step of this world size newer than the one restored is safe, what other world sizes
+        left in this node's tmpfs goes. True when done."""
+        if self._restored is not None and safe <= self._restored:
+            return False
+        dropped = drop_other_worlds(self.layout, self.world_size, keep=lambda s: False)
+        if dropped:
+            log.info(
+                "flash: dropped step(s) %s saved by another world size from %s: a step of this job's %d "
+                "ranks is safe",
+                dropped,
+                self.layout.job_dir,
+                self.world_size,
+            )
+        return True
+
     def _quiesce(self) -> None:
         """Let what this rank has in flight (a commit, replication, an upload) finish before the timeline
         is cut: a replica or a durable copy of a step about to be abandoned must not land after the cut."""
@@ -447,6 +482,7 @@ class FlashEngine:
         ``generation`` given: the ranks agreed elsewhere; nothing here is collective.
         """
         self.store.drop_newer_than(step)
+        drop_other_worlds(self.layout, self.world_size, keep=lambda s: step is not None and s <= step)
         failure: BaseException | None = None
         if self.uploader is not None and self.durable is not None and durable_listed:
             for attempt in range(3):

@@ -19,7 +19,7 @@ import dataclasses
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,6 +99,8 @@ class RankStore:
         self._pins: dict[int, int] = {}  # steps being read (uploads): not dropped until unpinned
         self.own: set[int] = set()
         self._meta_cache: tuple[Any, list, bytes] | None = None
+        # told by ``retain`` the newest safe step of this rank until it returns True (done with them)
+        self.on_safe: Callable[[int], bool] | None = None
         reuse = Mappings(mapped)
         try:
             if owner:
@@ -268,6 +270,15 @@ class RankStore:
                     found.append((step, rank))
         return found
 
+    def other_world_holdings(self) -> list[tuple[int, int, int]]:
+        """(step, rank, world size) of every committed object in this node's flash root saved by another
+        number of ranks than this job's (a run before the world size changed)."""
+        return [
+            (step, rank, world)
+            for step, rank, world in self.layout.commit_index()
+            if world != self.world_size and self.layout.object_path(step, rank).exists()
+        ]
+
     # pins (a reader such as an upload keeps its step alive)
 
     def pin(self, step: int) -> Buffer:
@@ -311,6 +322,8 @@ class RankStore:
             safe = [s for s in sorted(self.own) if self.board.safe(s)]
             if not safe:
                 return
+            if self.on_safe is not None and self.on_safe(safe[-1]):
+                self.on_safe = None
             kept = set(safe[-self.keep :])
             for step in sorted(self.own):
                 if step < safe[-1] and step not in kept and step not in self._pins:

@@ -63,7 +63,13 @@ class ReplicaKeeper:
         self.mutex = threading.Lock()
         self.held: dict[int, Buffer | None] = {}  # step -> buffer mapped here (None: found on disk)
         for step in layout.steps():
-            if layout.read_commit(step, source) is not None and layout.object_path(step, source).exists():
+            record = layout.read_commit(step, source)
+            # a step saved by another world size is not a replica of this one (``reshard``)
+            if (
+                record is not None
+                and record.world_size == board.world_size
+                and layout.object_path(step, source).exists()
+            ):
                 self.held[step] = None
 
     def accept(self, record: CommitRecord, buffer: Buffer) -> None:

@@ -5,12 +5,13 @@ whole somewhere: every rank committed them on some node's tmpfs (its own, or a r
 the durable store. From the newest down, each rank obtains its object from the cheapest tier that has it
 (its own tmpfs, then a peer, then the durable store), verifies every checksum, and the ranks compare
 notes: all verified, and the step is restored; any rank found it corrupt everywhere, and they try the
-next older step (DESIGN decisions 3 and 10).
+next older step (DESIGN decisions 3 and 10). With ``reshard="replicated"``, steps saved by another
+number of ranks are candidates too, and every rank restores saved rank 0's object of them (``reshard``).
 
 What is never done: returning "no checkpoint" while one exists. A step that could not be *read* (the
 flash root has no room for the durable copy, a peer or the store does not answer) raises
 FlashRestoreError on every rank instead of quietly taking an older step, and so does a job whose every
-step is corrupt, or whose checkpoints were saved by another number of ranks.
+step is corrupt, or whose checkpoints were saved by another number of ranks (unless resharding).
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import FlashRestoreError
 from .objects import CorruptObjectError
-from .rankstore import RankStore, VerifiedObject, verify_mapped
+from .rankstore import RankStore, VerifiedObject, verify_mapped, verify_object
 from .recovery import UnfitState
+from .reshard import OtherWorlds, other_worlds
 
 if TYPE_CHECKING:
     from .cluster import Cluster
@@ -49,6 +51,9 @@ class Restored:
     durable_steps: frozenset[int] | None  # complete durable steps, None when the store could not be listed
     landing: Landing | None = None  # from peers: already in the state's tensors, verified
     unfit: BaseException | None = None  # the state cannot take the step: raise this on every rank
+    world: int | None = None  # saved by this other world size: saved rank 0's object was restored
+    dispose: Callable[[], None] | None = None  # gives back ``verified`` once copied (not this rank's own)
+    other_worlds: bool = False  # some tier holds steps of another world size
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,7 @@ class _Attempt:
     source: str | None = None
     landing: Landing | None = None
     unfit: BaseException | None = None
+    dispose: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -69,12 +75,14 @@ class Holdings:
     holders: dict[tuple[int, int], list[int]]  # (step, rank) -> ranks whose node holds it (several nodes)
     durable: frozenset[int] | None  # complete in the durable store; None when it could not be listed
     durable_unreadable: list[str]  # durable commit records that exist but cannot be read
+    other: OtherWorlds  # steps whole at another world size
 
     def describe(self) -> str:
         durable = (
             "not listed" if self.durable is None else ", ".join(map(str, sorted(self.durable))) or "none"
         )
-        return f"flash: {', '.join(map(str, sorted(self.flash))) or 'none'}; durable: {durable}"
+        other = f"; saved by another world size: {self.other.describe()}" if self.other.steps else ""
+        return f"flash: {', '.join(map(str, sorted(self.flash))) or 'none'}; durable: {durable}{other}"
 
 
 def holdings(store: RankStore, group: Any, cluster: Cluster | None, durable: DurableTier | None) -> Holdings:
@@ -86,8 +94,9 @@ def holdings(store: RankStore, group: Any, cluster: Cluster | None, durable: Dur
         holders = {}
         held = group.gather(sorted(store.own))
         flash_steps = set(held[0]).intersection(*held[1:])
-    durable_steps, durable_unreadable = _durable_steps(durable, store.world_size, group)
-    return Holdings(frozenset(flash_steps), holders, durable_steps, durable_unreadable)
+    durable_steps, durable_other, durable_unreadable = _durable_steps(durable, store.world_size, group)
+    other = other_worlds(store, group, durable_other)
+    return Holdings(frozenset(flash_steps), holders, durable_steps, durable_unreadable, other)
 
 
 def restore_newest(
@@ -99,16 +108,28 @@ def restore_newest(
     *,
     land: Callable[[Head], Landing],
     step: int | None = None,
+    reshard: str | None = None,
 ) -> Restored:
     """Collective: obtain and verify the newest whole step on this rank (see the module docstring), or
     ``step``, which some tier must hold whole: it is not traded for an older one. ``land`` lays an
-    object pulled from peers over the caller's tensors (``recovery``): it is received straight there."""
+    object pulled from peers over the caller's tensors (``recovery``): it is received straight there.
+    ``reshard`` "replicated": steps saved by another world size are restored too (``reshard``)."""
     job = store.layout.job_id
     found = holdings(store, group, cluster, durable)
     holders, durable_steps, durable_unreadable = found.holders, found.durable, found.durable_unreadable
-    candidates = sorted(found.flash | (durable_steps or set()), reverse=True)
+    own = found.flash | (durable_steps or set())
+    other = {s: size for s, size in found.other.steps.items() if s not in own} if reshard else {}
+    candidates = sorted(own | set(other), reverse=True)
+    if reshard is None and step is None:
+        _refuse_a_newer_world(found, own, job)
     if step is not None:
         if step not in candidates:
+            if step in found.other.steps:
+                raise FlashRestoreError(
+                    f"step {step} of flash job {job!r} was saved by {found.other.steps[step]} ranks, not "
+                    f"this job's {store.world_size}: if every rank holds the same state (DDP), pass "
+                    "reshard='replicated'; sharded state reshards through DCP (FlashStorageReader)"
+                )
             unlisted = (
                 " (the durable store, which may hold it, could not be listed)"
                 if durable_steps is None
@@ -127,7 +148,12 @@ def restore_newest(
                 f"store {durable.url}, which may hold it intact, could not be listed: an older step would "
                 "silently lose progress, so nothing was restored"
             )
-        attempt = _obtain(store, copier, cluster, durable, step, holders, durable_steps or frozenset(), land)
+        if step in other:
+            attempt = _obtain_other(store, copier, cluster, durable, step, other[step], found.other, land)
+        else:
+            attempt = _obtain(
+                store, copier, cluster, durable, step, holders, durable_steps or frozenset(), land
+            )
         notes = group.gather((attempt.kind, attempt.message))
         errors = [f"rank {rank}: {message}" for rank, (kind, message) in enumerate(notes) if kind == "error"]
         if errors:
@@ -137,8 +163,18 @@ def restore_newest(
             )
         if all(kind == "ok" for kind, _ in notes):
             return Restored(
-                step, attempt.verified, attempt.source, durable_steps, attempt.landing, attempt.unfit
+                step,
+                attempt.verified,
+                attempt.source,
+                durable_steps,
+                attempt.landing,
+                attempt.unfit,
+                world=other.get(step),
+                dispose=attempt.dispose,
+                other_worlds=bool(found.other.steps),
             )
+        if attempt.dispose is not None:
+            attempt.dispose()
         bad = "; ".join(
             f"rank {rank}: {message}" for rank, (kind, message) in enumerate(notes) if kind != "ok"
         )
@@ -157,6 +193,10 @@ def restore_newest(
             + (f" and {durable.url}" if durable is not None else "")
             + " or use a new job_id"
         )
+    if found.other.steps:  # only without reshard: else they were candidates
+        step = max(found.other.steps)
+        tier = "flash" if step in found.other.flash else "durable"
+        raise _another_world(job, step, found.other.steps[step], tier, store.world_size)
     _refuse_what_cannot_be_restored(store, group, durable, durable_unreadable)
     if durable is not None and durable_steps is None:
         raise FlashRestoreError(
@@ -166,29 +206,51 @@ def restore_newest(
     return Restored(None, None, None, durable_steps)
 
 
+def _refuse_a_newer_world(found: Holdings, own: set[int], job: str) -> None:
+    """Without resharding, a step saved by another world size that is newer than every step of this
+    one must not be passed over in silence: training would go back to an older state."""
+    newer = {s: size for s, size in found.other.steps.items() if s > max(own, default=-1)}
+    if newer and own:
+        step = max(newer)
+        raise FlashRestoreError(
+            f"flash job {job!r} holds step {step} saved by {newer[step]} ranks, newer than step {max(own)}, "
+            "the newest of this world size: restoring that would lose progress. If every rank holds the "
+            "same state (DDP), pass reshard='replicated'; to go back on purpose, pass step="
+            f"{max(own)}"
+        )
+
+
 def _durable_steps(
     durable: DurableTier | None, world_size: int, group: Any
-) -> tuple[frozenset[int] | None, list[str]]:
-    """The durable steps every rank sees complete, and records that exist but cannot be read; None for
-    the steps (on every rank) if any rank could not list them."""
+) -> tuple[frozenset[int] | None, dict[int, int], list[str]]:
+    """The durable steps every rank sees complete, those of other world sizes ({step: world size}), and
+    records that exist but cannot be read; None for the steps (on every rank) if any rank could not
+    list them."""
     if durable is None:
-        return frozenset(), []
+        return frozenset(), {}, []
     try:
         records, unreadable = durable.scan()
         listed: list[int] | None = durable.complete_steps(world_size, records)
+        others = sorted(  # of other world sizes, rank 0's object suffices (``reshard``)
+            (step, ranks[0].world_size)
+            for step, ranks in records.items()
+            if 0 in ranks and ranks[0].world_size != world_size
+        )
         problem = ""
     except Exception as exc:  # an unreachable store: the flash tier may still serve
-        listed, unreadable, problem = None, [], f"{type(exc).__name__}: {exc}"
-    seen = group.gather((listed, problem))
-    failures = [message for steps, message in seen if steps is None]
+        listed, others, unreadable, problem = None, [], [], f"{type(exc).__name__}: {exc}"
+    seen = group.gather((listed, others, problem))
+    failures = [message for steps, _, message in seen if steps is None]
     if failures:
         log.warning(
             "flash: cannot list the durable store %s (%s); restoring from flash only",
             durable.url,
             failures[0],
         )
-        return None, []
-    return frozenset(set(seen[0][0]).intersection(*(set(steps) for steps, _ in seen[1:]))), unreadable
+        return None, {}, []
+    steps = set(seen[0][0]).intersection(*(set(steps) for steps, _, _ in seen[1:]))
+    other = set(map(tuple, seen[0][1])).intersection(*(set(map(tuple, o)) for _, o, _ in seen[1:]))
+    return frozenset(steps), dict(other), unreadable
 
 
 def _as_note(obtain: Callable[..., _Attempt]) -> Callable[..., _Attempt]:
@@ -245,19 +307,70 @@ def _obtain(
         if verified is not None:
             return _Attempt("ok", verified=verified, source="durable")
         (corrupt if kind == "corrupt" else errors).append(message)
-    if not corrupt and not errors:
-        corrupt.append(f"no tier holds rank {store.rank}'s object")
+    return _failed(corrupt, errors, f"no tier holds rank {store.rank}'s object")
+
+
+def _failed(corrupt: list[str], errors: list[str], otherwise: str) -> _Attempt:
     if errors:
         return _Attempt("error", "; ".join(errors + corrupt))
-    return _Attempt("corrupt", "; ".join(corrupt))
+    return _Attempt("corrupt", "; ".join(corrupt or [otherwise]))
+
+
+@_as_note
+def _obtain_other(
+    store: RankStore,
+    copier: Copier,
+    cluster: Cluster | None,
+    durable: DurableTier | None,
+    step: int,
+    world: int,
+    other: OtherWorlds,
+    land: Callable[[Head], Landing],
+) -> _Attempt:
+    """Saved rank 0's object of ``step``, saved by ``world`` ranks, from the cheapest tier that has it
+    intact; never made this rank's own (``reshard``)."""
+    corrupt: list[str] = []
+    errors: list[str] = []
+    record = store.layout.read_commit(step, 0)
+    if record is not None and record.world_size == world:
+        try:
+            verified = verify_object(store.layout, step, 0, copier)
+            return _Attempt("ok", verified=verified, source="flash", dispose=verified.buffer.close)
+        except (CorruptObjectError, OSError) as exc:
+            log.warning("flash: not loading step %d of rank 0 (%d ranks) from tmpfs: %s", step, world, exc)
+            corrupt.append(str(exc))
+    if cluster is not None and other.holders.get(step):
+        try:
+            landing, problems = cluster.recover(step, other.holders[step], land, rank=0)
+        except UnfitState as exc:
+            return _Attempt("ok", source="peer", unfit=exc.__cause__ or exc)
+        if landing is not None:
+            return _Attempt("ok", source="peer", landing=landing)
+        for kind, message in problems:
+            (corrupt if kind == "corrupt" else errors).append(message)
+    if durable is not None and other.durable.get(step) == world:
+        kind, message, verified = _download(store, copier, durable, step, rank=0, adopt=False)
+        if verified is not None:
+            buffer = verified.buffer
+            return _Attempt("ok", verified=verified, source="durable", dispose=lambda: store.release(buffer))
+        (corrupt if kind == "corrupt" else errors).append(message)
+    return _failed(corrupt, errors, f"no tier holds rank 0's object of the {world} ranks that saved it")
 
 
 def _download(
-    store: RankStore, copier: Copier, durable: DurableTier, step: int
+    store: RankStore,
+    copier: Copier,
+    durable: DurableTier,
+    step: int,
+    *,
+    rank: int | None = None,
+    adopt: bool = True,
 ) -> tuple[str, str, VerifiedObject | None]:
-    """This rank's durable object of ``step``, read into a pool buffer and verified, then made its own."""
-    where = f"{durable.url} step {step} rank {store.rank}"
-    record = durable.rank_record(step, store.rank)
+    """``rank``'s durable object of ``step`` (this rank's by default), read into a pool buffer and
+    verified, then made this rank's own when ``adopt``."""
+    rank = store.rank if rank is None else rank
+    where = f"{durable.url} step {step} rank {rank}"
+    record = durable.rank_record(step, rank)
     if record is None:
         return "corrupt", f"{where}: the commit record is gone or unreadable", None
     try:
@@ -273,8 +386,18 @@ def _download(
     except _READ_ERRORS as exc:
         store.release(buffer)
         return "error", f"reading {where} failed: {type(exc).__name__}: {exc}", None
-    store.adopt_pulled(verified, record)
+    if adopt:
+        store.adopt_pulled(verified, record)
     return "ok", "", verified
+
+
+def _another_world(job: str, step: int, size: int, tier: str, world_size: int) -> FlashRestoreError:
+    return FlashRestoreError(
+        f"flash job {job!r} holds step {step} ({tier}) saved by {size} ranks, and none saved by this job's "
+        f"{world_size}. If every rank holds the same state (DDP: model and optimizer replicated), pass "
+        "reshard='replicated' and every rank restores saved rank 0's; sharded state reshards through "
+        f"DCP (FlashStorageReader). Else run with {size} ranks, or use a new job_id to start over"
+    )
 
 
 def _refuse_what_cannot_be_restored(
@@ -306,11 +429,7 @@ def _refuse_what_cannot_be_restored(
     seen = [item for items in group.gather(sorted(found.items())) for item in items]
     if seen:
         step, (size, tier) = max(seen)
-        raise FlashRestoreError(
-            f"flash job {store.layout.job_id!r} holds step {step} ({tier}) saved by {size} ranks, and none "
-            f"saved by this job's {store.world_size}: resuming at another world size is not supported yet. "
-            "Run with the world size of the checkpoint, or use a new job_id to start over"
-        )
+        raise _another_world(store.layout.job_id, step, size, tier, store.world_size)
     if unreadable:
         raise FlashRestoreError(
             f"flash job {store.layout.job_id!r} has no step that can be restored, but commit records that "
