@@ -37,3 +37,42 @@ def one_rank_gets_sigterm(rank: int, world_size: int, port: int, root: str, out:
         dist.destroy_process_group()  # as a job does before it exits: gloo's threads end cleanly
         raise
     Path(out, f"rank{rank}.json").write_text(json.dumps(report))
+
+
+def dcp_rank_gets_sigterm(rank: int, world_size: int, port: int, root: str, out: str) -> None:
+    """As ``one_rank_gets_sigterm``, saving through ``dcp.save`` and the flash writer every 100 steps,
+    and asking the writer at every boundary; then a fresh reader loads the newest step back."""
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    import stalwart as sw
+
+    init_gloo(rank, world_size, port)
+    durable = Path(root).parent.joinpath("durable").as_uri()
+    writer = sw.FlashStorageWriter("job", root=root, durable=durable, durable_every_n_steps=100)
+    state = {"w": torch.zeros(64)}
+    report: dict = {"rank": rank}
+    try:
+        for step in range(1, 200):
+            grad = torch.full((64,), float(rank + 1))
+            if rank == 1 and step == 5:
+                os.kill(os.getpid(), signal.SIGTERM)  # this node's preemption notice, not the other's
+            dist.all_reduce(grad)
+            state["w"] += grad
+            if step % 100 == 0:
+                dcp.save(state, checkpoint_id=step, storage_writer=writer)
+            if writer.preempted(step):
+                raise writer.save_preempted(step, state)
+        report["stopped"] = "never"
+    except sw.Preempted as exc:
+        report.update(stopped=exc.step, message=str(exc), saved=state["w"].tolist())
+        reader = sw.FlashStorageReader("job", root=root, durable=durable)
+        loaded = {"w": torch.zeros(64)}
+        dcp.load(loaded, storage_reader=reader)
+        report["loaded"] = loaded["w"].tolist()
+        reader.close()
+        Path(out, f"rank{rank}.json").write_text(json.dumps(report))
+        dist.destroy_process_group()
+        raise
+    Path(out, f"rank{rank}.json").write_text(json.dumps(report))

@@ -138,6 +138,12 @@ def test_bad_grace_periods_say_what_is_accepted(tmp_path: Path, bad: object) -> 
         sw.FlashCheckpointer("job", root=tmp_path, grace_period=bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="save_on_preemption='yes'"):
         sw.FlashCheckpointer("job", root=tmp_path, save_on_preemption="yes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"grace_period=.* is not accepted; use the seconds"):
+        sw.FlashStorageWriter("job", root=tmp_path, grace_period=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="save_on_preemption='yes'"):
+        sw.FlashStorageWriter("job", root=tmp_path, save_on_preemption="yes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"step=-1 is not accepted"):
+        sw.FlashStorageWriter("job", root=tmp_path).preempted(-1)
 
 
 def test_a_forked_child_is_stopped_by_sigterm_as_before(tmp_path: Path) -> None:
@@ -188,6 +194,36 @@ def test_a_node_preempted_alone_stops_every_rank_at_one_saved_step(tmp_path: Pat
     reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     assert reports[0]["stopped"] == reports[1]["stopped"] == 6, reports  # the step after rank 1's notice
     assert 6 in FlashLayout(root, "job").complete_steps(2)  # every rank saved it: a whole step
+
+
+def test_the_dcp_writer_saves_the_step_after_a_notice_on_one_rank_and_stops_every_rank(
+    tmp_path: Path,
+) -> None:
+    """The DCP path: a loop that asks ``writer.preempted(step)`` at each boundary saves the agreed step
+    through ``dcp.save`` on every rank (with its durable copy, though its regular interval is 100), and
+    every rank stops with 143; a new reader loads that step bit-exactly."""
+    import multiprocessing
+    import socket
+
+    import preemption_workers
+    from processes import run_all
+
+    from stalwart.flash.durable import DurableTier
+
+    root, out = tmp_path / "flash", tmp_path / "out"
+    out.mkdir()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = multiprocessing.get_context("spawn")
+    args = (2, port, str(root), str(out))
+    procs = [ctx.Process(target=preemption_workers.dcp_rank_gets_sigterm, args=(r, *args)) for r in range(2)]
+    run_all(procs, 180, "ranks")
+    assert [p.exitcode for p in procs] == [143, 143]
+    reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert reports[0]["stopped"] == reports[1]["stopped"] == 6, reports
+    assert all(r["loaded"] == r["saved"] for r in reports), reports
+    assert DurableTier((tmp_path / "durable").as_uri()).complete_steps(2) == [6]
 
 
 def test_sigterm_to_a_torch_elastic_agent_is_a_preemption_and_the_retry_resumes(

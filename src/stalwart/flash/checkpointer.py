@@ -141,23 +141,14 @@ class FlashCheckpointer:
         self.on_durable_error = on_durable_error
         if not isinstance(save_on_preemption, bool):
             raise ValueError(f"save_on_preemption={save_on_preemption!r} is not accepted; use True or False")
-        if (
-            isinstance(grace_period, bool)
-            or not isinstance(grace_period, (int, float))
-            or not grace_period > 0
-        ):
-            raise ValueError(
-                f"grace_period={grace_period!r} is not accepted; use the seconds a save may take after "
-                f"SIGTERM (> 0; Kubernetes kills {preemption.TERMINATION_GRACE_SECONDS} s after it)"
-            )
-        self.grace_period = float(grace_period)
+        self.grace_period = preemption.check_grace_period(grace_period)
         if not isinstance(rng, bool):
             raise ValueError(f"rng={rng!r} is not accepted; use True (save the random generators) or False")
         self.rng = rng
         self._engine: FlashEngine | None = None
         self.last_saved_step: int | None = None
         self._seen_step: int | None = None  # the newest step maybe_save/save was called with
-        self._stop_step: int | None = None  # the step every rank saves at and stops, after SIGTERM
+        self._stop = preemption.StopStep(f"stalwart/flash/{self.job_id}/preempted")
         self._grace_checked = False
         self.save_on_preemption = save_on_preemption and preemption.watch(self)
 
@@ -317,24 +308,12 @@ class FlashCheckpointer:
         integrations whose saves do not come at every step: ask at each boundary; when True, save this
         step (``save`` then saves it whatever its number, and raises ``Preempted``).
 
-        One rank: after its SIGTERM. Several (``world_size``, default the engine's; a node may be
-        preempted alone): the first rank to get the notice posts the *next* step in the job's
-        torch.distributed store, and every rank looks at each boundary (one store round trip). The
-        next one: the others may be past this boundary already, but none can pass the next before
-        this rank joins that step's collectives (as every data-parallel step has)."""
+        ``world_size``: of the ranks that stop together, by default the engine's (``StopStep``)."""
         _step(step)
         _positive("world_size", world_size, optional=True)
         if not self.save_on_preemption:
             return False
-        if self._stop_step is None:
-            noticed = preemption.notice() is not None
-            if (world_size if world_size is not None else self.engine.world_size) == 1:
-                self._stop_step = step if noticed else None
-            else:
-                self._stop_step = preemption.agree(
-                    f"stalwart/flash/{self.job_id}/preempted", step + 1, noticed
-                )
-        return self._stop_step is not None and step >= self._stop_step
+        return self._stop.reached(step, world_size if world_size is not None else self.engine.world_size)
 
     def _lag(self) -> str:
         steps = (self._seen_step or 0) - (self.last_saved_step or 0)

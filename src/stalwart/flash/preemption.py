@@ -20,7 +20,15 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["DEFAULT_GRACE_PERIOD", "TERMINATION_GRACE_SECONDS", "Preempted", "notice", "watch"]
+__all__ = [
+    "DEFAULT_GRACE_PERIOD",
+    "TERMINATION_GRACE_SECONDS",
+    "Preempted",
+    "StopStep",
+    "check_grace_period",
+    "notice",
+    "watch",
+]
 
 log = logging.getLogger("stalwart.flash")
 
@@ -123,6 +131,39 @@ def agree(key: str, proposal: int, noticed: bool) -> int | None:
     if store.check([key]):
         return int(store.get(key))
     return None
+
+
+class StopStep:
+    """The step boundary every rank of a job stops at after a preemption notice (SIGTERM).
+
+    One rank: the boundary after its notice. Several (a node may be preempted alone): the first rank to
+    get the notice posts the *next* step under ``key`` in the job's torch.distributed store, and every
+    rank looks at each boundary (one store round trip). The next one: the others may be past this
+    boundary already, but none can pass the next before this rank joins that step's collectives (as
+    every data-parallel step has)."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.step: int | None = None
+
+    def reached(self, step: int, world_size: int) -> bool:
+        if self.step is None:
+            noticed = notice() is not None
+            if world_size == 1:
+                self.step = step if noticed else None
+            else:
+                self.step = agree(self.key, step + 1, noticed)
+        return self.step is not None and step >= self.step
+
+
+def check_grace_period(value: object) -> float:
+    """``value`` in seconds if it is a number > 0; else a ValueError saying what is accepted."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(
+            f"grace_period={value!r} is not accepted; use the seconds a save may take after SIGTERM (> 0; "
+            f"Kubernetes kills {TERMINATION_GRACE_SECONDS} s after it)"
+        )
+    return float(value)
 
 
 def start_watchdog(deadline: float, late: Callable[[], str | None]) -> None:

@@ -17,6 +17,11 @@ buffers and its replication server until ``close()`` (DCP never calls it; the pr
 Writers of one job in one process share that engine. ``dcp.async_save`` works with the thread executor
 and with the process executor: the writer pickles as its settings, and the checkpoint process builds
 the engine it keeps for its later saves.
+
+A preemption notice (SIGTERM) is answered at the next step boundary where the training loop asks::
+
+    if writer.preempted(step):                      # every rank of the group: the same step
+        raise writer.save_preempted(step, state)    # dcp.save, replicas and durable copy, Preempted
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import logging
 import os
 import pickle
 import threading
+import time
 import uuid
 import weakref
 from dataclasses import dataclass
@@ -40,7 +46,7 @@ from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
-from .. import shared
+from .. import preemption, shared
 from ..cluster import Introduction
 from ..durable import DurableTier
 from ..engine import FlashEngine
@@ -121,7 +127,11 @@ class FlashStorageWriter(StorageWriter, AsyncStager):
         process_group: Any = None,
         threads: int | None = None,
         chunk_size: int = DEFAULT_CHUNK,
+        save_on_preemption: bool = True,
+        grace_period: float = preemption.DEFAULT_GRACE_PERIOD,
     ) -> None:
+        """``save_on_preemption``: answer SIGTERM (``preempted``/``save_preempted``) and watch that the
+        preemption save comes within ``grace_period`` seconds, saying how much is lost if not."""
         super().__init__()
         self.layout = FlashLayout(root, job_id)
         self.keep = check_count("keep", keep)
@@ -154,6 +164,12 @@ class FlashStorageWriter(StorageWriter, AsyncStager):
         self.is_coordinator = False
         self.save_id = uuid.uuid4().hex
         self._staging = _Staging()
+        if not isinstance(save_on_preemption, bool):
+            raise ValueError(f"save_on_preemption={save_on_preemption!r} is not accepted; use True or False")
+        self.grace_period = preemption.check_grace_period(grace_period)
+        self._stop = preemption.StopStep(f"stalwart/flash-dcp/{job_id}/preempted")
+        self._stopping = False  # the preemption save is under way or done: it takes a durable copy too
+        self.save_on_preemption = save_on_preemption and preemption.watch(self)
 
     def settings(self) -> tuple:
         """What the engine of this writer is built with (writers sharing an engine must agree)."""
@@ -358,6 +374,65 @@ class FlashStorageWriter(StorageWriter, AsyncStager):
             rank, world = 0, 1
         return self._take_engine(rank, world).continue_from(step)
 
+    def preempted_at(self, at: float) -> None:
+        """SIGTERM arrived (called by the signal handler): watch the grace period."""
+        if self.save_on_preemption:
+            preemption.start_watchdog(at + self.grace_period, self._late)
+
+    def _late(self) -> str | None:
+        if self._stopping:
+            return None
+        return (
+            f"no preemption save (FlashStorageWriter.save_preempted) within the {self.grace_period:.0f} s "
+            f"grace period after SIGTERM: what was trained after step {self.step} will be lost when the "
+            "process is killed"
+        )
+
+    def preempted(self, step: int) -> bool:
+        """Whether training stops at this step boundary after a preemption notice (SIGTERM): ask at every
+        boundary, and when True, ``raise writer.save_preempted(step, state)``. Every rank of the group
+        that saves is told True at the same step (``preemption.StopStep``: one store round trip per
+        call with several ranks)."""
+        check_count("step", step, minimum=0)
+        if not self.save_on_preemption:
+            return False
+        if _distributed():
+            import torch.distributed as dist
+
+            world = dist.get_world_size(self.process_group)
+        else:
+            world = 1
+        return self._stop.reached(step, world)
+
+    def save_preempted(self, step: int, state_dict: dict[str, Any], **save_kwargs: Any) -> BaseException:
+        """The preemption save: ``dcp.save`` of ``step`` through this writer (``save_kwargs`` such as
+        ``planner`` go to it), with a durable copy when there is a store, then wait for its replicas and
+        uploads (the next attempt may run elsewhere) and close. Returns the ``Preempted`` (a
+        ``SystemExit``, code 143) to raise: the attempt is recorded as preempted and resumes here."""
+        import torch.distributed.checkpoint as dcp
+
+        check_count("step", step, minimum=0)
+        self._stopping = True
+        if self._engine is None or step not in self._engine.store.own:
+            dcp.save(
+                state_dict,
+                checkpoint_id=step,
+                storage_writer=self,
+                process_group=self.process_group,
+                **save_kwargs,
+            )
+        self.wait()
+        at = preemption.notice()
+        where = (
+            "flash"
+            + (", its replicas" if self.replicas else "")
+            + (" and durable" if self.durable_url else "")
+        )
+        when = f"{time.monotonic() - at:.1f} s after SIGTERM" if at else "(SIGTERM reached another rank)"
+        log.warning("flash: preempted: DCP step %d saved to %s %s", step, where, when)
+        self.close()
+        return preemption.Preempted(f"preempted by SIGTERM: DCP step {step} saved to {where}", step)
+
     def wait(self) -> None:
         """Block until this rank's replicas and durable copies are made; raise what failed."""
         if self._engine is not None:
@@ -380,7 +455,7 @@ class FlashStorageWriter(StorageWriter, AsyncStager):
 
     def _durable_step(self, step: int) -> bool:
         every = self.durable_every_n_steps
-        return every is not None and step % every == 0
+        return every is not None and (step % every == 0 or self._stopping)
 
     def _take_engine(
         self, rank: int, world_size: int, introduction: Introduction | None = None
