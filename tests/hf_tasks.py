@@ -155,3 +155,30 @@ def train_preempted(max_steps: int = 30, term_at: int = 13) -> dict:
         "global_step": trainer.state.global_step,
         "weights": weights(trainer),
     }
+
+
+@env.task(elastic=sw.Elastic(nproc_per_node=2, max_restarts=0, monitor_interval=0.2), retries=1)
+def ddp_train_preempted(max_steps: int = 30, term_at: int = 13) -> dict:
+    """Two DDP processes; in the first attempt rank 1 alone gets SIGTERM during step ``term_at`` + 1
+    (``term_at`` < 0: never). Both stop at one saved step and the retry resumes both. Each rank saves
+    where it resumed from and what it ended with."""
+    torch.set_num_threads(1)
+    context = sw.ctx()
+    flash = sw.FlashCheckpointer(every_n_steps=10)
+    home = Path(os.environ["STALWART_HOME"])
+    output_dir = home / "hf-ddp-out" / str(context.run_id)
+    callbacks: list = [CheckpointMirrorCallback(flash=flash)]
+    if context.attempt == 0 and context.rank == 1 and term_at >= 0:
+        callbacks.append(Term(term_at))
+    trainer = make_trainer(output_dir, max_steps, callbacks)
+    point = resume_checkpoint(output_dir, flash=flash)
+    trainer.train(resume_from_checkpoint=point)
+    flash.close()
+    result = {
+        "rank": context.rank,
+        "resumed": [point.source, point.step] if point else None,
+        "global_step": trainer.state.global_step,
+        "weights": weights(trainer),
+    }
+    torch.save(result, home / f"hf-ddp-{context.run_id}-rank-{context.rank}.pt")
+    return result

@@ -78,6 +78,23 @@ def test_mirror_then_resume_picks_the_newest_complete_directory(tmp_path: Path, 
     again.close()
 
 
+def test_two_ddp_processes_stop_together_when_one_is_preempted_and_resume_bit_exactly(
+    stalwart_home: Path, ht: ModuleType
+) -> None:
+    """SIGTERM reaches rank 1 only, during step 14: it posts the next boundary, 15 (rank 0 may be past
+    14's already), where both ranks stop once the main process saved it with every rank's RNG state;
+    the retry resumes both, equal to an uninterrupted DDP run."""
+    twin = sw.run(ht.ddp_train_preempted, max_steps=30, term_at=-1)
+    run = sw.run(ht.ddp_train_preempted, max_steps=30, term_at=13)
+    assert [a.status for a in run.attempts] == ["preempted", "succeeded"], run.attempts[0].error
+    for rank in (0, 1):
+        want = torch.load(stalwart_home / f"hf-ddp-{twin.id}-rank-{rank}.pt", weights_only=False)
+        got = torch.load(stalwart_home / f"hf-ddp-{run.id}-rank-{rank}.pt", weights_only=False)
+        assert got["resumed"] == ["flash", 15], f"rank {rank}: {got['resumed']}"
+        assert got["global_step"] == 30
+        assert _equal(got["weights"], want["weights"]), f"rank {rank}"
+
+
 def test_example_is_killed_and_resumes_from_flash(run_example, ht: ModuleType) -> None:
     proc = run_example("transformers_resume.py")
     assert "attempt 0: checkpoint-40 is mirrored; simulating a crash (SIGKILL)" in proc.stdout

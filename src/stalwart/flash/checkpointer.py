@@ -189,6 +189,22 @@ class FlashCheckpointer:
             )
         return self._engine
 
+    def as_one_rank(self) -> FlashCheckpointer:
+        """Save as rank 0 of a one-rank job whatever torch.distributed says, for frameworks whose main
+        process alone writes the checkpoint (the Hugging Face Trainer): with the ranks of the training,
+        a step would never be complete. Returns ``self``; a ValueError if it was given, or has opened
+        as, another rank."""
+        opened = None if self._engine is None else (self._engine.rank, self._engine.world_size)
+        given = (self._rank, self._world_size)
+        if given not in ((None, None), (0, 1)) or opened not in (None, (0, 1)):
+            rank, world = opened or given
+            raise ValueError(
+                f"this FlashCheckpointer is rank {rank} of {world}; the main process saves alone here, so "
+                "make it FlashCheckpointer(..., rank=0, world_size=1) or leave rank and world_size unset"
+            )
+        self._rank, self._world_size = 0, 1
+        return self
+
     def restore(
         self,
         state_dict: MutableMapping[str, Any],

@@ -13,6 +13,12 @@ RNG states, trainer state) and resumes from such a directory exactly. The callba
 complete, to the task checkpoint (a durable store, for a retry on another machine) and, if given a
 FlashCheckpointer, to the flash tier (each file as a uint8 tensor: tmpfs now, a durable copy every
 ``durable_every_n_steps``). ``resume_checkpoint`` puts the newest copy back as ``checkpoint-N``.
+
+Under DDP the main process alone writes the model and optimizer, so the flash tier is its one-rank job
+(``FlashCheckpointer.as_one_rank``): each save waits until every rank has put its files (its RNG state)
+into ``checkpoint-N``, and ``resume_checkpoint`` rebuilds the directory on global rank 0 and tells the
+others where it is (``output_dir`` is shared, as the Trainer itself assumes). After a preemption
+notice to any rank, every rank stops at the same step once the main process has saved it.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from ..checkpoint.task import Checkpoint
 from ..context import ctx
 from ..flash.checkpointer import FlashCheckpointer
 from ..flash.preemption import Preempted
-from . import SOURCES, ResumePoint, newest_flash_step
+from . import SOURCES, ResumePoint, from_rank_zero, newest_flash_step
 
 __all__ = ["CheckpointMirrorCallback", "pack_directory", "resume_checkpoint", "unpack_directory"]
 
@@ -91,7 +97,7 @@ class CheckpointMirrorCallback(TrainerCallback):
 
     def __init__(self, checkpoint: Checkpoint | bool = True, flash: FlashCheckpointer | None = None) -> None:
         self.checkpoint = checkpoint
-        self.flash = flash
+        self.flash = flash.as_one_rank() if flash is not None else None
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -106,29 +112,54 @@ class CheckpointMirrorCallback(TrainerCallback):
     ) -> None:
         step = state.global_step
         stopping = self.flash is not None and self.flash.preempted(step, world_size=args.world_size)
+        _barrier(args)  # every rank's files (its RNG state) are in checkpoint-N before it is copied
         if not state.is_world_process_zero:
-            if stopping:  # the main process mirrors the step; every other rank stops here too
+            if stopping:  # the main process mirrors the step; every other rank stops with it
+                _barrier(args)
                 raise Preempted(f"preempted by SIGTERM: step {step} saved by the main process", step)
             return
         directory = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
-        if not directory.is_dir():
-            log.warning("no %s after the Trainer saved step %d; nothing mirrored", directory, step)
+        stop: BaseException | None = None
+        try:
+            if directory.is_dir():
+                stop = self._mirror(step, directory, stopping)
+            else:
+                log.warning("no %s after the Trainer saved step %d; nothing mirrored", directory, step)
+                if stopping:
+                    stop = Preempted(
+                        f"preempted by SIGTERM at step {step}, which the Trainer did not save", step
+                    )
+        finally:
             if stopping:
-                raise Preempted(f"preempted by SIGTERM at step {step}, which the Trainer did not save", step)
-            return
+                _barrier(args)  # the other ranks stop once the step is saved
+        if stop is not None:
+            raise stop
+
+    def _mirror(self, step: int, directory: Path, stopping: bool) -> BaseException | None:
+        """Copy ``checkpoint-N``; when ``stopping``, the ``Preempted`` to raise once it is saved."""
         checkpoint = _task_checkpoint(self.checkpoint)
         if checkpoint is not None and stopping:
             checkpoint.save_sync(directory)  # first: the flash save below ends the process
-        if self.flash is not None and (stopping or step % self.flash.every_n_steps == 0):
-            self.flash.save(step, pack_directory(directory))  # after SIGTERM: saves, then raises Preempted
+        if self.flash is not None and stopping:
+            return self.flash.save_preempted(step, pack_directory(directory))
+        if self.flash is not None and step % self.flash.every_n_steps == 0:
+            self.flash.save(step, pack_directory(directory))
         if checkpoint is not None and not stopping:
             checkpoint.save_sync(directory)
+        return None
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         if self.flash is not None:
             self.flash.wait()
+
+
+def _barrier(args: TrainingArguments) -> None:
+    if args.world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 def _local_steps(output_dir: Path) -> list[int]:
@@ -164,7 +195,20 @@ def resume_checkpoint(
     removed so the Trainer's rotation never mixes them in. The result's ``source`` and ``step`` say what
     was found.
     """
-    out = Path(output_dir)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return from_rank_zero(  # one rank rebuilds the directory; the others use it (output_dir is shared)
+            lambda: _resume_here(Path(output_dir), flash, checkpoint), "the checkpoint to resume from"
+        )
+    return _resume_here(Path(output_dir), flash, checkpoint)
+
+
+def _resume_here(
+    out: Path, flash: FlashCheckpointer | None, checkpoint: Checkpoint | bool
+) -> ResumePoint | None:
+    if flash is not None:
+        flash.as_one_rank()
     task = _task_checkpoint(checkpoint)
     candidates: list[tuple[int, str]] = []
     if flash is not None and (step := newest_flash_step(flash)) is not None:
