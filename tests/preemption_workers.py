@@ -6,8 +6,22 @@ import json
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 from processes import init_gloo
+
+
+def _data_parallel_step(rank: int, step: int, weights: Any) -> None:
+    """A gradient all-reduced into ``weights``, as every data-parallel step does; rank 1 alone gets
+    SIGTERM in the middle of step 5 (its node's preemption notice, not the other's)."""
+    import torch
+    import torch.distributed as dist
+
+    grad = torch.full((64,), float(rank + 1))
+    if rank == 1 and step == 5:
+        os.kill(os.getpid(), signal.SIGTERM)
+    dist.all_reduce(grad)
+    weights += grad
 
 
 def one_rank_gets_sigterm(rank: int, world_size: int, port: int, root: str, out: str) -> None:
@@ -24,11 +38,7 @@ def one_rank_gets_sigterm(rank: int, world_size: int, port: int, root: str, out:
     report: dict = {"rank": rank}
     try:
         for step in range(1, 200):
-            grad = torch.full((64,), float(rank + 1))
-            if rank == 1 and step == 5:
-                os.kill(os.getpid(), signal.SIGTERM)  # this node's preemption notice, not the other's
-            dist.all_reduce(grad)
-            weights += grad
+            _data_parallel_step(rank, step, weights)
             flash.maybe_save(step, {"w": weights})
         report["stopped"] = "never"
     except sw.Preempted as exc:
@@ -55,11 +65,7 @@ def dcp_rank_gets_sigterm(rank: int, world_size: int, port: int, root: str, out:
     report: dict = {"rank": rank}
     try:
         for step in range(1, 200):
-            grad = torch.full((64,), float(rank + 1))
-            if rank == 1 and step == 5:
-                os.kill(os.getpid(), signal.SIGTERM)  # this node's preemption notice, not the other's
-            dist.all_reduce(grad)
-            state["w"] += grad
+            _data_parallel_step(rank, step, state["w"])
             if step % 100 == 0:
                 dcp.save(state, checkpoint_id=step, storage_writer=writer)
             if writer.preempted(step):

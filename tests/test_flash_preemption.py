@@ -169,31 +169,36 @@ def test_a_forked_child_is_stopped_by_sigterm_as_before(tmp_path: Path) -> None:
     assert "child True" in done.stdout, done.stderr
 
 
-def test_a_node_preempted_alone_stops_every_rank_at_one_saved_step(tmp_path: Path) -> None:
-    """Only rank 1 gets SIGTERM (its node is reclaimed, the other is not): the ranks agree on the step
-    after its notice through the job's store, both save it (a whole step) and stop with code 143,
-    instead of rank 0 failing in its next collective with nothing saved."""
+def _two_ranks_one_preempted(worker_name: str, tmp_path: Path) -> list[dict]:
+    """Run ``preemption_workers.<worker_name>`` as two spawned gloo ranks (rank 1 gets SIGTERM); both
+    must stop with 143. Their reports."""
     import multiprocessing
-    import socket
 
     import preemption_workers
     from processes import run_all
 
-    from stalwart.flash.layout import FlashLayout
+    from stalwart.testing.cluster import free_port
 
     root, out = tmp_path / "flash", tmp_path / "out"
     out.mkdir()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     ctx = multiprocessing.get_context("spawn")
-    args = (2, port, str(root), str(out))
-    procs = [ctx.Process(target=preemption_workers.one_rank_gets_sigterm, args=(r, *args)) for r in range(2)]
+    target = getattr(preemption_workers, worker_name)
+    args = (2, free_port(), str(root), str(out))
+    procs = [ctx.Process(target=target, args=(rank, *args)) for rank in range(2)]
     run_all(procs, 180, "ranks")
     assert [p.exitcode for p in procs] == [143, 143]
-    reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
+
+
+def test_a_node_preempted_alone_stops_every_rank_at_one_saved_step(tmp_path: Path) -> None:
+    """Only rank 1 gets SIGTERM (its node is reclaimed, the other is not): the ranks agree on the step
+    after its notice through the job's store, both save it (a whole step) and stop with code 143,
+    instead of rank 0 failing in its next collective with nothing saved."""
+    from stalwart.flash.layout import FlashLayout
+
+    reports = _two_ranks_one_preempted("one_rank_gets_sigterm", tmp_path)
     assert reports[0]["stopped"] == reports[1]["stopped"] == 6, reports  # the step after rank 1's notice
-    assert 6 in FlashLayout(root, "job").complete_steps(2)  # every rank saved it: a whole step
+    assert 6 in FlashLayout(tmp_path / "flash", "job").complete_steps(2)  # every rank saved it: whole
 
 
 def test_the_dcp_writer_saves_the_step_after_a_notice_on_one_rank_and_stops_every_rank(
@@ -202,25 +207,9 @@ def test_the_dcp_writer_saves_the_step_after_a_notice_on_one_rank_and_stops_ever
     """The DCP path: a loop that asks ``writer.preempted(step)`` at each boundary saves the agreed step
     through ``dcp.save`` on every rank (with its durable copy, though its regular interval is 100), and
     every rank stops with 143; a new reader loads that step bit-exactly."""
-    import multiprocessing
-    import socket
-
-    import preemption_workers
-    from processes import run_all
-
     from stalwart.flash.durable import DurableTier
 
-    root, out = tmp_path / "flash", tmp_path / "out"
-    out.mkdir()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    ctx = multiprocessing.get_context("spawn")
-    args = (2, port, str(root), str(out))
-    procs = [ctx.Process(target=preemption_workers.dcp_rank_gets_sigterm, args=(r, *args)) for r in range(2)]
-    run_all(procs, 180, "ranks")
-    assert [p.exitcode for p in procs] == [143, 143]
-    reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    reports = _two_ranks_one_preempted("dcp_rank_gets_sigterm", tmp_path)
     assert reports[0]["stopped"] == reports[1]["stopped"] == 6, reports
     assert all(r["loaded"] == r["saved"] for r in reports), reports
     assert DurableTier((tmp_path / "durable").as_uri()).complete_steps(2) == [6]
