@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -49,9 +50,12 @@ def one_rank_gets_sigterm(rank: int, world_size: int, port: int, root: str, out:
     Path(out, f"rank{rank}.json").write_text(json.dumps(report))
 
 
-def dcp_rank_gets_sigterm(rank: int, world_size: int, port: int, root: str, out: str) -> None:
-    """As ``one_rank_gets_sigterm``, saving through ``dcp.save`` and the flash writer every 100 steps,
-    and asking the writer at every boundary; then a fresh reader loads the newest step back."""
+def dcp_rank_gets_sigterm(
+    rank: int, world_size: int, port: int, root: str, out: str, every: int = 100
+) -> None:
+    """As ``one_rank_gets_sigterm``, saving through ``dcp.save`` and the flash writer every ``every``
+    steps (durable every 100), and asking the writer at every boundary; then a fresh reader loads the
+    newest step back."""
     import torch
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
@@ -66,7 +70,7 @@ def dcp_rank_gets_sigterm(rank: int, world_size: int, port: int, root: str, out:
     try:
         for step in range(1, 200):
             _data_parallel_step(rank, step, state["w"])
-            if step % 100 == 0:
+            if step % every == 0:
                 dcp.save(state, checkpoint_id=step, storage_writer=writer)
             if writer.preempted(step):
                 raise writer.save_preempted(step, state)
@@ -82,3 +86,7 @@ def dcp_rank_gets_sigterm(rank: int, world_size: int, port: int, root: str, out:
         dist.destroy_process_group()
         raise
     Path(out, f"rank{rank}.json").write_text(json.dumps(report))
+
+
+# the stop step is one the loop saves anyway, without a durable copy
+dcp_rank_gets_sigterm_at_a_regular_save = functools.partial(dcp_rank_gets_sigterm, every=6)

@@ -201,15 +201,17 @@ def test_a_node_preempted_alone_stops_every_rank_at_one_saved_step(tmp_path: Pat
     assert 6 in FlashLayout(tmp_path / "flash", "job").complete_steps(2)  # every rank saved it: whole
 
 
+@pytest.mark.parametrize("worker", ["dcp_rank_gets_sigterm", "dcp_rank_gets_sigterm_at_a_regular_save"])
 def test_the_dcp_writer_saves_the_step_after_a_notice_on_one_rank_and_stops_every_rank(
-    tmp_path: Path,
+    tmp_path: Path, worker: str
 ) -> None:
     """The DCP path: a loop that asks ``writer.preempted(step)`` at each boundary saves the agreed step
-    through ``dcp.save`` on every rank (with its durable copy, though its regular interval is 100), and
-    every rank stops with 143; a new reader loads that step bit-exactly."""
+    through ``dcp.save`` on every rank (with its durable copy, though its regular interval is 100; a
+    step the loop saved anyway is not saved twice but copied to the durable store), and every rank
+    stops with 143; a new reader loads that step bit-exactly."""
     from stalwart.flash.durable import DurableTier
 
-    reports = _two_ranks_one_preempted("dcp_rank_gets_sigterm", tmp_path)
+    reports = _two_ranks_one_preempted(worker, tmp_path)
     assert reports[0]["stopped"] == reports[1]["stopped"] == 6, reports
     assert all(r["loaded"] == r["saved"] for r in reports), reports
     assert DurableTier((tmp_path / "durable").as_uri()).complete_steps(2) == [6]

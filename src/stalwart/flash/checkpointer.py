@@ -359,6 +359,8 @@ class FlashCheckpointer:
                 durable=self.durable_url is not None,
             )
             self.last_saved_step = step
+        elif self.durable_url is not None:  # a regular save of this step: its durable copy may be missing
+            self.engine.make_durable(step)
         self.wait()
         at = preemption.notice() or 0.0
         took = time.monotonic() - at

@@ -250,6 +250,22 @@ class FlashEngine:
         if self.uploader is not None:
             self.uploader.check()  # on_durable_error="raise": after the flash save, never instead of it
 
+    def make_durable(self, step: int) -> None:
+        """Copy this rank's committed ``step`` to the durable store before returning, unless it is there
+        already: the preemption save of a step a regular save made without a durable copy."""
+        self._check_open()
+        self._check_owner()
+        self._settle(wait=True)
+        if self.uploader is None or self.durable is None:
+            return
+        if self.durable.rank_record(step, self.rank) is not None:
+            return
+        record = self.layout.read_commit(step, self.rank)
+        if record is None or step not in self.store.own:
+            raise FlashError(f"step {step} of rank {self.rank} is not committed here: nothing to copy")
+        self.uploader.drain()
+        self.uploader.upload_now(record)
+
     def _check_room(self, object_size: int) -> None:
         """The first save knows the object size: check the flash root can hold what this config needs."""
         check_room(

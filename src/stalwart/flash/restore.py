@@ -75,7 +75,7 @@ class Holdings:
     holders: dict[tuple[int, int], list[int]]  # (step, rank) -> ranks whose node holds it (several nodes)
     durable: frozenset[int] | None  # complete in the durable store; None when it could not be listed
     durable_unreadable: list[str]  # durable commit records that exist but cannot be read
-    other: OtherWorlds  # steps whole at another world size
+    other: OtherWorlds  # steps of another world size whose rank 0 object exists (``reshard``)
 
     def describe(self) -> str:
         durable = (

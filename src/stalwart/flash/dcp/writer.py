@@ -413,7 +413,7 @@ class FlashStorageWriter(StorageWriter, AsyncStager):
 
         check_count("step", step, minimum=0)
         self._stopping = True
-        if self._engine is None or step not in self._engine.store.own:
+        if not self._saved_everywhere(step):
             dcp.save(
                 state_dict,
                 checkpoint_id=step,
@@ -421,6 +421,8 @@ class FlashStorageWriter(StorageWriter, AsyncStager):
                 process_group=self.process_group,
                 **save_kwargs,
             )
+        elif self._engine is not None:  # a regular save of this step: its durable copy may be missing
+            self._engine.make_durable(step)
         self.wait()
         at = preemption.notice()
         where = (
@@ -432,6 +434,18 @@ class FlashStorageWriter(StorageWriter, AsyncStager):
         log.warning("flash: preempted: DCP step %d saved to %s %s", step, where, when)
         self.close()
         return preemption.Preempted(f"preempted by SIGTERM: DCP step {step} saved to {where}", step)
+
+    def _saved_everywhere(self, step: int) -> bool:
+        """Whether every rank of the group committed ``step`` already (a regular save of the step the
+        loop stops at). Collective with several ranks: they must all call ``dcp.save``, or none."""
+        saved = self._engine is not None and step in self._engine.store.own
+        if not _distributed():
+            return saved
+        import torch.distributed as dist
+
+        flag = torch.tensor(int(saved))
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.process_group)
+        return bool(flag)
 
     def wait(self) -> None:
         """Block until this rank's replicas and durable copies are made; raise what failed."""
