@@ -5,6 +5,7 @@ own node key; the agents meet through c10d rendezvous on 127.0.0.1. Losing a nod
 agent's process group and wiping its flash root; a restart starts every agent again. With
 ``min_nodes`` the job is elastic (``--nnodes=MIN:MAX``): a node killed for good leaves the others to
 restart without it (``max_restarts``), and a node started later with ``join`` makes them restart with it.
+Node 0 hosts the rendezvous store, as a job's master does: the job ends with it, so take others away.
 """
 
 from __future__ import annotations
@@ -100,7 +101,10 @@ class LocalCluster:
             "--rdzv-backend=c10d",
             f"--rdzv-endpoint=127.0.0.1:{port}",
             f"--rdzv-id=job-{self.round}",
-            f"--rdzv-conf=join_timeout={self.join_timeout},last_call_timeout=2",
+            # node 0 hosts the rendezvous store, as a job's master does: else whichever agent bound the
+            # port first would, and killing that node would end the job for every other
+            f"--rdzv-conf=join_timeout={self.join_timeout},last_call_timeout=2,"
+            f"is_host={str(node == 0).lower()}",
             f"--max-restarts={self.max_restarts}",
             "--monitor-interval=0.2",
             "--log-dir",
