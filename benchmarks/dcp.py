@@ -48,8 +48,7 @@ def _state(rank: int, total: int) -> dict:
 
 def _worker(rank: int, world: int, port: int, total: int, repeats: int, root: str, out: str) -> None:
     warnings.simplefilter("ignore")
-    # as torchrun sets them: both ranks on this node
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_WORLD_SIZE=str(world))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import torch
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp

@@ -139,18 +139,3 @@ def test_restoring_a_step_no_tier_holds_names_those_that_exist_and_changes_nothi
         with pytest.raises(ValueError, match=r"step=.* is not accepted; use an int >= 0 or None"):
             flash.restore(state, step=bad)
     flash.close()
-
-
-@pytest.mark.parametrize(("cores", "local", "want"), [(2, "2", 1), (2, None, 2), (16, "8", 2), (64, "1", 4)])
-def test_copy_threads_default_to_this_ranks_share_of_the_cores(
-    monkeypatch: pytest.MonkeyPatch, cores: int, local: str | None, want: int
-) -> None:
-    """Ranks of one node copy at once: more threads than cores between them only slow each other."""
-    from stalwart.flash import copier
-
-    monkeypatch.setattr(copier.os, "sched_getaffinity", lambda pid: set(range(cores)))
-    if local is None:
-        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    else:
-        monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
-    assert copier.default_threads() == want

@@ -30,26 +30,12 @@ if TYPE_CHECKING:
 
     from .buffers import Buffer
 
-__all__ = ["Copier", "default_threads"]
+__all__ = ["Copier"]
 
 log = logging.getLogger("stalwart.flash")
 
 _memmove = ctypes.memmove
 _xxh3 = xxhash.xxh3_64_intdigest
-
-
-def default_threads() -> int:
-    """This rank's share of the cores it may run on (``LOCAL_WORLD_SIZE`` ranks share a node, as torch
-    elastic says), up to 4: ranks that copy at once on more threads than cores only slow each other."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    try:
-        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    except ValueError:
-        local = 1
-    return max(1, min(4, cores // local))
 
 
 class Copier:
@@ -58,10 +44,9 @@ class Copier:
     def __init__(self, threads: int | None = None) -> None:
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise ValueError(
-                f"threads={threads!r} is not accepted; use an int >= 1 or None (this rank's share of the "
-                "cores, up to 4)"
+                f"threads={threads!r} is not accepted; use an int >= 1 or None (one per core, up to 4)"
             )
-        self.threads = threads or default_threads()
+        self.threads = threads or max(1, min(4, os.cpu_count() or 1))
         self._pool = (
             ThreadPoolExecutor(self.threads, thread_name_prefix="stalwart-copy") if self.threads > 1 else None
         )
