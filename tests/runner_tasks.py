@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
 
 import stalwart as sw
 
@@ -125,3 +127,90 @@ def touches(marker: str) -> str:
     with open(marker, "a") as fh:
         fh.write(f"attempt {sw.ctx().attempt}\n")
     return marker
+
+
+# Flyte SDK task features: timeouts, errors, nested retries
+
+
+@env.task(retries=1, timeout=1)
+def sleeps_past_its_limit() -> None:
+    time.sleep(60)
+
+
+@env.task(retries=1, timeout=timedelta(seconds=2))
+def slow_first_attempt() -> int:
+    if sw.ctx().attempt == 0:
+        time.sleep(60)
+    return sw.ctx().attempt_number
+
+
+@env.task(retries=20, timeout=sw.Timeout(deadline=timedelta(seconds=3)))
+def sleeps_past_the_deadline() -> None:
+    time.sleep(60)
+
+
+@env.task(retries=1, timeout=4)
+def trains_past_its_limit(steps: int) -> dict:
+    """Attempt 0 is too slow and is stopped at its limit; SIGTERM makes the flash checkpointer save the
+    step it reached, and attempt 1 resumes there."""
+    import torch
+
+    context = sw.ctx()
+    flash = sw.FlashCheckpointer(every_n_steps=1000)
+    state = {"w": torch.zeros(4)}
+    start = flash.restore(state) or 0
+    for step in range(start, steps):
+        state["w"] += 1
+        flash.maybe_save(step + 1, state)
+        time.sleep(0.1 if context.attempt == 0 else 0.0)
+    flash.close()
+    return {"resumed_at": start, "w": state["w"].tolist(), "attempt": context.attempt}
+
+
+@env.task(retries=2)
+def oom_killed() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@env.task(retries=2, timeout=30)
+def raises_recoverable_no_more() -> None:
+    raise sw.NonRecoverableError("the input is wrong")
+
+
+@env.task(retries=sw.RetryStrategy(2, backoff=sw.Backoff(base=timedelta(milliseconds=50))))
+def flaky_nested(marker: str) -> int:
+    """Fails twice (counted in a file), then returns how many calls it took."""
+    path = Path(marker)
+    calls = int(path.read_text()) + 1 if path.exists() else 1
+    path.write_text(str(calls))
+    if calls < 3:
+        raise ConnectionError(f"call {calls} failed")
+    return calls
+
+
+@env.task
+def calls_a_flaky_task(marker: str) -> int:
+    return flaky_nested(marker)
+
+
+@env.task(retries=3)
+def nested_refuses() -> None:
+    raise sw.NonRetryableError("no retry helps")
+
+
+@env.task
+def calls_a_refusing_task() -> None:
+    nested_refuses()
+
+
+@env.task(elastic=sw.Elastic(nproc_per_node=2, max_restarts=0, monitor_interval=0.2))
+def where_am_i() -> dict:
+    context = sw.ctx()
+    return {
+        "node_rank": context.node_rank,
+        "nnodes": context.nnodes,
+        "local_world_size": context.local_world_size,
+        "restart_attempt": context.restart_attempt,
+        "attempt_number": context.attempt_number,
+        "world_size": context.world_size,
+    }

@@ -24,6 +24,8 @@ _EXPORTS: dict[str, str] = {
     "RetryStrategy": "stalwart.retry",
     "Backoff": "stalwart.retry",
     "NonRetryableError": "stalwart.retry",
+    "NonRecoverableError": "stalwart.errors",
+    "Timeout": "stalwart.timeout",
     "TaskEnvironment": "stalwart.environment",
     "Task": "stalwart.environment",
     "Elastic": "stalwart.elastic",
@@ -34,7 +36,10 @@ _EXPORTS: dict[str, str] = {
     "run": "stalwart.runtime.runner",
     "with_runcontext": "stalwart.runtime.runner",
     "Run": "stalwart.runtime.runner",
-    "RunFailedError": "stalwart.runtime.runner",
+    "RunFailedError": "stalwart.errors",
+    "RuntimeUserError": "stalwart.errors",
+    "RuntimeSystemError": "stalwart.errors",
+    "OOMError": "stalwart.errors",
     # checkpoints
     "Checkpoint": "stalwart.checkpoint.task",
     "CheckpointInfo": "stalwart.checkpoint.task",
@@ -68,16 +73,21 @@ __all__ = [  # spelled out for linters and IDEs; a test checks it matches _EXPOR
     "FlashStorageReader",
     "FlashStorageWriter",
     "Neuron",
+    "NonRecoverableError",
     "NonRetryableError",
+    "OOMError",
     "Preempted",
     "Resources",
     "RetryStrategy",
     "Run",
     "RunFailedError",
     "RunPolicy",
+    "RuntimeSystemError",
+    "RuntimeUserError",
     "Task",
     "TaskContext",
     "TaskEnvironment",
+    "Timeout",
     "__version__",
     "ctx",
     "latest_checkpoint",
@@ -87,6 +97,8 @@ __all__ = [  # spelled out for linters and IDEs; a test checks it matches _EXPOR
 
 
 def __getattr__(name: str) -> Any:
+    if name == "errors":  # ``sw.errors.OOMError``, as ``flyte.errors``: a module, loaded when asked for
+        return importlib.import_module("stalwart.errors")
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'stalwart' has no attribute {name!r}")
@@ -106,10 +118,12 @@ if TYPE_CHECKING:
     from .context import TaskContext, ctx
     from .elastic import Elastic, RunPolicy
     from .environment import Task, TaskEnvironment
+    from .errors import NonRecoverableError, OOMError, RunFailedError, RuntimeSystemError, RuntimeUserError
     from .flash.checkpointer import FlashCheckpointer
     from .flash.dcp import FlashStorageReader, FlashStorageWriter
     from .flash.errors import FlashError, FlashRestoreError, FlashSpaceError
     from .flash.preemption import Preempted
     from .resources import Resources
     from .retry import Backoff, NonRetryableError, RetryStrategy
-    from .runtime.runner import Run, RunFailedError, run, with_runcontext
+    from .runtime.runner import Run, run, with_runcontext
+    from .timeout import Timeout

@@ -41,6 +41,15 @@ class TaskContext:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    node_rank: int = 0  # this node among the job's nodes (torch elastic's GROUP_RANK)
+    nnodes: int = 1  # nodes in the job now (GROUP_WORLD_SIZE; it changes with an elastic job's size)
+    local_world_size: int = 1  # ranks on this node
+    restart_attempt: int = 0  # torch elastic's worker-group restart round within this attempt
+
+    @property
+    def attempt_number(self) -> int:
+        """The attempt's number from 0, as the Flyte SDK names it (``attempt``)."""
+        return self.attempt
 
     @property
     def in_task(self) -> bool:
@@ -79,6 +88,10 @@ _VARIABLES = (
     "RANK",
     "LOCAL_RANK",
     "WORLD_SIZE",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "TORCHELASTIC_RESTART_COUNT",
 )
 _current: tuple[tuple, TaskContext] | None = None
 
@@ -108,4 +121,8 @@ def _build() -> TaskContext:
         rank=_int_env("RANK", 0),
         local_rank=_int_env("LOCAL_RANK", 0),
         world_size=_int_env("WORLD_SIZE", 1),
+        node_rank=_int_env("GROUP_RANK", 0),
+        nnodes=_int_env("GROUP_WORLD_SIZE", 1),
+        local_world_size=_int_env("LOCAL_WORLD_SIZE", 1),
+        restart_attempt=_int_env("TORCHELASTIC_RESTART_COUNT", 0),
     )

@@ -7,12 +7,14 @@ import re
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from typing import Any, Generic, ParamSpec, TypeVar
 
 from . import config
 from .elastic import Elastic
 from .resources import Resources
 from .retry import RetryStrategy, as_retry_strategy
+from .timeout import Timeout, as_timeout
 
 __all__ = ["Task", "TaskEnvironment"]
 
@@ -100,10 +102,13 @@ class TaskEnvironment:
         env_vars: Mapping[str, str] | None = None,
         checkpoint_store: str | None = None,
         elastic: Elastic | None = None,
+        timeout: Timeout | int | float | timedelta | None = None,
     ) -> Any:
         """Declare a task; usable as ``@env.task`` or ``@env.task(retries=3, ...)``.
 
         Arguments given here override the environment's for this task (env_vars are merged).
+        ``timeout``: seconds or a ``timedelta`` per attempt, or ``Timeout(max_runtime=, deadline=)``
+        (``stalwart.timeout``).
         """
 
         def wrap(fn: Callable[P, R]) -> Task[P, R]:
@@ -118,6 +123,7 @@ class TaskEnvironment:
                 env_vars={**self.env_vars, **_check_env_vars(env_vars)},
                 checkpoint_store=_check_store(checkpoint_store) or self.checkpoint_store,
                 elastic=_check_elastic(elastic) if elastic is not None else self.elastic,
+                timeout=as_timeout(timeout),
             )
 
         return wrap(func) if func is not None else wrap
@@ -139,6 +145,8 @@ class Task(Generic[P, R]):
     checkpoint_store: str | None = None
     elastic: Elastic | None = None
     """torch elastic settings; None runs the task as one process."""
+    timeout: Timeout | None = None
+    """wall-clock bounds per attempt and for the whole run (``stalwart.timeout``); None: none."""
 
     def __post_init__(self) -> None:
         # Look like the function (name, docs, module) to help(), IDEs and pickling by reference.
@@ -147,7 +155,23 @@ class Task(Generic[P, R]):
         object.__setattr__(self, "__wrapped__", self.func)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        return self.func(*args, **kwargs)
+        """Run the function here and now. Called inside a running task (a nested task), it keeps its own
+        retries: an exception other than ``NonRetryableError`` is retried in this process, up to
+        ``retries`` times with its backoff. (A crash of the process fails the calling attempt, whose
+        own retries then apply; ``timeout`` bounds runs, not nested calls.)"""
+        from .context import ctx
+
+        if not ctx().in_task or self.retries.count == 0:
+            return self.func(*args, **kwargs)
+        if inspect.iscoroutinefunction(self.func):
+            return _retried_async(self, args, kwargs)  # type: ignore[return-value]
+        for retry in range(self.retries.count + 1):
+            _wait_before(self, retry)
+            try:
+                return self.func(*args, **kwargs)
+            except Exception as exc:
+                _give_up_or_log(self, retry, exc)
+        raise AssertionError("unreachable")  # the last retry returned or raised
 
     def override(
         self,
@@ -157,6 +181,7 @@ class Task(Generic[P, R]):
         env_vars: Mapping[str, str] | None = None,
         checkpoint_store: str | None = None,
         elastic: Elastic | None = None,
+        timeout: Timeout | int | float | timedelta | None = None,
     ) -> Task[P, R]:
         """A copy of this task with some settings replaced (env_vars are merged)."""
         changes: dict[str, Any] = {}
@@ -170,6 +195,8 @@ class Task(Generic[P, R]):
             changes["checkpoint_store"] = _check_store(checkpoint_store)
         if elastic is not None:
             changes["elastic"] = _check_elastic(elastic)
+        if timeout is not None:
+            changes["timeout"] = as_timeout(timeout)
         return replace(self, **changes)
 
     @property
@@ -194,3 +221,42 @@ class Task(Generic[P, R]):
         mod = sys.modules.get(module)
         file = getattr(mod, "__file__", None)
         return module, qualname, file
+
+
+async def _retried_async(task: Task, args: tuple, kwargs: dict) -> Any:
+    """``Task.__call__`` of a nested coroutine task: retried where it is awaited."""
+    import asyncio
+
+    for retry in range(task.retries.count + 1):
+        if retry:
+            await asyncio.sleep(task.retries.delay(retry))
+        try:
+            return await task.func(*args, **kwargs)
+        except Exception as exc:
+            _give_up_or_log(task, retry, exc)
+    raise AssertionError("unreachable")
+
+
+def _wait_before(task: Task, retry: int) -> None:
+    if retry:
+        import time
+
+        time.sleep(task.retries.delay(retry))
+
+
+def _give_up_or_log(task: Task, retry: int, exc: Exception) -> None:
+    """Re-raise ``exc`` when a nested task's retries cannot help or are spent; else say it is retried."""
+    from .retry import NonRetryableError
+
+    if isinstance(exc, NonRetryableError) or retry >= task.retries.count:
+        raise exc
+    import logging
+
+    logging.getLogger("stalwart.runtime").warning(
+        "nested task %s raised %s: %s; retrying it (retry %d of %d)",
+        task.name,
+        type(exc).__name__,
+        exc,
+        retry + 1,
+        task.retries.count,
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from datetime import timedelta
 
 __all__ = ["Backoff", "NonRetryableError", "RetryStrategy", "as_retry_strategy"]
 
@@ -16,8 +17,13 @@ class NonRetryableError(Exception):
 
 
 def _positive_number(field: str, value: object, *, allow_zero: bool) -> float:
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{field}={value!r} is not accepted; use a finite number of seconds, e.g. 1.0")
+        raise ValueError(
+            f"{field}={value!r} is not accepted; use a finite number of seconds, e.g. 1.0, or a "
+            "datetime.timedelta"
+        )
     if value < 0 or (value == 0 and not allow_zero):
         lowest = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{field}={value!r} is not accepted; use a number {lowest}")
@@ -29,7 +35,8 @@ class Backoff:
     """Exponential backoff: wait ``min(cap, base * factor ** (retry - 1))`` seconds before retry n (n >= 1).
 
     A delay gives a flaky dependency (a preempted node, a storage outage) time to come back before the
-    next attempt spends its start-up cost.
+    next attempt spends its start-up cost. ``base`` and ``cap`` are seconds or ``datetime.timedelta``
+    (kept as seconds).
     """
 
     base: float = 1.0
@@ -37,8 +44,8 @@ class Backoff:
     cap: float = 60.0
 
     def __post_init__(self) -> None:
-        _positive_number("Backoff.base", self.base, allow_zero=True)
-        _positive_number("Backoff.cap", self.cap, allow_zero=True)
+        object.__setattr__(self, "base", _positive_number("Backoff.base", self.base, allow_zero=True))
+        object.__setattr__(self, "cap", _positive_number("Backoff.cap", self.cap, allow_zero=True))
         if _positive_number("Backoff.factor", self.factor, allow_zero=False) < 1:
             raise ValueError(f"Backoff.factor={self.factor!r} is not accepted; use a number >= 1")
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from .protocol import RESULT_FILE, AttemptResult, loads
 
-__all__ = ["Outcome", "describe_exit", "load_output", "oom_kill_count", "read_outcome"]
+__all__ = ["Outcome", "describe_exit", "load_output", "oom_kill_count", "oom_killed", "read_outcome"]
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,8 @@ class Outcome:
     result: AttemptResult | None
     output: Any = None
     retryable: bool = True
+    oom: bool = False  # killed by the kernel's OOM killer (counted in the cgroup meanwhile)
+    timed_out: str | None = None  # "max_runtime" or "deadline": the runner stopped it (``Timeout``)
 
 
 def oom_kill_count(cgroup_file: str | Path | None = None) -> int | None:
@@ -65,6 +67,15 @@ def _own_oom_file() -> Path | None:
     return next((c for c in candidates if c.is_file()), None)
 
 
+def oom_killed(code: int, oom_kills: tuple[int | None, int | None]) -> int:
+    """How many OOM kills the cgroup counted while an attempt that died of SIGKILL ran (0: no evidence
+    that the OOM killer did it)."""
+    before, after = oom_kills
+    if code != -signal.SIGKILL or before is None or after is None:
+        return 0
+    return max(0, after - before)
+
+
 def describe_exit(code: int, oom_kills: tuple[int | None, int | None] = (None, None)) -> str:
     """An exit status without a result file, as a predicate (``attempt 3 <was killed by SIGKILL>``)."""
     if code < 0:
@@ -72,11 +83,10 @@ def describe_exit(code: int, oom_kills: tuple[int | None, int | None] = (None, N
             name = signal.Signals(-code).name
         except ValueError:
             name = f"signal {-code}"
-        before, after = oom_kills
-        if -code == signal.SIGKILL and before is not None and after is not None and after > before:
+        if killed := oom_killed(code, oom_kills):
             return (
-                f"was killed by {name}, while the kernel's OOM killer killed {after - before} process"
-                f"{'es' * (after - before != 1)} of its cgroup (out of memory)"
+                f"was killed by {name}, while the kernel's OOM killer killed {killed} process"
+                f"{'es' * (killed != 1)} of its cgroup (out of memory)"
             )
         return f"was killed by {name}"
     return f"exited with code {code} without reporting a result"
@@ -107,7 +117,8 @@ def read_outcome(attempt_dir: Path, code: int, oom_kills: tuple[int | None, int 
             description = f"raised {result.error_type}: {result.error_message}"
         return Outcome(False, "failed", description, code, result, retryable=result.retryable)
     status = "killed" if code < 0 else "exited"
-    return Outcome(False, status, describe_exit(code, oom_kills), code, None)
+    oom = oom_killed(code, oom_kills) > 0
+    return Outcome(False, status, describe_exit(code, oom_kills), code, None, oom=oom)
 
 
 def load_output(attempt_dir: str | Path) -> Any:

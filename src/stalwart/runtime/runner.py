@@ -20,12 +20,20 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
 from .. import config
 from ..environment import Task
+from ..errors import (
+    DeadlineExceededError,
+    MaxRuntimeExceededError,
+    OOMError,
+    RunFailedError,
+    RuntimeSystemError,
+    RuntimeUserError,
+)
 from ..flash.preemption import Preempted
 from ..retry import NonRetryableError, RetryStrategy
 from .outcome import Outcome, load_output, oom_kill_count, read_outcome
@@ -52,19 +60,6 @@ class Run:
     attempts: tuple[AttemptRecord, ...]
     checkpoint_uri: str
     home: Path
-
-
-class RunFailedError(RuntimeError):
-    """Every attempt of a run failed (or one failed with NonRetryableError).
-
-    ``__cause__`` is the task's own exception when it could be carried over, with the task's
-    traceback in the message; ``run`` holds the record of the failed run.
-    """
-
-    def __init__(self, message: str, run: Run, traceback: str | None = None) -> None:
-        super().__init__(message)
-        self.run = run
-        self.traceback = traceback
 
 
 class RemoteTraceback(Exception):
@@ -217,10 +212,18 @@ class _Runner:
             config.check_store_url(*self._store_base(), load=True)  # no attempt for a store no retry can fix
         run_id, checkpoint_uri, first = self._open_run(existing, retries)
         last = first + retries.max_attempts - 1  # attempt numbers as recorded, from 0
+        timeout = self.task.timeout
+        runtime = timeout.runtime_seconds if timeout else None
+        deadline = timeout.deadline_seconds if timeout else None
+        ends = time.monotonic() + deadline if deadline else None  # the run's deadline, if any
         outcome: Outcome | None = None
+        ran = first  # the number of the newest attempt that ran
         for number in range(first, last + 1):
             if outcome is not None:
                 delay = retries.delay(number - first)
+                if ends is not None and time.monotonic() + delay >= ends:
+                    outcome = _past_deadline(outcome, deadline)
+                    break
                 log.warning(
                     "run %s: attempt %d %s; retrying as attempt %d%s (the last allowed is attempt %d)",
                     run_id,
@@ -233,7 +236,11 @@ class _Runner:
                 if delay:
                     self.store.add_event(run_id, number, "backoff", f"{delay:.3f} s")
                     time.sleep(delay)
-            outcome = self._attempt(run_id, number, checkpoint_uri, last + 1)
+            limits = [(runtime, "max_runtime")] if runtime else []
+            if ends is not None:
+                limits.append((ends - time.monotonic(), "deadline"))
+            outcome = self._attempt(run_id, number, checkpoint_uri, last + 1, min(limits, default=None))
+            ran = number
             if self._stopping and not outcome.ok:  # this machine is going away: the next one resumes
                 why = f"preempted (SIGTERM) during attempt {number}, which {outcome.description}"
                 self.store.finish_run(run_id, "preempted", why)
@@ -246,8 +253,8 @@ class _Runner:
                 log.warning("run %s: attempt %d cannot succeed on a retry; not retrying", run_id, number)
                 break
         assert outcome is not None
-        self.store.finish_run(run_id, "failed", f"attempt {number} {outcome.description}")
-        raise self._failure(run_id, number, outcome)
+        self.store.finish_run(run_id, "failed", f"attempt {ran} {outcome.description}")
+        raise self._failure(run_id, ran, outcome)
 
     def _shown_inputs(self) -> dict[str, str]:
         """The inputs as recorded (reprs, defaults included), to show and to compare runs by."""
@@ -377,7 +384,16 @@ class _Runner:
             env[config.STORAGE_OPTIONS_ENV] = json.dumps(self.options.storage_options)
         return env
 
-    def _attempt(self, run_id: str, number: int, checkpoint_uri: str, attempt_limit: int) -> Outcome:
+    def _attempt(
+        self,
+        run_id: str,
+        number: int,
+        checkpoint_uri: str,
+        attempt_limit: int,
+        limit: tuple[float, str] | None = None,
+    ) -> Outcome:
+        """Run attempt ``number``; with ``limit`` (seconds, and which ``Timeout`` bound it is), stop it
+        when that time has passed."""
         attempt_dir = self.home / "runs" / run_id / f"attempt-{number}"
         attempt_dir.mkdir(parents=True, exist_ok=True)
         spec = AttemptSpec(
@@ -407,7 +423,8 @@ class _Runner:
                 ]
                 for tail in tails:
                     tail.start()
-            code = proc.wait()
+            stopped = _wait_or_stop(proc, limit)
+            code = proc.returncode
         except BaseException:
             _kill_group(proc)
             with contextlib.suppress(Exception):  # the records themselves may be what failed
@@ -421,6 +438,8 @@ class _Runner:
                 tail.join(timeout=5)
         _kill_group(proc)  # workers the attempt started must not outlive it
         outcome = read_outcome(attempt_dir, code, (oom_before, oom_kill_count()))
+        if stopped is not None:
+            outcome = _timed_out(outcome, stopped, limit)
         self.store.finish_attempt(run_id, number, outcome.status, code, outcome.description)
         return outcome
 
@@ -450,7 +469,7 @@ class _Runner:
         logs = run.attempts[-1].log_dir if run.attempts else None
         if logs:
             message += f"\n(attempt logs: {logs})"
-        error = RunFailedError(message, run, result.traceback if result else None)
+        error = _error_class(outcome)(message, run, result.traceback if result else None)
         if result is not None and result.exception is not None:
             try:
                 cause = loads(result.exception)
@@ -489,6 +508,75 @@ def _forward_sigterm(proc: subprocess.Popen, stopped: Callable[[], None]) -> _Fo
             os.killpg(proc.pid, signal.SIGTERM)
 
     return _Forwarding(signal.signal(signal.SIGTERM, forward))
+
+
+STOP_GRACE = 30.0  # seconds between SIGTERM and SIGKILL for an attempt past its time, as Kubernetes gives
+
+
+def _wait_or_stop(proc: subprocess.Popen, limit: tuple[float, str] | None) -> str | None:
+    """Wait for the attempt; past ``limit``, tell its process group to stop (SIGTERM: a flash
+    checkpointer saves its step), then kill it after ``STOP_GRACE``. Returns the bound that stopped
+    it, or None."""
+    if limit is None:
+        proc.wait()
+        return None
+    try:
+        proc.wait(timeout=max(0.0, limit[0]))
+        return None
+    except subprocess.TimeoutExpired:
+        pass
+    log.warning("stalwart: attempt process %d ran past its %s; stopping it", proc.pid, limit[1])
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=STOP_GRACE)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+    return limit[1]
+
+
+def _timed_out(outcome: Outcome, bound: str, limit: tuple[float, str] | None) -> Outcome:
+    """The outcome of an attempt the runner stopped at ``bound``: retried past ``max_runtime``, not past
+    the run's ``deadline``."""
+    if bound == "deadline":
+        description = "was stopped at the run's deadline (Timeout.deadline)"
+    else:
+        seconds = limit[0] if limit else 0.0
+        description = f"ran longer than its {seconds:g} s limit (Timeout.max_runtime) and was stopped"
+    return replace(
+        outcome,
+        ok=False,
+        status="timed_out",
+        description=description,
+        retryable=bound != "deadline",
+        timed_out=bound,
+        output=None,
+    )
+
+
+def _past_deadline(outcome: Outcome, deadline: float | None) -> Outcome:
+    """No time is left for another attempt before the run's deadline."""
+    return replace(
+        outcome,
+        status="timed_out",
+        description=f"{outcome.description}, and the run's deadline ({deadline:g} s) leaves no time for "
+        "another attempt",
+        retryable=False,
+        timed_out="deadline",
+    )
+
+
+def _error_class(outcome: Outcome) -> type[RunFailedError]:
+    """The class of the error a failed run raises, by how its last attempt ended (``errors``)."""
+    if outcome.timed_out == "deadline":
+        return DeadlineExceededError
+    if outcome.timed_out == "max_runtime":
+        return MaxRuntimeExceededError
+    if outcome.oom:
+        return OOMError
+    if outcome.result is not None and outcome.result.exception is not None:
+        return RuntimeUserError  # the task raised (in an elastic attempt: the worker that failed first)
+    return RuntimeSystemError
 
 
 def _inputs_text(inputs: dict[str, str]) -> str:
