@@ -214,3 +214,26 @@ def where_am_i() -> dict:
         "attempt_number": context.attempt_number,
         "world_size": context.world_size,
     }
+
+
+@env.task(retries=1)
+def trains_and_is_killed(steps: int, killed_after: int) -> dict:
+    """Saves every 5 steps to the flash tier; attempt 0 is killed (SIGKILL) after step ``killed_after``,
+    attempt 1 resumes from flash and finishes."""
+    import torch
+
+    context = sw.ctx()
+    flash = sw.FlashCheckpointer(every_n_steps=5)
+    state = {"w": torch.zeros(1000)}
+    start = flash.restore(state) or 0
+    for step in range(start + 1, steps + 1):
+        state["w"] += 1
+        flash.maybe_save(step, state)
+        if context.attempt == 0 and step == killed_after:
+            time.sleep(FLUSH_WAIT)  # the events of the steps reached are written before the kill
+            os.kill(os.getpid(), signal.SIGKILL)
+    flash.close()
+    return {"resumed_at": start, "w": float(state["w"][0])}
+
+
+FLUSH_WAIT = 1.2  # > 2 x the event writer's interval

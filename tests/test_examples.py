@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -62,9 +63,17 @@ def test_readme_tour_runs_as_written(tmp_path: Path) -> None:
     assert len(runs) == 2 and all(r.status == "succeeded" for r in runs)
 
 
-def test_ddp_example_survives_a_killed_worker(run_example) -> None:
+def test_ddp_example_survives_a_killed_worker(run_example, tmp_path: Path) -> None:
     proc = run_example("ddp_flash.py")
     assert "Traceback" not in proc.stderr, proc.stderr  # rank 0 only lost its peer: one line, no traceback
     assert "rank 1: killed by SIGKILL after step 25" in proc.stdout
     assert "rank 0: resumed at step 25 from flash" in proc.stdout
     assert re.search(r"succeeded: \{'resumed_at': 25, 'restored_from': 'flash'", proc.stdout)
+    # the run's records say so too: one attempt, one worker-group restart, resumed at step 25 from flash
+    (run,) = RunStore(tmp_path / "home" / "runs.db").list_runs()
+    show = _run([sys.executable, "-m", "stalwart.cli", "show", run.id, "--json"], tmp_path / "home", tmp_path)
+    assert show.returncode == 0, show.stderr
+    (attempt,) = json.loads(show.stdout)["attempts"]
+    assert attempt["restarts"] == 1
+    resumed = [r["resumed"] for r in attempt["rounds"] if r["round"] == 1]
+    assert resumed and (resumed[0]["step"], resumed[0]["source"]) == (25, "flash"), attempt

@@ -99,11 +99,15 @@ def _build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--limit", "-n", type=_positive_int, default=20, help="how many runs (default 20)")
     runs.set_defaults(handler=cmd_runs)
 
-    show = commands.add_parser("show", help="show one run: attempts, checkpoints, events")
+    show = commands.add_parser(
+        "show",
+        help="show one run: output, attempts and where each resumed from, goodput, checkpoints, events",
+    )
     show.add_argument("run_id", metavar="RUN_ID", help="a run id, or a prefix that matches one run")
     show.add_argument(
         "--logs", action="store_true", help=f"print the last {LOG_TAIL_LINES} lines of each attempt's logs"
     )
+    show.add_argument("--json", action="store_true", help="print the same as one JSON object")
     show.set_defaults(handler=cmd_show)
 
     add_k8s_parser(commands)

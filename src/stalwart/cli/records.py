@@ -6,6 +6,7 @@ Tables use rich on a terminal and plain aligned columns when piped, for grep and
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -67,11 +68,20 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    """``stalwart show RUN_ID``: one run's record, attempts, checkpoints and events (and logs)."""
+    """``stalwart show RUN_ID``: one run's record, output, attempts (where each resumed from), goodput,
+    checkpoints and events (and logs); ``--json``: the same as data."""
+    from ..runtime.summary import FREQUENT, summarize
+
     store = open_store()
     record = _resolve_run(store, args.run_id)
     assert store is not None
     attempts = store.attempts(record.id)
+    all_events = store.events(record.id)
+    summary = summarize(record, attempts, all_events)
+    output = _output_text(record, attempts)
+    if getattr(args, "json", False):
+        print(json.dumps(_as_data(record, attempts, output, summary, all_events, FREQUENT), indent=2))
+        return 0
     inputs = ", ".join(f"{name}={value}" for name, value in record.inputs.items()) or "(none)"
     header = [
         ("run", record.id),
@@ -83,6 +93,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         ("checkpoints", record.checkpoint_uri or "-"),
         ("inputs", inputs),
     ]
+    if output is not None:
+        header.append(("output", output))
     if record.error:
         header.append(("error", record.error))
     width = max(len(key) for key, _ in header)
@@ -91,13 +103,15 @@ def cmd_show(args: argparse.Namespace) -> int:
 
     print()
     _print_table(
-        ["#", "status", "exit code", "duration", "error", "log dir"],
+        ["#", "status", "exit code", "duration", "resumed from", "restarts", "error", "log dir"],
         [
             [
                 str(a.number),
                 a.status,
                 _exit_text(a.exit_code),
                 _duration(a.duration) if a.ended is not None else _so_far(a.started),
+                _resumed_text(summary["rounds"], a.number),
+                str(summary["restarts"].get(str(a.number), 0)),
                 a.error or "",
                 a.log_dir or "",
             ]
@@ -109,6 +123,9 @@ def cmd_show(args: argparse.Namespace) -> int:
     )
 
     print()
+    _print_goodput(summary)
+
+    print()
     _print_checkpoints(record.checkpoint_uri)
 
     print()
@@ -116,7 +133,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         ["time", "attempt", "kind", "message"],
         [
             [_event_time(e.time), "" if e.attempt is None else str(e.attempt), e.kind, e.message or ""]
-            for e in store.events(record.id)
+            for e in all_events
+            if e.kind not in FREQUENT
         ],
         title="Events",
         empty="Events: none",
@@ -124,6 +142,108 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.logs:
         _print_logs(attempts)
     return 0
+
+
+def _output_text(record: RunRecord, attempts: Sequence[Any]) -> str | None:
+    """The output of a succeeded run as text (cut at 500 characters), or None."""
+    if record.status != "succeeded":
+        return None
+    winner = next((a for a in reversed(attempts) if a.status == "succeeded" and a.log_dir), None)
+    if winner is None:
+        return None
+    from ..runtime.outcome import load_output
+
+    try:
+        text = repr(load_output(winner.log_dir))
+    except Exception as exc:  # its classes may live in the task's script, not importable here
+        return f"(cannot be shown here: {type(exc).__name__}: {exc})"[:500]
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
+def _resumed_text(rounds: list[dict], attempt: int) -> str:
+    """Where each round of an attempt resumed from: "step 25 (flash)", "fresh"; rounds after the first
+    (torch elastic restarts) as "r1: ...". Empty when nothing was recorded (no flash restore)."""
+    parts = []
+    for item in rounds:
+        if item["attempt"] != attempt or item["resumed"] is None:
+            continue
+        resumed = item["resumed"]
+        text = "fresh" if resumed["step"] is None else f"step {resumed['step']} ({resumed['source']})"
+        if resumed.get("saved_by"):
+            text += f" saved by {resumed['saved_by']} ranks"
+        parts.append(text if item["round"] == 0 else f"r{item['round']}: {text}")
+    return "; ".join(parts)
+
+
+def _print_goodput(summary: dict) -> None:
+    goodput = summary["goodput"]
+    print("Goodput")
+    rows = [
+        ("wall time", _duration(goodput["wall_seconds"])),
+        ("in attempts", _duration(goodput["attempt_seconds"])),
+        ("training", _duration(goodput["training_seconds"])),
+        (
+            "blocked in saves",
+            f"{_fine_duration(goodput['save_blocked_seconds'])} over {goodput['saves']} flash saves "
+            f"({_size(goodput['saved_bytes'])})",
+        ),
+        ("restoring", _fine_duration(goodput["restore_seconds"])),
+        ("steps recomputed", str(goodput["steps_recomputed"])),
+    ]
+    for item in summary["lost"]:
+        where = f"attempt {item['after']['attempt']} round {item['after']['round']}"
+        rows.append(
+            (
+                "",
+                f"after {where}: reached step {item['reached']}, resumed from {item['resumed']}: "
+                f"{item['steps']}",
+            )
+        )
+    width = max(len(key) for key, _ in rows)
+    for key, value in rows:
+        print(f"  {key:<{width}}  {value}")
+
+
+def _as_data(
+    record: RunRecord,
+    attempts: Sequence[Any],
+    output: str | None,
+    summary: dict,
+    all_events: Sequence[Any],
+    frequent: frozenset[str],
+) -> dict:
+    return {
+        "run": record.id,
+        "task": record.task,
+        "status": record.status,
+        "created": record.created,
+        "ended": record.ended,
+        "inputs": record.inputs,
+        "output": output,
+        "error": record.error,
+        "checkpoint_uri": record.checkpoint_uri,
+        "attempts": [
+            {
+                "number": a.number,
+                "status": a.status,
+                "exit_code": a.exit_code,
+                "started": a.started,
+                "ended": a.ended,
+                "error": a.error,
+                "log_dir": a.log_dir,
+                "restarts": summary["restarts"].get(str(a.number), 0),
+                "rounds": [r for r in summary["rounds"] if r["attempt"] == a.number],
+            }
+            for a in attempts
+        ],
+        "goodput": summary["goodput"],
+        "lost": summary["lost"],
+        "events": [
+            {"time": e.time, "attempt": e.attempt, "kind": e.kind, "message": e.message}
+            for e in all_events
+            if e.kind not in frequent
+        ],
+    }
 
 
 def _resolve_run(store: RunStore | None, ref: str) -> RunRecord:
@@ -286,6 +406,11 @@ def _exit_text(code: int | None) -> str:
         except ValueError:
             return str(code)
     return str(code)
+
+
+def _fine_duration(seconds: float) -> str:
+    """Seconds a save or a restore took: milliseconds below 10 s."""
+    return f"{seconds * 1000:.1f} ms" if seconds < 10 else _duration(seconds)
 
 
 def _size(size: int) -> str:

@@ -30,6 +30,7 @@ from typing import Any
 
 from .. import config
 from ..context import ctx
+from ..runtime import events
 from . import preemption, stateful
 from .durable import DurableTier
 from .engine import FlashEngine
@@ -295,6 +296,7 @@ class FlashCheckpointer:
         ``Preempted`` (see ``save_on_preemption``)."""
         _step(step)
         self._seen_step = step
+        events.progress(step)
         if self.preempted(step):
             self._save_and_stop(step, state_dict)
         if step % self.every_n_steps or step == self.last_saved_step:
@@ -369,6 +371,7 @@ class FlashCheckpointer:
             + (", its replicas" if self.replicas else "")
             + (" and durable" if self.durable_url else "")
         )
+        events.record("preempted", step=step, seconds=round(took, 3) if at else None)
         if at:
             log.warning("flash: preempted: step %d saved to %s %.1f s after SIGTERM", step, where, took)
         else:

@@ -25,6 +25,7 @@ from collections.abc import MutableMapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from ..runtime import events
 from .capacity import check_room
 from .cluster import Cluster, Introduction
 from .copier import Copier
@@ -186,6 +187,9 @@ class FlashEngine:
             return False
         self.commit(step, staged, durable=durable, background=not blocking, upload_now=blocking)
         self.last_save_blocked = time.perf_counter() - started
+        events.record(
+            "flash_save", step=step, blocked=round(self.last_save_blocked, 6), bytes=staged.data_size
+        )
         return True
 
     def stage(
@@ -375,6 +379,13 @@ class FlashEngine:
             self.store.on_safe = self._drop_other_worlds
         self.restored_from = restored.source
         self._restored = step
+        events.record(
+            "flash_restore",
+            step=step,
+            source=restored.source,
+            seconds=round(time.perf_counter() - started, 6),
+            saved_by=restored.world,
+        )
         self._cut_timeline(step, restored.durable_steps, durable_listed=restored.durable_steps is not None)
         if restored.landing is not None:
             self._start_reseed(step)

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import TYPE_CHECKING
 
+from ..runtime import events
 from .durable import DurableTier
 from .errors import FlashError
 from .layout import CommitRecord
@@ -153,9 +155,11 @@ class DurableUploader:
 
     def _upload(self, record: CommitRecord, buffer: Buffer) -> None:
         with self._io:
+            started = time.monotonic()
             try:
                 self.durable.upload(record, buffer.view)
             except Exception as exc:
+                events.record("durable_failed", step=record.step, error=f"{type(exc).__name__}: {exc}"[:300])
                 with self._cond:
                     self._failure, self._reported = (record.step, exc), False
                 log.warning(
@@ -174,6 +178,12 @@ class DurableUploader:
                 if self._failure is not None and self._failure[0] <= record.step:
                     self._failure, self._reported = None, True  # made good by a newer copy
             log.info("flash: step %d of rank %d uploaded to %s", record.step, self.rank, self.durable.url)
+            events.record(
+                "durable_upload",
+                step=record.step,
+                bytes=record.objects[0]["size"],
+                seconds=round(time.monotonic() - started, 6),
+            )
             try:
                 self.durable.prune(self.rank, self.world_size)
             except Exception as exc:  # housekeeping: never fail a copy that committed

@@ -30,6 +30,7 @@ from typing import Any
 
 from ..elastic import Elastic
 from ..flash.preemption import Preempted
+from . import events
 from .elastic_failures import (
     WorkerFailedError,
     any_non_retryable,
@@ -99,6 +100,10 @@ def _agent_watching_reports(attempt_dir: Path) -> Iterator[_Rounds]:
                 rounds.failed += 1
                 if any_non_retryable(result.failures, attempt_dir):
                     self._remaining_restarts = 0
+                if self._remaining_restarts > 0:  # torch elastic restarts the worker group next
+                    events.record(
+                        "elastic_restart", round=rounds.failed, failed_ranks=sorted(result.failures)
+                    )
             return result
 
     launcher.LocalElasticAgent = Agent

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import json
 import logging
 import os
 import pickle
@@ -36,6 +37,7 @@ from ..errors import (
 )
 from ..flash.preemption import Preempted
 from ..retry import NonRetryableError, RetryStrategy
+from . import events
 from .outcome import Outcome, load_output, oom_kill_count, read_outcome
 from .processes import kill_tree
 from .protocol import RESULT_FILE, SPEC_FILE, STDERR_FILE, STDOUT_FILE, AttemptSpec, loads, write_atomic
@@ -376,6 +378,7 @@ class _Runner:
                 config.TASK_ENV: self.task.name,
                 config.CHECKPOINT_URI_ENV: checkpoint_uri,
                 config.CHECKPOINT_PATH_ENV: str(attempt_dir / "checkpoint"),
+                config.ATTEMPT_DIR_ENV: str(attempt_dir),
             }
         )
         if self.options.storage_options is not None:
@@ -440,6 +443,9 @@ class _Runner:
         outcome = read_outcome(attempt_dir, code, (oom_before, oom_kill_count()))
         if stopped is not None:
             outcome = _timed_out(outcome, stopped, limit)
+        self.store.add_events(
+            run_id, number, [(e.time, e.kind, _event_message(e)) for e in events.read(attempt_dir)]
+        )
         self.store.finish_attempt(run_id, number, outcome.status, code, outcome.description)
         return outcome
 
@@ -577,6 +583,11 @@ def _error_class(outcome: Outcome) -> type[RunFailedError]:
     if outcome.result is not None and outcome.result.exception is not None:
         return RuntimeUserError  # the task raised (in an elastic attempt: the worker that failed first)
     return RuntimeSystemError
+
+
+def _event_message(event: events.Event) -> str:
+    """An attempt's event as the run's records keep it: its fields, rank and restart round, as JSON."""
+    return json.dumps({"rank": event.rank, "restart": event.restart, **event.fields}, separators=(",", ":"))
 
 
 def _inputs_text(inputs: dict[str, str]) -> str:

@@ -225,6 +225,16 @@ class RunStore:
                 (run_id, attempt, time.time(), kind, message),
             )
 
+    def add_events(self, run_id: str, attempt: int | None, rows: list[tuple[float, str, str]]) -> None:
+        """Many events of an attempt at once: (time, kind, message) each."""
+        if not rows:
+            return
+        with self._connect() as db:
+            db.executemany(
+                "INSERT INTO events (run_id, attempt, time, kind, message) VALUES (?, ?, ?, ?, ?)",
+                [(run_id, attempt, at, kind, message) for at, kind, message in rows],
+            )
+
     # reads
 
     def get_run(self, run_id: str) -> RunRecord | None:

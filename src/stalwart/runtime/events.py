@@ -1,0 +1,136 @@
+"""What happened inside an attempt (flash saves, restores, uploads, preemption, elastic restarts), from
+every rank, for the run's records.
+
+The training loop only appends to a list (``record``) or sets an attribute (``progress``, the newest
+step reached): a daemon thread writes them every half second, as JSON lines, to a file of this
+process under the attempt's directory, and once more at exit. The runner adds them to the run's
+records when the attempt ends (``read``). A process killed mid-write loses at most its last half
+second and leaves at most one torn line, which ``read`` skips. Outside a task nothing is recorded.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from .. import config
+
+__all__ = ["Event", "progress", "read", "record"]
+
+FLUSH_EVERY = 0.5  # seconds
+_DIR = "events"
+
+
+class Event(tuple):
+    """(time, rank, restart round, kind, fields) of one recorded event."""
+
+    __slots__ = ()
+
+    time = property(lambda self: self[0])
+    rank = property(lambda self: self[1])
+    restart = property(lambda self: self[2])
+    kind = property(lambda self: self[3])
+    fields = property(lambda self: self[4])
+
+
+class _Recorder:
+    def __init__(self, directory: Path) -> None:
+        self.pid = os.getpid()
+        rank = os.environ.get("RANK", "0")
+        self.path = directory / _DIR / f"rank{rank}-pid{self.pid}.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.rank = int(rank) if rank.isdigit() else 0
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        self.restart = int(restart) if restart.isdigit() else 0
+        self.pending: list[tuple[float, str, dict]] = []
+        self.lock = threading.Lock()
+        self.step: int | None = None
+        self.written_step: int | None = None
+        self.wake = threading.Event()
+        threading.Thread(target=self._run, name="stalwart-events", daemon=True).start()
+        atexit.register(self.flush)
+
+    def _run(self) -> None:
+        while True:
+            self.wake.wait(FLUSH_EVERY)
+            self.wake.clear()
+            self.flush()
+
+    def flush(self) -> None:
+        with self.lock:
+            pending, self.pending = self.pending, []
+            step = self.step
+        if step is not None and step != self.written_step:
+            pending.append((time.time(), "progress", {"step": step}))
+            self.written_step = step
+        if not pending:
+            return
+        lines = "".join(
+            json.dumps([at, self.rank, self.restart, kind, fields], separators=(",", ":")) + "\n"
+            for at, kind, fields in pending
+        )
+        try:
+            with open(self.path, "a") as fh:
+                fh.write(lines)
+        except OSError:  # the attempt's directory is gone (the run was removed): nothing to keep
+            pass
+
+
+_recorder: _Recorder | None = None
+_lock = threading.Lock()
+
+
+def _get() -> _Recorder | None:
+    global _recorder
+    current = _recorder
+    if current is not None and current.pid == os.getpid():
+        return current
+    directory = os.environ.get(config.ATTEMPT_DIR_ENV)
+    if not directory:
+        return None
+    with _lock:
+        if _recorder is None or _recorder.pid != os.getpid():  # a forked child records on its own
+            try:
+                _recorder = _Recorder(Path(directory))
+            except OSError:
+                return None
+        return _recorder
+
+
+def record(kind: str, **fields: Any) -> None:
+    """Note an event of this process now (written in the background; nothing outside a task)."""
+    recorder = _get()
+    if recorder is not None:
+        entry = (time.time(), kind, fields)
+        with recorder.lock:
+            recorder.pending.append(entry)
+
+
+def progress(step: int) -> None:
+    """The newest step this rank reached: written (as a "progress" event) when it changed."""
+    recorder = _get()
+    if recorder is not None:
+        recorder.step = step
+
+
+def read(attempt_dir: str | os.PathLike) -> list[Event]:
+    """Every event the processes of an attempt wrote, oldest first (torn lines skipped)."""
+    found: list[Event] = []
+    for path in sorted(Path(attempt_dir, _DIR).glob("*.jsonl")):
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
+            continue
+        for line in text.splitlines():
+            try:
+                at, rank, restart, kind, fields = json.loads(line)
+            except (ValueError, TypeError):
+                continue  # the last line of a killed process
+            if isinstance(kind, str) and isinstance(fields, dict):
+                found.append(Event((float(at), int(rank), int(restart), kind, fields)))
+    return sorted(found, key=lambda e: e.time)

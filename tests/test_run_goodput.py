@@ -1,0 +1,71 @@
+"""What a run cost, recorded from inside its attempts: flash saves and restores and the steps each
+round reached, from every rank, shown by ``stalwart show`` (and ``--json``) as where each attempt
+resumed from and a goodput summary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import runner_tasks as tasks
+
+import stalwart as sw
+from stalwart.cli import main
+from stalwart.runtime import events
+
+
+def test_show_says_where_the_retry_resumed_and_what_the_kill_cost(
+    stalwart_home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = sw.with_runcontext(echo=False).run(tasks.trains_and_is_killed, 30, 13)
+    assert run.output == {"resumed_at": 10, "w": 30.0}
+    capsys.readouterr()
+
+    assert main(["show", run.id, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["output"] == repr(run.output)
+    first, second = data["attempts"]
+    assert first["status"] == "killed" and second["status"] == "succeeded"
+    assert first["rounds"][0]["resumed"]["step"] is None  # started fresh
+    assert first["rounds"][0]["reached"] == 13  # the step it had trained to when it was killed
+    assert (
+        second["rounds"][0]["resumed"]["step"] == 10 and second["rounds"][0]["resumed"]["source"] == "flash"
+    )
+    goodput = data["goodput"]
+    assert goodput["steps_recomputed"] == 3  # steps 11-13, trained again
+    assert goodput["saves"] == 2 + 4  # steps 5, 10 in attempt 0; 15..30 in attempt 1
+    assert goodput["saved_bytes"] >= goodput["saves"] * 4000
+    assert 0 < goodput["save_blocked_seconds"] < goodput["attempt_seconds"]
+    assert goodput["restore_seconds"] > 0
+    assert goodput["training_seconds"] <= goodput["attempt_seconds"] <= goodput["wall_seconds"]
+    assert not any(e["kind"] in ("flash_save", "progress") for e in data["events"])  # counted instead
+
+    assert main(["show", run.id]) == 0
+    text = capsys.readouterr().out
+    assert "step 10 (flash)" in text and "output" in text and repr(run.output) in text
+    assert "steps recomputed  3" in text and "after attempt 0 round 0: reached step 13" in text
+
+
+def test_events_are_written_off_the_loop_and_torn_lines_are_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STALWART_ATTEMPT_DIR", str(tmp_path))
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setattr(events, "_recorder", None)
+    events.record("flash_save", step=5, blocked=0.01)
+    events.progress(7)
+    assert events.read(tmp_path) == []  # nothing written by the caller itself
+    recorder = events._get()
+    assert recorder is not None
+    recorder.flush()
+    (tmp_path / "events" / "torn.jsonl").write_text('[1.0, 0, 0, "flash_save", {"st')
+    found = events.read(tmp_path)
+    assert [(e.rank, e.kind, e.fields) for e in found] == [
+        (3, "flash_save", {"step": 5, "blocked": 0.01}),
+        (3, "progress", {"step": 7}),
+    ]
+    monkeypatch.setattr(events, "_recorder", None)
+    monkeypatch.delenv("STALWART_ATTEMPT_DIR")
+    events.record("ignored")  # outside a task: nothing, and no error
+    assert events._get() is None
