@@ -69,3 +69,43 @@ def test_events_are_written_off_the_loop_and_torn_lines_are_skipped(
     monkeypatch.delenv("STALWART_ATTEMPT_DIR")
     events.record("ignored")  # outside a task: nothing, and no error
     assert events._get() is None
+
+
+def test_the_timeline_draws_lanes_failures_restores_and_lost_work(
+    stalwart_home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from stalwart.runtime import timeline
+    from stalwart.runtime.store import RunStore
+
+    run = sw.with_runcontext(echo=False).run(tasks.trains_and_is_killed, 30, 13)
+    records = RunStore(stalwart_home / "runs.db")
+    record = records.get_run(run.id)
+    drawn = timeline.lanes(record, records.attempts(run.id), records.events(run.id))
+    assert [lane.label for lane in drawn] == ["attempt 0 · rank 0", "attempt 1 · rank 0"]
+    first, second = drawn
+    assert [kind for _, kind in first.markers] == ["failure"] and second.markers == []
+    lost = [span for span in first.spans if span[2] == "lost"]
+    saves = [span for span in first.spans if span[2] == "save"]
+    assert len(lost) == 1 and len(saves) == 2 and lost[0][0] == saves[-1][1]  # from its last save to the kill
+    assert [span[2] for span in second.spans].count("restore") == 1 and "lost" not in {
+        s[2] for s in second.spans
+    }
+
+    fig = timeline.figure(drawn, "t")
+    axis = fig.axes[0]
+    assert [t.get_text() for t in axis.get_yticklabels()] == [lane.label for lane in drawn]
+    gids = {artist.get_gid() for artist in axis.get_children() if artist.get_gid()}
+    assert {"failure:attempt 0 · rank 0", "lost:attempt 0 · rank 0", "restore:attempt 1 · rank 0"} <= gids
+    assert "failure:attempt 1 · rank 0" not in gids
+
+    html, png, chrome = tmp_path / "run.html", tmp_path / "run.png", tmp_path / "run.json"
+    assert main(["show", run.id, "--timeline", str(html), "--trace", str(chrome)]) == 0
+    assert main(["show", run.id, "--timeline", str(png)]) == 0
+    page = html.read_text()
+    assert page.startswith("<!doctype html>") and "<svg" in page and "attempt 1 · rank 0" in page
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    events = json.loads(chrome.read_text())["traceEvents"]
+    names = {(e["pid"], e["name"]) for e in events if e["ph"] in ("X", "i")}
+    assert {(0, "attempt"), (0, "save"), (0, "lost"), (0, "failure"), (1, "restore")} <= names
+    assert main(["show", run.id, "--timeline", str(tmp_path / "run.gif")]) == 2
+    assert "written as .png, .svg or .html" in capsys.readouterr().err

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ..runtime import events
 from .store import CHUNK, DurableStore
 
 __all__ = ["Checkpoint", "CheckpointInfo", "CorruptCheckpointError"]
@@ -166,13 +167,9 @@ class Checkpoint:
         )
         marker = {"format": FORMAT, "info": asdict(info), "host": socket.gethostname(), "pid": os.getpid()}
         self.store.commit(f"{version}/{COMMIT}", json.dumps(marker, indent=1).encode())
-        log.info(
-            "saved checkpoint %s/%s (%d bytes in %.2f s)",
-            self.uri,
-            version,
-            info.size,
-            time.monotonic() - started,
-        )
+        took = time.monotonic() - started
+        log.info("saved checkpoint %s/%s (%d bytes in %.2f s)", self.uri, version, info.size, took)
+        events.record("checkpoint_save", version=version, bytes=info.size, seconds=round(took, 6))
         self._prune(info)
         return info
 
@@ -230,6 +227,7 @@ class Checkpoint:
             return self._restored[1]
         from .archive import UnsafeArchiveError
 
+        started = time.monotonic()
         infos, unreadable = self._scan()
         candidates = [info for info in infos if info.attempt < self.attempt]
         skipped = [(v, why) for v, why in unreadable if int(v[1:6]) < self.attempt]
@@ -247,6 +245,8 @@ class Checkpoint:
                 cause = exc
             else:
                 self._restored = (info, restored)
+                took = round(time.monotonic() - started, 6)
+                events.record("checkpoint_restore", version=info.name, bytes=info.size, seconds=took)
                 return restored
         if skipped:
             listing = "; ".join(f"{version}: {why}" for version, why in sorted(skipped, reverse=True))

@@ -108,6 +108,14 @@ def _build_parser() -> argparse.ArgumentParser:
         "--logs", action="store_true", help=f"print the last {LOG_TAIL_LINES} lines of each attempt's logs"
     )
     show.add_argument("--json", action="store_true", help="print the same as one JSON object")
+    show.add_argument(
+        "--timeline",
+        metavar="FILE",
+        help="draw the run as a timeline into FILE (.png, .svg or .html; needs stalwart[timeline])",
+    )
+    show.add_argument(
+        "--trace", metavar="FILE", help="write the run as a Chrome/Perfetto trace (JSON) into FILE"
+    )
     show.set_defaults(handler=cmd_show)
 
     add_k8s_parser(commands)

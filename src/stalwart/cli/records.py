@@ -79,6 +79,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     all_events = store.events(record.id)
     summary = summarize(record, attempts, all_events)
     output = _output_text(record, attempts)
+    if getattr(args, "timeline", None) or getattr(args, "trace", None):
+        _export(args, record, attempts, all_events)
     if getattr(args, "json", False):
         print(json.dumps(_as_data(record, attempts, output, summary, all_events, FREQUENT), indent=2))
         return 0
@@ -144,6 +146,28 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(
+    args: argparse.Namespace, record: RunRecord, attempts: Sequence[Any], all_events: Sequence[Any]
+) -> None:
+    """``--timeline FILE`` and ``--trace FILE``: the run drawn, and as a Chrome/Perfetto trace."""
+    from ..runtime import timeline
+
+    drawn = timeline.lanes(record, attempts, all_events)
+    title = f"run {record.id} ({record.task}, {record.status})"
+    if args.timeline:
+        try:
+            fig = timeline.figure(drawn, title)
+            path = timeline.write(fig, args.timeline)
+        except (ImportError, ValueError) as exc:
+            raise CliError(str(exc), 2) from None
+        print(f"timeline of run {record.id} written to {path}", file=sys.stderr)
+    if args.trace:
+        Path(args.trace).write_text(json.dumps(timeline.trace(drawn, title)))
+        print(
+            f"trace of run {record.id} written to {args.trace} (open it in ui.perfetto.dev)", file=sys.stderr
+        )
+
+
 def _output_text(record: RunRecord, attempts: Sequence[Any]) -> str | None:
     """The output of a succeeded run as text (cut at 500 characters), or None."""
     if record.status != "succeeded":
@@ -184,7 +208,7 @@ def _print_goodput(summary: dict) -> None:
         ("training", _duration(goodput["training_seconds"])),
         (
             "blocked in saves",
-            f"{_fine_duration(goodput['save_blocked_seconds'])} over {goodput['saves']} flash saves "
+            f"{_fine_duration(goodput['save_blocked_seconds'])} over {goodput['saves']} saves "
             f"({_size(goodput['saved_bytes'])})",
         ),
         ("restoring", _fine_duration(goodput["restore_seconds"])),

@@ -2,10 +2,11 @@
 every rank, for the run's records.
 
 The training loop only appends to a list (``record``) or sets an attribute (``progress``, the newest
-step reached): a daemon thread writes them every half second, as JSON lines, to a file of this
-process under the attempt's directory, and once more at exit. The runner adds them to the run's
-records when the attempt ends (``read``). A process killed mid-write loses at most its last half
-second and leaves at most one torn line, which ``read`` skips. Outside a task nothing is recorded.
+step reached): a daemon thread writes them as JSON lines to a file of this process under the
+attempt's directory, at once after each event, the step reached every half second, and once more at
+exit. The runner adds them to the run's records when the attempt ends (``read``). A process killed
+mid-write loses what the thread had not written yet and leaves at most one torn line, which ``read``
+skips. Outside a task nothing is recorded.
 """
 
 from __future__ import annotations
@@ -109,6 +110,7 @@ def record(kind: str, **fields: Any) -> None:
         entry = (time.time(), kind, fields)
         with recorder.lock:
             recorder.pending.append(entry)
+        recorder.wake.set()  # written within moments, by the thread: a kill right after loses little
 
 
 def progress(step: int) -> None:

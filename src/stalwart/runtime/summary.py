@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 __all__ = ["FREQUENT", "summarize"]
 
-FREQUENT = frozenset({"flash_save", "progress", "durable_upload"})  # counted, not listed one by one
+FREQUENT = frozenset({"flash_save", "progress", "durable_upload", "checkpoint_save"})  # counted, not listed
 
 
 def _fields(event: EventRecord) -> dict[str, Any] | None:
@@ -66,6 +66,12 @@ def summarize(record: RunRecord, attempts: Sequence[AttemptRecord], events: Sequ
                 saved_bytes += int(fields.get("bytes") or 0)
         elif event.kind == "durable_upload":
             uploads += 1
+        elif event.kind == "checkpoint_save":  # the task checkpoint: the loop waits for all of it
+            saves += 1
+            blocked += float(fields.get("seconds") or 0.0)
+            saved_bytes += int(fields.get("bytes") or 0)
+        elif event.kind == "checkpoint_restore":
+            restoring += float(fields.get("seconds") or 0.0)
     ordered = [rounds[key] for key in sorted(rounds)]
     lost = []
     for before, after in itertools.pairwise(ordered):
