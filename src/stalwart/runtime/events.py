@@ -63,12 +63,12 @@ class _Recorder:
             self.flush()
 
     def flush(self) -> None:
-        with self.lock:
+        with self.lock:  # the background thread and the exit hook may both flush: each line once
             pending, self.pending = self.pending, []
             step = self.step
-        if step is not None and step != self.written_step:
-            pending.append((time.time(), "progress", {"step": step}))
-            self.written_step = step
+            if step is not None and step != self.written_step:
+                pending.append((time.time(), "progress", {"step": step}))
+                self.written_step = step
         if not pending:
             return
         lines = "".join(
