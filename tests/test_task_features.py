@@ -111,7 +111,7 @@ def test_ctx_of_an_elastic_worker(stalwart_home: Path) -> None:
 def test_timeouts_and_backoffs_take_timedelta_and_bad_values_say_what_is_accepted() -> None:
     assert sw.Backoff(base=timedelta(seconds=2), cap=timedelta(minutes=1)).delay(1) == 2.0
     assert tasks.add.override(timeout=5).timeout == sw.Timeout(max_runtime=5)
-    assert tasks.add.timeout is None and tasks.slow_first_attempt.timeout.runtime_seconds == 2.0
+    assert tasks.add.timeout is None and tasks.slow_first_attempt.timeout.runtime_seconds == 6.0
     assert sw.Timeout(max_runtime=0).runtime_seconds is None  # 0 is no bound, as in the Flyte SDK
     sw.Timeout(max_queued_time=timedelta(minutes=5))  # accepted: a local run never queues
     with pytest.raises(ValueError, match=r"Timeout.max_runtime=-1 is not accepted; use seconds"):
