@@ -17,7 +17,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .. import config
 
@@ -27,16 +27,14 @@ FLUSH_EVERY = 0.5  # seconds
 _DIR = "events"
 
 
-class Event(tuple):
-    """(time, rank, restart round, kind, fields) of one recorded event."""
+class Event(NamedTuple):
+    """One recorded event of an attempt."""
 
-    __slots__ = ()
-
-    time = property(lambda self: self[0])
-    rank = property(lambda self: self[1])
-    restart = property(lambda self: self[2])
-    kind = property(lambda self: self[3])
-    fields = property(lambda self: self[4])
+    time: float
+    rank: int
+    restart: int  # torch elastic's restart round
+    kind: str
+    fields: dict
 
 
 class _Recorder:
@@ -134,5 +132,5 @@ def read(attempt_dir: str | os.PathLike) -> list[Event]:
             except (ValueError, TypeError):
                 continue  # the last line of a killed process
             if isinstance(kind, str) and isinstance(fields, dict):
-                found.append(Event((float(at), int(rank), int(restart), kind, fields)))
+                found.append(Event(float(at), int(rank), int(restart), kind, fields))
     return sorted(found, key=lambda e: e.time)

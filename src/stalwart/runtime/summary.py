@@ -16,17 +16,18 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .store import AttemptRecord, EventRecord, RunRecord
 
-__all__ = ["FREQUENT", "summarize"]
+__all__ = ["FREQUENT", "event_fields", "summarize"]
 
 FREQUENT = frozenset({"flash_save", "progress", "durable_upload", "checkpoint_save"})  # counted, not listed
 
 
-def _fields(event: EventRecord) -> dict[str, Any] | None:
+def event_fields(event: EventRecord) -> dict[str, Any]:
+    """The fields an attempt recorded with ``event`` (``runtime.events``); {} for the runner's own."""
     try:
         fields = json.loads(event.message or "")
     except ValueError:
-        return None
-    return fields if isinstance(fields, dict) else None
+        return {}
+    return fields if isinstance(fields, dict) else {}
 
 
 def summarize(record: RunRecord, attempts: Sequence[AttemptRecord], events: Sequence[EventRecord]) -> dict:
@@ -42,8 +43,8 @@ def summarize(record: RunRecord, attempts: Sequence[AttemptRecord], events: Sequ
         if event.kind == "elastic_restart":
             restarts[event.attempt] = restarts.get(event.attempt, 0) + 1
             continue
-        fields = _fields(event)
-        if fields is None or fields.get("rank") != 0:
+        fields = event_fields(event)
+        if fields.get("rank") != 0:
             continue
         key = (event.attempt, int(fields.get("restart") or 0))
         current = rounds.setdefault(

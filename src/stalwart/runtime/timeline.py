@@ -13,12 +13,13 @@ spans as Chrome trace events, which Perfetto and ``chrome://tracing`` open.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from .summary import event_fields
 
 if TYPE_CHECKING:
     from .store import AttemptRecord, EventRecord, RunRecord
@@ -49,14 +50,6 @@ class Lane:
         return f"attempt {self.attempt} · rank {self.rank}"
 
 
-def _fields(event: EventRecord) -> dict[str, Any]:
-    try:
-        fields = json.loads(event.message or "")
-    except ValueError:
-        return {}
-    return fields if isinstance(fields, dict) else {}
-
-
 def lanes(record: RunRecord, attempts: Sequence[AttemptRecord], events: Sequence[EventRecord]) -> list[Lane]:
     """The run's lanes, one per (attempt, rank) that left a trace (rank 0 of every attempt at least)."""
     zero = record.created
@@ -69,7 +62,7 @@ def lanes(record: RunRecord, attempts: Sequence[AttemptRecord], events: Sequence
     for event in events:
         if event.attempt is None or event.attempt not in ends:
             continue
-        fields = _fields(event)
+        fields = event_fields(event)
         at = event.time - zero
         if event.kind == "elastic_restart":
             round_ends[(event.attempt, int(fields.get("round") or 1) - 1)] = at
