@@ -52,7 +52,9 @@ class Crash(TrainerCallback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def make_trainer(output_dir: Path, max_steps: int, callbacks: list, save: bool = True) -> Trainer:
+def make_trainer(
+    output_dir: Path, max_steps: int, callbacks: list, save: bool = True, logging_steps: int = 0
+) -> Trainer:
     torch.manual_seed(0)
     config = GPT2Config(
         n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0
@@ -64,7 +66,8 @@ def make_trainer(output_dir: Path, max_steps: int, callbacks: list, save: bool =
         learning_rate=1e-3,
         save_strategy="steps" if save else "no",
         save_steps=10,
-        logging_strategy="no",
+        logging_strategy="steps" if logging_steps else "no",
+        logging_steps=logging_steps or 500,
         report_to="none",
         use_cpu=True,
         seed=0,
@@ -182,3 +185,36 @@ def ddp_train_preempted(max_steps: int = 30, term_at: int = 13) -> dict:
     }
     torch.save(result, home / f"hf-ddp-{context.run_id}-rank-{context.rank}.pt")
     return result
+
+
+class CrashAfter(TrainerCallback):
+    """SIGKILL at the end of step ``at`` (not a saved step), once its progress is on disk."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_step_end(self, args: TrainingArguments, state: object, control: object, **kwargs: object) -> None:
+        if state.global_step == self.at:  # type: ignore[attr-defined]
+            from stalwart.runtime import events
+
+            recorder = events._get()
+            assert recorder is not None
+            recorder.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+@env.task(retries=1)
+def train_logged(max_steps: int = 40, crash_at: int = 24) -> list:
+    """Saves every 10 steps to flash, logs every 5; attempt 0 dies at ``crash_at``. Returns the last
+    attempt's ``log_history``."""
+    torch.set_num_threads(1)
+    context = sw.ctx()
+    flash = sw.FlashCheckpointer(every_n_steps=10)
+    output_dir = Path(os.environ["STALWART_HOME"]) / "hf-out" / str(context.run_id)
+    callbacks: list = [CheckpointMirrorCallback(checkpoint=False, flash=flash)]
+    if context.attempt == 0:
+        callbacks.append(CrashAfter(crash_at))
+    trainer = make_trainer(output_dir, max_steps, callbacks, logging_steps=5)
+    trainer.train(resume_from_checkpoint=resume_checkpoint(output_dir, flash=flash, checkpoint=False))
+    flash.close()
+    return trainer.state.log_history

@@ -88,10 +88,9 @@ def make_trainer(max_steps: int, callbacks: list, **kwargs: object) -> pl.Traine
         max_steps=max_steps,
         enable_progress_bar=False,
         enable_model_summary=False,
-        logger=False,
         deterministic=True,
         callbacks=callbacks,
-        **kwargs,
+        **{"logger": False, **kwargs},
     )
 
 
@@ -177,3 +176,42 @@ def fit_preempted(max_steps: int = 30, term_at: int = 12) -> dict:
         "resumed": [ckpt.source, ckpt.step] if ckpt else None,
         "weights": [p.detach().clone() for p in model.parameters()],
     }
+
+
+class CrashAfter(pl.Callback):
+    """SIGKILL after global step ``at`` (not a saved step), once its progress is on disk: the steps
+    since the newest save are the work the failure throws away."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
+        if trainer.global_step == self.at:
+            from stalwart.runtime import events
+
+            recorder = events._get()
+            assert recorder is not None
+            recorder.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+@env.task(retries=1)
+def fit_logged(max_steps: int = 30, crash_at: int = 23) -> str:
+    """Flash every 5 steps, figures to a CSVLogger; attempt 0 dies at ``crash_at``. Returns the
+    directory of the last attempt's metrics.csv."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    torch.set_num_threads(1)
+    context = sw.ctx()
+    flash = sw.FlashCheckpointer(every_n_steps=5)
+    torch.manual_seed(0)
+    model = Regressor()
+    callbacks: list = [FlashCheckpointCallback(flash)]
+    if context.attempt == 0:
+        callbacks.append(CrashAfter(crash_at))
+    logs = Path(os.environ["STALWART_HOME"]) / "lightning-logs" / str(context.run_id)
+    logger = CSVLogger(logs, name="run", version=context.attempt)
+    trainer = make_trainer(max_steps, callbacks, enable_checkpointing=False, logger=logger)
+    trainer.fit(model, ckpt_path=resume_checkpoint(trainer))
+    flash.close()
+    return logger.log_dir

@@ -160,3 +160,33 @@ def test_sigterm_saves_that_step_through_the_callback_and_the_retry_resumes_bit_
     assert "step 13 saved to flash" in (run.attempts[0].error or "")
     assert run.output["resumed"] == ["flash", 13]
     assert _equal(run.output["weights"], twin)
+
+
+def test_figures_reach_the_lightning_logger_after_a_crash(stalwart_home: Path, lt: ModuleType) -> None:
+    """Saves, the restore (tier, step, time) and the steps the crash threw away land in the CSV log."""
+    import csv
+
+    run = sw.run(lt.fit_logged, max_steps=30, crash_at=23)
+    assert [a.status for a in run.attempts] == ["killed", "succeeded"]
+    rows = list(csv.DictReader((Path(run.output) / "metrics.csv").read_text().splitlines()))
+    restore = [r for r in rows if r.get("stalwart/restore_step")]
+    assert len(restore) == 1, restore
+    assert float(restore[0]["stalwart/restore_step"]) == 20  # the newest flash step before step 23
+    assert float(restore[0]["stalwart/restore_source"]) == 0  # flash: this machine's tmpfs
+    assert float(restore[0]["stalwart/steps_lost"]) == 3  # steps 21, 22 and 23, trained again
+    assert float(restore[0]["stalwart/restore_ms"]) > 0
+    saves = {int(r["step"]): r for r in rows if r.get("stalwart/save_blocked_ms")}
+    assert sorted(saves) == [25, 30]  # this attempt's saves, each logged at its step
+    assert all(
+        float(r["stalwart/save_blocked_ms"]) > 0 and float(r["stalwart/save_mb"]) > 0 for r in saves.values()
+    )
+
+
+def test_log_metrics_false_logs_nothing_and_bad_values_are_refused(tmp_path: Path, lt: ModuleType) -> None:
+    from stalwart.integrations.lightning import FlashCheckpointCallback
+
+    flash = sw.FlashCheckpointer("log-off", root=tmp_path)
+    assert FlashCheckpointCallback(flash, log_metrics=False).figures is None
+    with pytest.raises(ValueError, match="log_metrics='yes' is not accepted; use True or False"):
+        FlashCheckpointCallback(flash, log_metrics="yes")  # type: ignore[arg-type]
+    flash.close()

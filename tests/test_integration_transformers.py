@@ -112,3 +112,23 @@ def test_sigterm_saves_that_step_through_the_mirror_and_the_retry_resumes_bit_ex
     assert run.output["resumed"] == ["flash", 14]
     assert run.output["global_step"] == 30
     assert _equal(run.output["weights"], twin)
+
+
+def test_figures_join_the_trainer_log_after_a_crash(stalwart_home: Path, ht: ModuleType) -> None:
+    """The restore (tier, step, time), the steps the crash threw away and each save's blocked time reach
+    the Trainer's log_history."""
+    run = sw.run(ht.train_logged, max_steps=40, crash_at=24)
+    assert [a.status for a in run.attempts] == ["killed", "succeeded"]
+    history = run.output
+    restores = [entry for entry in history if "stalwart/restore_step" in entry]
+    assert len(restores) == 1, history
+    first = restores[0]
+    assert first["step"] == 25  # the first log after resuming from step 20
+    assert first["stalwart/restore_step"] == 20
+    assert first["stalwart/restore_source"] == 0  # flash
+    assert first["stalwart/steps_lost"] == 4  # steps 21..24, trained again
+    assert first["loss"] > 0  # the figures joined the Trainer's own entry
+    saves = [entry["step"] for entry in history if "stalwart/save_blocked_ms" in entry]
+    # Each save joins the next log (the Trainer logs, then saves): step 10's at 15 (attempt 0's, which
+    # the checkpoint of step 20 carried over), 30's at 35, and 40's in the closing entry.
+    assert saves == [15, 35, 40], history

@@ -26,6 +26,10 @@ CHECKPOINT_URI_ENV = "STALWART_CHECKPOINT_URI"
 CHECKPOINT_PATH_ENV = "STALWART_CHECKPOINT_PATH"
 ATTEMPT_DIR_ENV = "STALWART_ATTEMPT_DIR"  # where an attempt's processes write their events
 
+# Set by the user: serve checkpoint figures to Prometheus from every FlashCheckpointer's process.
+PROMETHEUS_PORT_ENV = "STALWART_PROMETHEUS_PORT"  # plus LOCAL_RANK; 0 picks free ports
+PROMETHEUS_ADDR_ENV = "STALWART_PROMETHEUS_ADDR"  # default 127.0.0.1
+
 
 def home() -> Path:
     """The home directory: run records, attempt logs and (by default) the checkpoint store."""

@@ -28,7 +28,7 @@ from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
-from .. import config
+from .. import config, metrics
 from ..context import ctx
 from ..runtime import events
 from . import preemption, stateful
@@ -152,6 +152,7 @@ class FlashCheckpointer:
         self._stop = preemption.StopStep(f"stalwart/flash/{self.job_id}/preempted")
         self._grace_checked = False
         self.save_on_preemption = save_on_preemption and preemption.watch(self)
+        metrics.serve_from_env()  # STALWART_PROMETHEUS_PORT: figures for a scraper, no code needed
 
     @property
     def job_dir(self) -> Path:

@@ -379,12 +379,15 @@ class FlashEngine:
             self.store.on_safe = self._drop_other_worlds
         self.restored_from = restored.source
         self._restored = step
+        took = time.perf_counter() - started
+        reached = events.reached_before() if self.rank == 0 else None  # rank 0 speaks for the run
         events.record(
             "flash_restore",
             step=step,
             source=restored.source,
-            seconds=round(time.perf_counter() - started, 6),
+            seconds=round(took, 6),
             saved_by=restored.world,
+            lost=max(0, reached - step) if reached is not None else None,
         )
         self._cut_timeline(step, restored.durable_steps, durable_listed=restored.durable_steps is not None)
         if restored.landing is not None:

@@ -39,6 +39,8 @@ from ..checkpoint.task import Checkpoint
 from ..context import ctx
 from ..flash.checkpointer import FlashCheckpointer
 from ..flash.preemption import Preempted
+from ..metrics import Figures
+from ..runtime import events
 from . import SOURCES, ResumePoint, from_rank_zero, newest_flash_step
 
 __all__ = ["CheckpointMirrorCallback", "pack_directory", "resume_checkpoint", "unpack_directory"]
@@ -93,17 +95,47 @@ class CheckpointMirrorCallback(TrainerCallback):
     ``checkpoint``: a Checkpoint, or True for ``ctx().checkpoint`` inside a task (nothing outside one), or
     False. ``flash``: a FlashCheckpointer, or None; it takes the saves whose step is a multiple of its
     ``every_n_steps``. Only the main process copies, as only it writes the directory.
+
+    With ``log_metrics`` (the default), what checkpointing cost joins the Trainer's next log entry
+    (``stalwart/save_blocked_ms``, ``restore_ms``, ``restore_source`` (0 flash, 1 peer, 2 durable),
+    ``steps_lost``, ...; see ``stalwart.metrics``): ``state.log_history``, the console, and the
+    ``report_to`` integrations that come after this callback in the Trainer's list.
     """
 
-    def __init__(self, checkpoint: Checkpoint | bool = True, flash: FlashCheckpointer | None = None) -> None:
+    def __init__(
+        self,
+        checkpoint: Checkpoint | bool = True,
+        flash: FlashCheckpointer | None = None,
+        log_metrics: bool = True,
+    ) -> None:
+        if not isinstance(log_metrics, bool):
+            raise ValueError(f"log_metrics={log_metrics!r} is not accepted; use True or False")
         self.checkpoint = checkpoint
         self.flash = flash.as_one_rank() if flash is not None else None
+        self.figures = Figures() if log_metrics else None
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Add the figures of checkpoint events since the last log to this one (on the main process,
+        which the Trainer logs from)."""
+        figures = self.figures.new() if self.figures is not None and state.is_world_process_zero else None
+        if figures and logs is not None:
+            logs.update(figures)
+            if state.log_history:  # the Trainer appended its copy of ``logs`` before calling us
+                state.log_history[-1].update(figures)
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         """After a preemption notice (SIGTERM to any rank), every rank saves this step: the Trainer
         writes ``checkpoint-N`` and ``on_save`` stops the process with it in the flash tier."""
+        events.progress(state.global_step)  # how far training got (stalwart show, steps lost)
         if self.flash is not None and self.flash.preempted(state.global_step, world_size=args.world_size):
             control.should_save = True
 

@@ -6,7 +6,8 @@ step reached): a daemon thread writes them as JSON lines to a file of this proce
 attempt's directory, at once after each event, the step reached every half second, and once more at
 exit. The runner adds them to the run's records when the attempt ends (``read``). A process killed
 mid-write loses what the thread had not written yet and leaves at most one torn line, which ``read``
-skips. Outside a task nothing is recorded.
+skips. Outside a task nothing is written; every event is tallied in memory either way
+(``stalwart.metrics``), for the trainer's log and Prometheus.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from .. import config
+from ..metrics import tally
 
-__all__ = ["Event", "progress", "read", "record"]
+__all__ = ["Event", "progress", "reached_before", "read", "record"]
 
 FLUSH_EVERY = 0.5  # seconds
 _DIR = "events"
@@ -103,6 +105,7 @@ def _get() -> _Recorder | None:
 
 def record(kind: str, **fields: Any) -> None:
     """Note an event of this process now (written in the background; nothing outside a task)."""
+    tally.add(kind, fields)
     recorder = _get()
     if recorder is not None:
         entry = (time.time(), kind, fields)
@@ -113,6 +116,7 @@ def record(kind: str, **fields: Any) -> None:
 
 def progress(step: int) -> None:
     """The newest step this rank reached: written (as a "progress" event) when it changed."""
+    tally.reached(step)
     recorder = _get()
     if recorder is not None:
         recorder.step = step
@@ -134,3 +138,33 @@ def read(attempt_dir: str | os.PathLike) -> list[Event]:
             if isinstance(kind, str) and isinstance(fields, dict):
                 found.append(Event(float(at), int(rank), int(restart), kind, fields))
     return sorted(found, key=lambda e: e.time)
+
+
+_REACHING = frozenset({"progress", "flash_save", "preempted"})  # events that say a step was reached
+
+
+def reached_before() -> int | None:
+    """The newest step rank 0 reached in the earlier rounds of this task's run (earlier attempts, and
+    the worker groups torch elastic restarted in this one), from their event files: a restore of an
+    older step recomputes the difference. None outside a task or before any step."""
+    directory = os.environ.get(config.ATTEMPT_DIR_ENV)
+    if not directory:
+        return None
+    own = f"-pid{os.getpid()}.jsonl"
+    newest: int | None = None
+    for path in Path(directory).parent.glob(f"attempt-*/{_DIR}/rank0-pid*.jsonl"):
+        if path.name.endswith(own) and path.parent.parent == Path(directory):
+            continue
+        try:
+            lines = path.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            try:
+                _at, _rank, _restart, kind, fields = json.loads(line)
+                step = fields.get("step") if kind in _REACHING else None
+            except (ValueError, TypeError, AttributeError):
+                continue
+            if isinstance(step, int) and (newest is None or step > newest):
+                newest = step
+    return newest
