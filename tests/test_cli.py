@@ -15,6 +15,7 @@ import pytest
 
 import stalwart
 from stalwart.cli import main, parse_task_inputs
+from stalwart.cli.errors import CliError
 from stalwart.runtime.store import RunStore
 
 TASKS = '''
@@ -249,13 +250,14 @@ def test_bad_input_value_exits_2_naming_the_input_and_type(
     args = ["--lr", "0.1", "--shuffle", "--name", "x", "--layers", "1"]
     assert main(["run", str(tasks_file), "train", "--num-epochs", "three", *args]) == 2
     err = capsys.readouterr().err
-    assert "--num-epochs" in err and "expected int, got 'three'" in err
+    assert 'Invalid value for --num-epochs: "three" is not an int' in err
+    assert "train_tasks.py train --help" in err  # where to look
 
     assert main(["run", str(tasks_file), "train", "--num-epochs", "3", *args[:-1], "1,x"]) == 2
-    assert "argument --layers: expected list[int], got '1,x'" in capsys.readouterr().err
+    assert "Invalid value for --layers: item 1 is 'x', not int" in capsys.readouterr().err
 
     assert main(["run", str(tasks_file), "train", "--num-epochs", "3", *args[2:], "--lr", "fast"]) == 2
-    assert "argument --lr: expected float, got 'fast'" in capsys.readouterr().err
+    assert 'Invalid value for --lr: unable to convert "fast" into float' in capsys.readouterr().err
 
 
 def test_missing_required_input_exits_2(tasks_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -266,7 +268,7 @@ def test_missing_required_input_exits_2(tasks_file: Path, capsys: pytest.Capture
 
 def test_unknown_option_exits_2(tasks_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", str(tasks_file), "explode", "--message", "m", "--mesage", "x"]) == 2
-    assert "unrecognized arguments: --mesage x" in capsys.readouterr().err
+    assert "Unknown option: --mesage. Did you mean --message?" in capsys.readouterr().err
 
 
 def test_task_help_lists_inputs_with_types_and_defaults(
@@ -275,9 +277,10 @@ def test_task_help_lists_inputs_with_types_and_defaults(
     assert main(["run", str(tasks_file), "train", "--help"]) == 0
     out = capsys.readouterr().out
     assert "Train nothing, return what arrived." in out
-    assert "--num-epochs INT" in out and "int; required" in out
+    assert "Inputs of task train" in out and "--num-epochs --num_epochs" in out and "int [required]" in out
+    assert "--layers A,B,...           list[int] [required]" in out
     assert "bool; default: False" in out and "Path | None; default: None" in out
-    assert "--run-id ID" in out and "--quiet" in out
+    assert "--run-id ID" in out and "--quiet" in out and "Lists take 1,2,3" in out
 
 
 def test_missing_file_and_broken_file_exit_2_without_a_cli_traceback(
@@ -397,21 +400,19 @@ def test_only_given_inputs_are_passed_so_defaults_stay_the_functions() -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--a", "2.5"], "argument --a: expected int, got '2.5'"),
-        (["--a", "1", "--flag", "maybe"], "expected bool, got 'maybe' (use true/false, 1/0 or yes/no)"),
-        (["--a", "1", "--pair", "1,2,3"], "expected tuple[int, str], got '1,2,3' (needs 2 items, got 3)"),
-        (["--a", "1", "--scores", "[1]"], "expected dict[str, float] | None, got '[1]'"),
-        (["--a", "1", "--mode", "medium"], "argument --mode: expected one of 'fast', 'slow'"),
-        (["--a", "1", "--color", "green"], "argument --color: expected Color, got 'green'"),
+        (["--a", "2.5"], 'Invalid value for --a: "2.5" is not a whole number'),
+        (["--a", "1", "--flag", "maybe"], 'Invalid value for --flag: unable to convert "maybe" into bool'),
+        (["--a", "1", "--pair", "1,2,3"], "Invalid value for --pair: tuple[int, str] needs 2 items, got 3"),
+        (["--a", "1", "--scores", "[1]"], 'Invalid value for --scores: unable to convert "[1]" into dict'),
+        (["--a", "1", "--mode", "medium"], 'Invalid value "medium" for --mode. Choose from: "fast", "slow"'),
+        (["--a", "1", "--color", "green"], 'Invalid value "green" for --color. Choose from: "red", "blue"'),
     ],
 )
-def test_bad_values_name_the_input_and_type(
-    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    with pytest.raises(SystemExit) as info:
+def test_bad_values_name_the_input_and_type(argv: list[str], message: str) -> None:
+    with pytest.raises(CliError) as info:
         parse(*argv)
     assert info.value.code == 2
-    assert message in capsys.readouterr().err
+    assert message in str(info.value) and "See `stalwart run FILE.py typed --help`." in str(info.value)
 
 
 # --- stalwart runs / show, from records made directly ---------------------------------------------
@@ -491,3 +492,53 @@ def test_running_a_succeeded_run_id_again_shows_its_output_and_rerun_forces_an_a
     assert [a.number for a in store(stalwart_home).attempts("once-1")] == [0, 1, 2]
     assert main(args) == 2  # another task's run id: refused, as before
     assert "belongs to task 'survive'" in capsys.readouterr().err
+
+
+# --- the command line's library: completion, JSON listings ---------------------------------------
+
+
+def test_bash_completion_completes_commands_and_subcommands(tmp_path: Path) -> None:
+    """``--install-completion`` writes a bash script that completes the command tree."""
+    script = tmp_path / "stalwart.bash"
+    assert main(["--install-completion", "--shell", "bash", "--output", str(script)]) == 0
+    assert script.is_file()
+
+    def complete(*words: str) -> set[str]:
+        line = " ".join(f'"{word}"' for word in words)
+        code = f"source {script}; COMP_WORDS=({line}); COMP_CWORD={len(words) - 1}; _stalwart; "
+        code += 'echo "${COMPREPLY[@]}"'
+        proc = subprocess.run(["bash", "-c", code], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        return set(proc.stdout.split())
+
+    assert complete("stalwart", "ru") == {"run", "runs"}
+    assert complete("stalwart", "k8s", "") >= {"render", "submit"}
+    assert "--timeline" in complete("stalwart", "show", "r1", "--t")
+
+
+def test_runs_json_lists_the_same_runs_as_data(
+    stalwart_home: Path, tasks_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    assert main(["runs", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []  # nothing ran: an empty list, still JSON
+    assert main(["run", str(tasks_file), "explode", "--message", "x", "--run-id", "json-1", "-q"]) == 1
+    assert main(["run", str(tasks_file), "survive", "--run-id", "json-2", "-q"]) == 0
+    capsys.readouterr()
+    assert main(["runs", "--json", "--limit", "1"]) == 0
+    (newest,) = json.loads(capsys.readouterr().out)
+    assert (newest["id"], newest["task"], newest["status"], newest["attempts"]) == (
+        "json-2",
+        "survive",
+        "succeeded",
+        2,
+    )
+    assert main(["runs", "--limit", "0"]) == 2
+    assert "--limit 0 is not accepted; use an int >= 1" in capsys.readouterr().err
+
+
+def test_bare_group_prints_its_help_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["k8s"]) == 2
+    err = capsys.readouterr().err
+    assert "render" in err and "submit" in err

@@ -115,7 +115,7 @@ def test_render_kinds_options_and_warnings(script: str, capsys: pytest.CaptureFi
             "(--image on the command line)",
         ),
         (["ddp"], "missing required input: --steps (int)"),
-        (["ddp", "--steps", "x"], "argument --steps: expected int, got 'x'"),
+        (["ddp", "--steps", "x"], 'Invalid value for --steps: "x" is not an int'),
         (["ddp", "--steps", "1", "--kind", "pod"], "a Pod is one node, but task 'ddp' asks for nnodes='2:4'"),
         (["ddp", "--steps", "1", "--run-id", "Bad"], "run_id='Bad' is not accepted"),
         (["nope"], "no task 'nope' in train.py"),

@@ -1,72 +1,66 @@
-"""A task's signature as a command line: ``--name value`` options parsed into typed inputs.
+"""A task's signature as a command line, parsed by cyclopts: ``--name value`` options into typed inputs.
 
-``parse_task_inputs`` builds an argparse parser from the task's parameters and type hints, so
-``--help`` and usage errors read like any CLI's, and converts each string to the annotated type
-(ints, floats, bools, paths, enums, literals, unions, lists, tuples, dicts, dataclasses). The run
-options of ``stalwart run`` (``--run-id`` and friends) may be given among the inputs, so they live here.
+``parse_task_inputs`` gives cyclopts a keyword-only copy of the task's signature, its resolved type
+hints, and the command's own options (``--run-id`` and friends) in a group of their own; cyclopts
+converts each value (ints, floats, bools, paths, enums, literals, unions, lists, dicts, dataclasses)
+and renders ``--help`` from the task's docstring. Three converters keep the spellings ``stalwart run``
+always took and Kubernetes manifests write: lists and tuples as ``1,2,3`` or JSON ``[1, 2, 3]``, ints as
+``1e5``, and unannotated inputs as JSON literals; ``--flag false`` works as ``--flag=false`` does.
 """
 
 from __future__ import annotations
 
-import argparse
 import collections.abc
-import contextlib
 import dataclasses
 import enum
+import functools
 import inspect
 import json
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import PurePath
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from .errors import CliError
 
 if TYPE_CHECKING:
     from ..environment import Task
 
-__all__ = ["add_run_options", "parse_task_inputs"]
+__all__ = ["RUN_OPTIONS", "Option", "parse_task_inputs", "task_help"]
 
 _MISSING: Any = object()  # an input not given on the command line
-_TRUE = frozenset({"true", "1", "yes", "y", "on"})
-_FALSE = frozenset({"false", "0", "no", "n", "off"})
-_NONE = frozenset({"none", "null"})
+_OWN = "_stalwart_option_"  # the command's own options, as parameters no task input is named
 _SEQUENCES = (list, tuple, set, frozenset, collections.abc.Sequence, collections.abc.MutableSequence)
+SYNTAX = (
+    "Lists take 1,2,3, JSON [1, 2, 3] or a repeated option; dicts and dataclasses take JSON; optional "
+    "inputs take 'none'; booleans take --name, --no-name or --name false. Options whose names a task "
+    "input uses go before FILE.py."
+)
 
-_RUN_OPTIONS = {
-    "run_id": (
+
+class Option(NamedTuple):
+    """One option of the command itself, accepted among a task's inputs."""
+
+    annotation: Any
+    flags: tuple[str, ...]
+    help: str
+    metavar: str | None = None
+
+
+RUN_OPTIONS: dict[str, Option] = {
+    "run_id": Option(
+        str,
         ("--run-id",),
-        {
-            "metavar": "ID",
-            "help": "name the run; an existing id resumes that run (one that succeeded: its output)",
-        },
+        "name the run; an existing id resumes that run (one that succeeded: its output)",
+        "ID",
     ),
-    "checkpoint_store": (
-        ("--checkpoint-store",),
-        {"metavar": "URL", "help": "fsspec URL under which the run's checkpoints live"},
+    "checkpoint_store": Option(
+        str, ("--checkpoint-store",), "fsspec URL under which the run's checkpoints live", "URL"
     ),
-    "quiet": (
-        ("--quiet", "-q"),
-        {"action": "store_true", "help": "do not copy the attempts' output to this terminal"},
-    ),
-    "rerun": (
-        ("--rerun",),
-        {"action": "store_true", "help": "start a new attempt even if the run already succeeded"},
-    ),
+    "quiet": Option(bool, ("--quiet", "-q"), "do not copy the attempts' output to this terminal"),
+    "rerun": Option(bool, ("--rerun",), "start a new attempt even if the run already succeeded"),
 }
-
-_FLAGS = frozenset({"quiet", "rerun"})
-
-
-def add_run_options(
-    parser: argparse.ArgumentParser | Any, *, defaults: bool, taken: frozenset[str] = frozenset()
-) -> None:
-    """Add --run-id/--checkpoint-store/--quiet/--rerun, skipping option strings a task input already uses."""
-    for name, (flags, kwargs) in _RUN_OPTIONS.items():
-        free = [flag for flag in flags if flag not in taken]
-        if not free:
-            continue
-        default = (False if name in _FLAGS else None) if defaults else argparse.SUPPRESS
-        parser.add_argument(*free, dest=f"run:{name}", default=default, **kwargs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,119 +68,272 @@ class _Input:
     name: str
     kind: Any  # inspect.Parameter kind
     annotation: Any
-    type_name: str
-    convert: Callable[[str], Any] | None  # None: the type cannot be given on the command line
     default: Any
-    flag: bool  # bool input: a bare --name means true
 
     @property
     def required(self) -> bool:
         return self.default is inspect.Parameter.empty
 
     @property
-    def dest(self) -> str:
-        return f"input:{self.name}"
+    def option(self) -> str:
+        return f"--{self.name.replace('_', '-')}" if not self.name.startswith("_") else f"--{self.name}"
 
     @property
-    def option(self) -> str:
-        spelled = self.name.replace("_", "-")
-        return f"--{self.name if spelled.startswith('-') else spelled}"
+    def type_name(self) -> str:
+        return _type_name(self.annotation)
 
 
 def parse_task_inputs(
-    task: Task, argv: Sequence[str], *, prog: str | None = None
+    task: Task,
+    argv: Sequence[str],
+    *,
+    prog: str | None = None,
+    options: Mapping[str, Option] = RUN_OPTIONS,
 ) -> tuple[list[Any], dict[str, Any], dict[str, Any]]:
     """Turn ``--name value`` options into the task's inputs, typed by its annotations.
 
-    Returns (positional-only inputs, keyword inputs, run options given among them). Only inputs
-    given on the command line are returned, so the function's own defaults apply to the rest.
-    Usage errors exit through argparse (SystemExit 2) with a message naming the input and its type.
+    Returns (positional-only inputs, keyword inputs, the command's ``options`` given among them). Only
+    inputs given on the command line are returned, so the function's own defaults apply to the rest.
+    A bad value, an unknown option or a missing input raises ``CliError`` naming it.
     """
-    parser, inputs = _task_parser(task, prog or f"stalwart run FILE.py {task.name}")
-    namespace = parser.parse_args(list(argv))
-    values = vars(namespace)
-    unsupported = [i for i in inputs if i.required and i.convert is None]
-    missing = [
-        f"{i.option} ({i.type_name})"
-        for i in inputs
-        if i.required and values.get(i.dest, _MISSING) is _MISSING
-    ]
+    import cyclopts
+
+    prog = prog or f"stalwart run FILE.py {task.name}"
+    app, inputs, bools = _task_app(task, prog, options)
+    unsupported = [i for i in inputs if i.required and not _settable(i.annotation)]
     if unsupported:
         names = ", ".join(f"{i.name!r} ({i.type_name})" for i in unsupported)
-        parser.error(f"task {task.name!r} needs inputs whose type the command line cannot give: {names}")
-    if missing:
-        parser.error(f"missing required input{'s' * (len(missing) != 1)}: {', '.join(missing)}")
+        raise CliError(f"task {task.name!r} needs inputs whose type the command line cannot give: {names}")
+    try:
+        command, bound, _ = app.parse_args(
+            _join_bool_values(argv, bools), exit_on_error=False, print_error=False
+        )
+    except cyclopts.MissingArgumentError:  # cyclopts names the first; say every one
+        given = {token.split("=", 1)[0] for token in argv}
+        missing = [
+            f"{i.option} ({i.type_name})"
+            for i in inputs
+            if i.required and _settable(i.annotation) and not {i.option, f"--{i.name}"} & given
+        ]
+        plural = "s" * (len(missing) != 1)
+        raise CliError(
+            f"missing required input{plural}: {', '.join(missing)}\nSee `{prog} --help`."
+        ) from None
+    except cyclopts.CycloptsError as exc:
+        raise CliError(f"{exc}\nSee `{prog} --help`.") from None
+    if command != app.default_command:  # --help
+        raise _Help(lambda: command(*bound.args, **bound.kwargs))
+    values = dict(bound.arguments)
     positional: list[Any] = []
     keywords: dict[str, Any] = {}
     for item in inputs:
-        value = values.get(item.dest, _MISSING)
+        value = values.get(item.name, _MISSING)
         if item.kind is inspect.Parameter.POSITIONAL_ONLY:
             positional.append(item.default if value is _MISSING else value)
         elif value is not _MISSING:
             keywords[item.name] = value
-    run_options = {key[len("run:") :]: value for key, value in values.items() if key.startswith("run:")}
-    return positional, keywords, run_options
+    given = {name: values[f"{_OWN}{name}"] for name in options if f"{_OWN}{name}" in values}
+    return positional, keywords, given
 
 
-def _task_parser(task: Task, prog: str) -> tuple[argparse.ArgumentParser, list[_Input]]:
-    """An argparse parser of one task's signature, so --help and errors read like any CLI's."""
-    doc = inspect.getdoc(task.func) or ""
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description=doc or None,
-        add_help=False,
-        allow_abbrev=False,  # a new input must never change what an abbreviation meant
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+class _Help(CliError):
+    """``--help`` among a task's inputs: the caller prints it (``show()``) and exits 0."""
+
+    def __init__(self, show: Callable[[], Any]) -> None:
+        super().__init__("--help", code=0)
+        self.show = show
+
+
+def task_help(error: BaseException) -> Callable[[], Any] | None:
+    """The printer of a task's ``--help``, if ``error`` is the request for it."""
+    return error.show if isinstance(error, _Help) else None
+
+
+def _task_app(task: Task, prog: str, options: Mapping[str, Option]) -> tuple[Any, list[_Input], set[str]]:
+    """A cyclopts App of one task's signature (keyword-only), with the command's free options."""
+    from cyclopts import App, Group, Parameter
+
     inputs = _signature_inputs(task)
+    group = Group(f"Inputs of task {task.name}", sort_key=0)
+    parameters: list[inspect.Parameter] = []
     taken: set[str] = set()
-    group = parser.add_argument_group(f"inputs of task {task.name}")
+    bools: set[str] = set()
     hidden: list[_Input] = []
     for item in inputs:
-        if item.convert is None:
+        if not _settable(item.annotation):
             hidden.append(item)
             continue
-        primary = item.option
-        aliases = [f"--{item.name}"] if f"--{item.name}" != primary else []
-        default = "required" if item.required else f"default: {item.default!r}"
-        help_text = f"{item.type_name}; {default}".replace("%", "%%")
-        kwargs: dict[str, Any] = {
-            "dest": item.dest,
-            "default": _MISSING,
-            "type": _argument_type(item.convert, item.type_name),
+        names = [item.option] + ([f"--{item.name}"] if f"--{item.name}" != item.option else [])
+        described = item.type_name if item.required else f"{item.type_name}; default: {item.default!r}"
+        settings: dict[str, Any] = {"name": names, "group": group, "help": described}
+        _add_conversion(settings, item.annotation)
+        if _is_bool(item.annotation):
+            bools.update(names)
+        taken.update(names + [f"--no-{n[2:]}" for n in names if _is_bool(item.annotation)])
+        annotation = item.annotation
+        if item.default is None and not _is_union(typing.get_origin(annotation)) and annotation is not Any:
+            annotation = annotation | None  # `x: int = None`: cyclopts validates the default
+        parameter = Parameter(show_default=False, **settings)
+        parameters.append(_keyword(item.name, annotation, parameter, item.default))
+    own = Group("Options", sort_key=1)
+    for name, option in options.items():
+        free = [flag for flag in option.flags if flag not in taken]
+        if not free:
+            continue
+        if option.annotation is bool:
+            bools.update(free)
+        annotation = option.annotation if option.annotation is bool else option.annotation | None
+        settings = {
+            "name": free,
+            "group": own,
+            "help": option.help,
+            "negative": "",
+            "metavar": option.metavar,
         }
-        if item.flag:
-            kwargs.update(nargs="?", const=True, metavar="BOOL")
-            help_text += " (a bare flag means true)"
-        else:
-            kwargs["metavar"] = _metavar(item.annotation)
-        group.add_argument(primary, help=help_text, **kwargs)
-        taken.add(primary)
-        for alias in aliases:  # --num_epochs as well as --num-epochs, kept out of --help
-            group.add_argument(alias, help=argparse.SUPPRESS, **kwargs)
-            taken.add(alias)
-    for item in inputs:
-        negative = f"--no-{item.option[2:]}"
-        if item.flag and item.convert is not None and negative not in taken:
-            group.add_argument(
-                negative, dest=item.dest, action="store_const", const=False, help=argparse.SUPPRESS
-            )
-            taken.add(negative)
-    options = parser.add_argument_group("run options")
-    add_run_options(options, defaults=False, taken=frozenset(taken))
-    help_flags = [flag for flag in ("-h", "--help") if flag not in taken]
-    if help_flags:
-        options.add_argument(*help_flags, action="help", help="show this message and exit")
-    epilog = []
+        default = False if option.annotation is bool else None
+        parameters.append(
+            _keyword(f"{_OWN}{name}", annotation, Parameter(show_default=False, **settings), default)
+        )
+
+    def inputs_of(**given: Any) -> dict[str, Any]:
+        return given
+
+    inputs_of.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    epilogue = [SYNTAX]
     if hidden:
         names = ", ".join(f"{i.name} ({i.type_name})" for i in hidden)
-        epilog.append(f"Inputs the command line cannot set (their defaults apply): {names}.")
-    epilog.append(
-        "Lists take 1,2,3 or JSON [1, 2, 3]; dicts take JSON; optional inputs take 'none'. Run options "
-        "whose names a task input uses go before FILE.py."
+        epilogue.insert(0, f"Inputs the command line cannot set (their defaults apply): {names}.")
+    app = App(
+        name=prog,
+        help=inspect.getdoc(task.func) or f"Task {task.name}.",
+        help_flags=[flag for flag in ("--help", "-h") if flag not in taken],
+        version_flags=[],
+        help_format="plaintext",  # a docstring is the user's text, not rich markup
+        help_epilogue=" ".join(epilogue),
     )
-    parser.epilog = "\n".join(epilog)
-    return parser, inputs
+    app.default(inputs_of)
+    return app, inputs, bools
+
+
+def _keyword(name: str, annotation: Any, parameter: Any, default: Any) -> inspect.Parameter:
+    """Keyword-only: every input is given as ``--name value``, positional-only ones included. Only
+    what was given comes back, so the task's own defaults apply to the rest."""
+    return inspect.Parameter(
+        name,
+        inspect.Parameter.KEYWORD_ONLY,
+        default=default,
+        annotation=typing.Annotated[annotation, parameter],
+    )
+
+
+def _join_bool_values(argv: Sequence[str], bools: set[str]) -> list[str]:
+    """``--flag false`` as ``--flag=false``: cyclopts' flags take no separate value, our users did.
+    (Every task input is an option, so a word after a flag can only be its value.)"""
+    tokens = list(argv)
+    joined: list[str] = []
+    index = 0
+    while index < len(tokens):
+        token = tokens[index]
+        following = tokens[index + 1] if index + 1 < len(tokens) else None
+        if token in bools and following is not None and not following.startswith("-"):
+            joined.append(f"{token}={following}")
+            index += 2
+            continue
+        joined.append(token)
+        index += 1
+    return joined
+
+
+def _add_conversion(settings: dict[str, Any], annotation: Any) -> None:
+    """The converters that keep ``stalwart run``'s spellings where cyclopts' own differ."""
+    core = _without_none(annotation)
+    origin = typing.get_origin(core)
+    if core is Any or core is object:
+        settings["converter"] = _any_converter
+    elif core is int:
+        settings["converter"] = functools.partial(_int_converter, annotation)
+    elif core in _SEQUENCES or origin in _SEQUENCES:
+        converter = functools.partial(_sequence_converter, annotation)
+        settings.update(converter=converter, n_tokens=1, accepts_keys=False, negative="")
+        settings["metavar"] = "A,B,..."
+    elif dataclasses.is_dataclass(core) or core is dict or origin in (dict, collections.abc.Mapping):
+        settings["metavar"] = "JSON"
+
+
+def _none_spelled(type_: Any, raw: str) -> bool:
+    return type(None) in typing.get_args(type_) and raw.strip().lower() in ("none", "null")
+
+
+def _any_converter(type_: Any, tokens: Sequence[Any]) -> Any:
+    """An unannotated input: a JSON literal (3, 0.1, true, [1, 2]) when it is one, else the string."""
+    raw = tokens[0].value
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
+
+
+def _int_converter(annotation: Any, type_: Any, tokens: Sequence[Any]) -> int | None:
+    """An int, also written as a whole float: 1e5 steps is common (``annotation``: the input's own
+    type, as cyclopts hands a converter one member of a union)."""
+    raw = tokens[0].value
+    if _none_spelled(annotation, raw):
+        return None
+    try:
+        return int(raw.strip())
+    except ValueError:
+        pass
+    try:
+        number = float(raw)
+    except ValueError:
+        raise ValueError(f'"{raw}" is not an int') from None
+    if not number.is_integer():
+        raise ValueError(f'"{raw}" is not a whole number')
+    return int(number)
+
+
+def _sequence_converter(annotation: Any, type_: Any, tokens: Sequence[Any]) -> Any:
+    """Items given as ``1,2,3``, as JSON ``[1, 2, 3]``, or one per repeated option; each converted by
+    cyclopts to the item type."""
+    raws = [token.value for token in tokens]
+    if len(raws) == 1 and _none_spelled(annotation, raws[0]):
+        return None
+    core = _without_none(annotation)
+    items: list[str] = []
+    for raw in raws:
+        text = raw.strip()
+        if text.startswith("["):
+            try:
+                parsed = json.loads(text)
+            except ValueError as exc:
+                raise ValueError(f"{raw!r} is not valid JSON ({exc})") from None
+            if not isinstance(parsed, list):
+                raise ValueError(f"{raw!r} is not a JSON list")
+            items += [item if isinstance(item, str) else json.dumps(item) for item in parsed]
+        elif text:
+            items += [part.strip() for part in text.split(",")]
+    origin = typing.get_origin(core) or core
+    args = typing.get_args(core)
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        if len(items) != len(args):
+            raise ValueError(f"{_type_name(core)} needs {len(args)} items, got {len(items)}")
+        return tuple(
+            _item(kind, item, index) for index, (kind, item) in enumerate(zip(args, items, strict=True))
+        )
+    kind = args[0] if args else str
+    values = [_item(kind, item, index) for index, item in enumerate(items)]
+    build: Callable[[list[Any]], Any] = {tuple: tuple, set: set, frozenset: frozenset}.get(origin, list)
+    return build(values)
+
+
+def _item(kind: Any, raw: str, index: int) -> Any:
+    """One item of a list, converted by cyclopts; its error names the item (cyclopts then the input)."""
+    import cyclopts
+
+    try:
+        return cyclopts.convert(kind, [raw])
+    except cyclopts.CycloptsError:
+        raise ValueError(f"item {index} is {raw!r}, not {_type_name(kind)}") from None
 
 
 def _signature_inputs(task: Task) -> list[_Input]:
@@ -198,18 +345,7 @@ def _signature_inputs(task: Task) -> list[_Input]:
         annotation = hints.get(param.name, param.annotation)
         if annotation is inspect.Parameter.empty:
             annotation = _infer_type(param.default)
-        convert = _converter(annotation)
-        inputs.append(
-            _Input(
-                name=param.name,
-                kind=param.kind,
-                annotation=annotation,
-                type_name=_type_name(annotation),
-                convert=convert,
-                default=param.default,
-                flag=_is_bool(annotation),
-            )
-        )
+        inputs.append(_Input(param.name, param.kind, annotation, param.default))
     return inputs
 
 
@@ -242,61 +378,47 @@ class _Unresolved:
 
 
 def _infer_type(default: Any) -> Any:
-    if default is inspect.Parameter.empty or default is None:
-        return Any
-    if isinstance(default, (bool, int, float, str, PurePath)):
+    if isinstance(default, (bool, int, float, str, PurePath, list, tuple)):
         return type(default)
-    if isinstance(default, (list, tuple)):
-        return type(default)
-    if isinstance(default, dict):
-        return dict
-    return Any
+    return dict if isinstance(default, dict) else Any
 
 
 def _is_union(origin: Any) -> bool:
     return origin is typing.Union or origin is types.UnionType
 
 
-def _is_bool(annotation: Any) -> bool:
-    if annotation is bool:
-        return True
+def _without_none(annotation: Any) -> Any:
+    """``X`` of ``X | None``; the annotation itself otherwise."""
     if _is_union(typing.get_origin(annotation)):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return args == [bool]
-    return False
-
-
-def _argument_type(convert: Callable[[str], Any], type_name: str) -> Callable[[str], Any]:
-    def parse(raw: str) -> Any:
-        try:
-            return convert(raw)
-        except (ValueError, TypeError) as exc:
-            detail = f" ({exc})" if str(exc) else ""
-            raise argparse.ArgumentTypeError(f"expected {type_name}, got {raw!r}{detail}") from None
-
-    parse.__name__ = type_name
-    return parse
-
-
-def _metavar(annotation: Any) -> str:
-    origin = typing.get_origin(annotation)
-    if _is_union(origin):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
         if len(args) == 1:
-            return _metavar(args[0])
-    if annotation in _SEQUENCES or origin in _SEQUENCES:
-        return "A,B,..."
-    if annotation is dict or origin in (dict, collections.abc.Mapping):
-        return "JSON"
+            return args[0]
+    return annotation
+
+
+def _is_bool(annotation: Any) -> bool:
+    return _without_none(annotation) is bool
+
+
+def _settable(annotation: Any) -> bool:
+    """Whether a command-line string can become a value of ``annotation``."""
+    if annotation in (Any, object, bool, int, float, str, type(None)):
+        return True
+    if isinstance(annotation, _Unresolved):
+        return False
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if _is_union(origin):
+        return all(_settable(a) for a in args)
     if origin is typing.Literal:
-        return "{" + ",".join(str(a) for a in typing.get_args(annotation)) + "}"
-    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
-        return "{" + ",".join(m.name for m in annotation) + "}"
-    if isinstance(annotation, type) and issubclass(annotation, PurePath):
-        return "PATH"
-    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
-        return "JSON"
-    return "VALUE" if annotation is Any else _type_name(annotation).upper()
+        return True
+    if annotation in _SEQUENCES or origin in _SEQUENCES:
+        return all(_settable(a) for a in args if a is not Ellipsis)
+    if annotation is dict or origin in (dict, collections.abc.Mapping, collections.abc.MutableMapping):
+        return all(_settable(a) for a in args)
+    return isinstance(annotation, type) and (
+        issubclass(annotation, (PurePath, enum.Enum)) or dataclasses.is_dataclass(annotation)
+    )
 
 
 def _type_name(annotation: Any) -> str:
@@ -319,220 +441,3 @@ def _type_name(annotation: Any) -> str:
     if isinstance(annotation, type):
         return annotation.__name__
     return str(annotation)
-
-
-def _converter(annotation: Any) -> Callable[[str], Any] | None:
-    """A function from one command-line string to a value of ``annotation``; None if unsupported."""
-    if annotation is Any or annotation is object:
-        return _parse_any
-    if isinstance(annotation, _Unresolved):
-        return None
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if _is_union(origin):
-        return _union_converter(args)
-    if origin is typing.Literal:
-        return _literal_converter(args)
-    if annotation is bool:
-        return _parse_bool
-    if annotation is int:
-        return _parse_int
-    if annotation is float:
-        return _parse_float
-    if annotation is str:
-        return str
-    if annotation in _SEQUENCES or origin in _SEQUENCES:
-        return _sequence_converter(origin or annotation, args)
-    if annotation is dict or origin in (dict, collections.abc.Mapping, collections.abc.MutableMapping):
-        return _dict_converter(args)
-    if isinstance(annotation, type):
-        if issubclass(annotation, PurePath):
-            return _path_converter(annotation)
-        if issubclass(annotation, enum.Enum):
-            return _enum_converter(annotation)
-        if dataclasses.is_dataclass(annotation):
-            return _dataclass_converter(annotation)
-    return None
-
-
-def _parse_any(raw: str) -> Any:
-    """An unannotated input: a JSON literal (3, 0.1, true, [1, 2]) when it is one, else the string."""
-    try:
-        return json.loads(raw)
-    except ValueError:
-        return raw
-
-
-def _parse_bool(raw: str) -> bool:
-    value = raw.strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise ValueError("use true/false, 1/0 or yes/no")
-
-
-def _parse_int(raw: str) -> int:
-    text = raw.strip()
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        number = float(text)  # 1e5 steps is common; accept it when it is whole
-    except ValueError:
-        raise ValueError("") from None
-    if number.is_integer():
-        return int(number)
-    raise ValueError("not a whole number")
-
-
-def _parse_float(raw: str) -> float:
-    return float(raw.strip())
-
-
-def _path_converter(kind: type) -> Callable[[str], Any]:
-    def parse(raw: str) -> Any:
-        if not raw:
-            raise ValueError("empty path")
-        return kind(raw)
-
-    return parse
-
-
-def _union_converter(args: tuple[Any, ...]) -> Callable[[str], Any] | None:
-    optional = type(None) in args
-    converters = [_converter(a) for a in args if a is not type(None)]
-    if any(c is None for c in converters):
-        return None
-
-    def parse(raw: str) -> Any:
-        if optional and raw.strip().lower() in _NONE:
-            return None
-        for convert in converters:
-            try:
-                return convert(raw)  # type: ignore[misc]
-            except (ValueError, TypeError):
-                continue
-        raise ValueError("")
-
-    return parse
-
-
-def _literal_converter(choices: tuple[Any, ...]) -> Callable[[str], Any]:
-    def parse(raw: str) -> Any:
-        for choice in choices:
-            if isinstance(choice, str) and raw == choice:
-                return choice
-        for choice in choices:
-            convert = _converter(type(choice))
-            if convert is None or isinstance(choice, str):
-                continue
-            with contextlib.suppress(ValueError, TypeError):
-                if convert(raw) == choice:
-                    return choice
-        raise ValueError("")
-
-    return parse
-
-
-def _enum_converter(kind: type[enum.Enum]) -> Callable[[str], Any]:
-    def parse(raw: str) -> Any:
-        for member in kind:
-            if raw == member.name or raw == str(member.value):
-                return member
-        for member in kind:
-            if raw.lower() == member.name.lower():
-                return member
-        raise ValueError("one of " + ", ".join(m.name for m in kind))
-
-    return parse
-
-
-def _from_json(value: Any, convert: Callable[[str], Any]) -> Any:
-    """Convert one JSON item with a string converter (it sees JSON text for non-strings)."""
-    return convert(value if isinstance(value, str) else json.dumps(value))
-
-
-def _sequence_converter(origin: Any, args: tuple[Any, ...]) -> Callable[[str], Any] | None:
-    fixed: list[Callable[[str], Any]] | None = None
-    if origin is tuple and args and args[-1] is not Ellipsis:
-        converters = [_converter(a) for a in args]
-        if any(c is None for c in converters):
-            return None
-        fixed = converters  # type: ignore[assignment]
-        item_convert: Callable[[str], Any] | None = None
-    else:
-        item_convert = _converter(args[0]) if args else _parse_any
-        if item_convert is None:
-            return None
-    build: Callable[[list[Any]], Any] = {tuple: tuple, set: set, frozenset: frozenset}.get(origin, list)
-
-    def parse(raw: str) -> Any:
-        text = raw.strip()
-        if text.startswith("["):
-            try:
-                items = json.loads(text)
-            except ValueError as exc:
-                raise ValueError(f"invalid JSON: {exc}") from None
-            if not isinstance(items, list):
-                raise ValueError("not a JSON list")
-            raw_items: list[Any] = items
-        else:
-            raw_items = [part.strip() for part in text.split(",")] if text else []
-        if fixed is not None:
-            if len(raw_items) != len(fixed):
-                raise ValueError(f"needs {len(fixed)} items, got {len(raw_items)}")
-            pairs = list(zip(fixed, raw_items, strict=True))
-        else:
-            pairs = [(item_convert, item) for item in raw_items]  # type: ignore[misc]
-        values = []
-        for index, (convert, item) in enumerate(pairs):
-            try:
-                values.append(_from_json(item, convert))
-            except (ValueError, TypeError):
-                raise ValueError(f"item {index} is {item!r}") from None
-        return build(values)
-
-    return parse
-
-
-def _json_object(raw: str, what: str) -> dict:
-    try:
-        value = json.loads(raw)
-    except ValueError as exc:
-        raise ValueError(f"invalid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"not a JSON object{what}")
-    return value
-
-
-def _dict_converter(args: tuple[Any, ...]) -> Callable[[str], Any] | None:
-    key_convert = _converter(args[0]) if args else None
-    value_convert = _converter(args[1]) if len(args) > 1 else None
-    if args and (key_convert is None or value_convert is None):
-        return None
-
-    def parse(raw: str) -> Any:
-        value = _json_object(raw, "")
-        if key_convert is None or value_convert is None:
-            return value
-        try:
-            return {key_convert(k): _from_json(v, value_convert) for k, v in value.items()}
-        except (ValueError, TypeError):
-            raise ValueError("a key or value has the wrong type") from None
-
-    return parse
-
-
-def _dataclass_converter(kind: type) -> Callable[[str], Any]:
-    def parse(raw: str) -> Any:
-        value = _json_object(raw, " of its fields")
-        hints = _type_hints(kind)
-        fields = {}
-        for key, item in value.items():
-            convert = _converter(hints.get(key, Any))
-            fields[key] = item if convert is None else _from_json(item, convert)
-        return kind(**fields)
-
-    return parse

@@ -5,7 +5,6 @@ Tables use rich on a terminal and plain aligned columns when piped, for grep and
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -45,10 +44,26 @@ def open_store() -> RunStore | None:
     return RunStore(db)
 
 
-def cmd_runs(args: argparse.Namespace) -> int:
-    """``stalwart runs``: the newest ``args.limit`` runs, one row each."""
+def cmd_runs(limit: int = 20, as_json: bool = False) -> int:
+    """``stalwart runs``: the newest ``limit`` runs, one row each; ``as_json``: a JSON list."""
     store = open_store()
-    records = store.list_runs(args.limit) if store else []
+    records = store.list_runs(limit) if store else []
+    if as_json:
+        runs = [
+            {
+                "id": r.id,
+                "task": r.task,
+                "status": r.status,
+                "attempts": len(store.attempts(r.id)) if store else 0,
+                "created": r.created,
+                "ended": r.ended,
+                "checkpoint_uri": r.checkpoint_uri,
+                "inputs": r.inputs,
+            }
+            for r in records
+        ]
+        print(json.dumps(runs, indent=2))
+        return 0
     if store is None or not records:
         print(f"No runs yet (home: {config.home()})")
         return 0
@@ -67,21 +82,28 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_show(args: argparse.Namespace) -> int:
+def cmd_show(
+    run_id: str,
+    *,
+    logs: bool = False,
+    as_json: bool = False,
+    timeline: str | None = None,
+    trace: str | None = None,
+) -> int:
     """``stalwart show RUN_ID``: one run's record, output, attempts (where each resumed from), goodput,
     checkpoints and events (and logs); ``--json``: the same as data."""
     from ..runtime.summary import FREQUENT, summarize
 
     store = open_store()
-    record = _resolve_run(store, args.run_id)
+    record = _resolve_run(store, run_id)
     assert store is not None
     attempts = store.attempts(record.id)
     all_events = store.events(record.id)
     summary = summarize(record, attempts, all_events)
     output = _output_text(record, attempts)
-    if getattr(args, "timeline", None) or getattr(args, "trace", None):
-        _export(args, record, attempts, all_events)
-    if getattr(args, "json", False):
+    if timeline or trace:
+        _export(timeline, trace, record, attempts, all_events)
+    if as_json:
         print(json.dumps(_as_data(record, attempts, output, summary, all_events, FREQUENT), indent=2))
         return 0
     inputs = ", ".join(f"{name}={value}" for name, value in record.inputs.items()) or "(none)"
@@ -141,30 +163,34 @@ def cmd_show(args: argparse.Namespace) -> int:
         title="Events",
         empty="Events: none",
     )
-    if args.logs:
+    if logs:
         _print_logs(attempts)
     return 0
 
 
 def _export(
-    args: argparse.Namespace, record: RunRecord, attempts: Sequence[Any], all_events: Sequence[Any]
+    timeline_file: str | None,
+    trace_file: str | None,
+    record: RunRecord,
+    attempts: Sequence[Any],
+    all_events: Sequence[Any],
 ) -> None:
     """``--timeline FILE`` and ``--trace FILE``: the run drawn, and as a Chrome/Perfetto trace."""
     from ..runtime import timeline
 
     drawn = timeline.lanes(record, attempts, all_events)
     title = f"run {record.id} ({record.task}, {record.status})"
-    if args.timeline:
+    if timeline_file:
         try:
             fig = timeline.figure(drawn, title)
-            path = timeline.write(fig, args.timeline)
+            path = timeline.write(fig, timeline_file)
         except (ImportError, ValueError) as exc:
             raise CliError(str(exc), 2) from None
         print(f"timeline of run {record.id} written to {path}", file=sys.stderr)
-    if args.trace:
-        Path(args.trace).write_text(json.dumps(timeline.trace(drawn, title)))
+    if trace_file:
+        Path(trace_file).write_text(json.dumps(timeline.trace(drawn, title)))
         print(
-            f"trace of run {record.id} written to {args.trace} (open it in ui.perfetto.dev)", file=sys.stderr
+            f"trace of run {record.id} written to {trace_file} (open it in ui.perfetto.dev)", file=sys.stderr
         )
 
 
