@@ -13,6 +13,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import torch
+from processes import sigkill_after_events
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
@@ -195,12 +196,7 @@ class CrashAfter(TrainerCallback):
 
     def on_step_end(self, args: TrainingArguments, state: object, control: object, **kwargs: object) -> None:
         if state.global_step == self.at:  # type: ignore[attr-defined]
-            from stalwart.runtime import events
-
-            recorder = events._get()
-            assert recorder is not None
-            recorder.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
+            sigkill_after_events()
 
 
 @env.task(retries=1)

@@ -11,6 +11,7 @@ from urllib.parse import urlparse
 
 import lightning.pytorch as pl
 import torch
+from processes import sigkill_after_events
 from torch import nn
 
 import stalwart as sw
@@ -156,16 +157,19 @@ class Term(pl.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+def _flash_every_5() -> tuple:
+    """The task's context, a checkpointer saving every 5 steps, a fresh model and its flash callback."""
+    torch.set_num_threads(1)
+    flash = sw.FlashCheckpointer(every_n_steps=5)
+    torch.manual_seed(0)
+    return sw.ctx(), flash, Regressor(), [FlashCheckpointCallback(flash)]
+
+
 @env.task(retries=1)
 def fit_preempted(max_steps: int = 30, term_at: int = 12) -> dict:
     """Flash every 5 steps; attempt 0 gets SIGTERM during step ``term_at`` + 1, which the callback saves
     (not a multiple of 5) before the process stops. Returns where the last attempt resumed from."""
-    torch.set_num_threads(1)
-    context = sw.ctx()
-    flash = sw.FlashCheckpointer(every_n_steps=5)
-    torch.manual_seed(0)
-    model = Regressor()
-    callbacks: list = [FlashCheckpointCallback(flash)]
+    context, flash, model, callbacks = _flash_every_5()
     if context.attempt == 0:
         callbacks.append(Term(term_at))
     trainer = make_trainer(max_steps, callbacks, enable_checkpointing=False)
@@ -187,12 +191,7 @@ class CrashAfter(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
         if trainer.global_step == self.at:
-            from stalwart.runtime import events
-
-            recorder = events._get()
-            assert recorder is not None
-            recorder.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
+            sigkill_after_events()
 
 
 @env.task(retries=1)
@@ -201,12 +200,7 @@ def fit_logged(max_steps: int = 30, crash_at: int = 23) -> str:
     directory of the last attempt's metrics.csv."""
     from lightning.pytorch.loggers import CSVLogger
 
-    torch.set_num_threads(1)
-    context = sw.ctx()
-    flash = sw.FlashCheckpointer(every_n_steps=5)
-    torch.manual_seed(0)
-    model = Regressor()
-    callbacks: list = [FlashCheckpointCallback(flash)]
+    context, flash, model, callbacks = _flash_every_5()
     if context.attempt == 0:
         callbacks.append(CrashAfter(crash_at))
     logs = Path(os.environ["STALWART_HOME"]) / "lightning-logs" / str(context.run_id)

@@ -7,6 +7,7 @@ signature (with the command's options that may follow TASK).
 """
 
 # No ``from __future__ import annotations``: cyclopts reads these annotations at run time.
+import dataclasses
 from typing import Annotated, Literal
 
 from cyclopts import App, Parameter
@@ -115,35 +116,39 @@ def show(
     return cmd_show(run_id, logs=logs, as_json=json, timeline=timeline, trace=trace)
 
 
-kind_arg = Annotated[
-    Literal["pod", "pytorchjob", "trainjob"] | None,
-    Parameter(help="what to render (default: pytorchjob for an elastic task, else pod)"),
-]
-image_arg = Annotated[str | None, Parameter(help="container image (default: the environment's)")]
-namespace_arg = Annotated[str | None, Parameter(name=["--namespace", "-n"], help="the object's namespace")]
-run_id_arg = Annotated[str | None, Parameter(help="name the run (default: a new id)")]
-store_arg = Annotated[str | None, Parameter(help="checkpoint store the pods share, e.g. s3://bucket/ckpt")]
-flash_arg = Annotated[str | None, Parameter(help="flash tier directory in the pods")]
-runtime_arg = Annotated[str | None, Parameter(help="ClusterTrainingRuntime of a trainjob")]
+@Parameter(name="*")  # flattened: --kind, --image, ... as options of render and submit
+@dataclasses.dataclass
+class K8sOptions:
+    """Options of ``stalwart k8s render`` and ``submit``, before FILE.py (or after TASK)."""
+
+    kind: Annotated[
+        Literal["pod", "pytorchjob", "trainjob"] | None,
+        Parameter(help="what to render (default: pytorchjob for an elastic task, else pod)"),
+    ] = None
+    image: Annotated[
+        str | None, Parameter(metavar="IMG", help="container image (default: the environment's)")
+    ] = None
+    namespace: Annotated[
+        str | None, Parameter(name=["--namespace", "-n"], metavar="NS", help="the namespace")
+    ] = None
+    run_id: Annotated[str | None, Parameter(metavar="ID", help="name the run (default: a new id)")] = None
+    checkpoint_store: Annotated[
+        str | None, Parameter(metavar="URL", help="checkpoint store the pods share, e.g. s3://bucket/ckpt")
+    ] = None
+    flash_root: Annotated[str | None, Parameter(metavar="PATH", help="flash tier directory in the pods")] = (
+        None
+    )
+    runtime: Annotated[str | None, Parameter(metavar="NAME", help="ClusterTrainingRuntime of a trainjob")] = (
+        None
+    )
 
 
 def render(
-    file: file_arg,
-    task: task_arg = None,
-    /,
-    *inputs: inputs_arg,
-    kind: kind_arg = None,
-    image: image_arg = None,
-    namespace: namespace_arg = None,
-    run_id: run_id_arg = None,
-    checkpoint_store: store_arg = None,
-    flash_root: flash_arg = None,
-    runtime: runtime_arg = None,
+    file: file_arg, task: task_arg = None, /, *inputs: inputs_arg, options: K8sOptions | None = None
 ) -> int:
     """Print the manifest as YAML. Inputs are given as for `stalwart run`."""
-    options = dict(kind=kind, image=image, namespace=namespace, run_id=run_id)
-    options.update(checkpoint_store=checkpoint_store, flash_root=flash_root, runtime=runtime)
-    return submit_or_render("render", file, task, list(inputs), options)
+    given = dataclasses.asdict(options or K8sOptions())
+    return submit_or_render("render", file, task, list(inputs), given)
 
 
 def submit(
@@ -151,21 +156,15 @@ def submit(
     task: task_arg = None,
     /,
     *inputs: inputs_arg,
-    kind: kind_arg = None,
-    image: image_arg = None,
-    namespace: namespace_arg = None,
-    run_id: run_id_arg = None,
-    checkpoint_store: store_arg = None,
-    flash_root: flash_arg = None,
-    runtime: runtime_arg = None,
+    options: K8sOptions | None = None,
     dry_run: Annotated[bool, Parameter(negative="", help="print the request instead of sending it")] = False,
-    kubeconfig: Annotated[str | None, Parameter(help="kubeconfig file (default: $KUBECONFIG)")] = None,
+    kubeconfig: Annotated[
+        str | None, Parameter(metavar="PATH", help="kubeconfig file (default: $KUBECONFIG)")
+    ] = None,
 ) -> int:
     """Create the object on the cluster (kubeconfig, else in-cluster). Inputs as for `stalwart run`."""
-    options = dict(kind=kind, image=image, namespace=namespace, run_id=run_id)
-    options.update(checkpoint_store=checkpoint_store, flash_root=flash_root, runtime=runtime)
-    options.update(dry_run=dry_run, kubeconfig=kubeconfig)
-    return submit_or_render("submit", file, task, list(inputs), options)
+    given = {**dataclasses.asdict(options or K8sOptions()), "dry_run": dry_run, "kubeconfig": kubeconfig}
+    return submit_or_render("submit", file, task, list(inputs), given)
 
 
 def build() -> App:
