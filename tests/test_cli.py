@@ -333,6 +333,11 @@ class Color(enum.Enum):
     BLUE = "blue"
 
 
+class Size(enum.IntEnum):
+    SMALL = 1
+    LARGE = 2
+
+
 @env.task
 def typed(
     a: int,
@@ -343,6 +348,7 @@ def typed(
     scores: dict[str, float] | None = None,
     mode: Literal["fast", "slow"] = "fast",
     color: Color = Color.RED,
+    size: Size = Size.SMALL,
     items=(),
     untyped=None,
 ) -> None:
@@ -387,10 +393,27 @@ def test_parsing_covers_the_usual_annotations() -> None:
 
 @pytest.mark.parametrize(
     ("raw", "value"),
-    [("true", True), ("1", True), ("yes", True), ("false", False), ("0", False), ("no", False)],
+    [
+        ("true", True),
+        ("1", True),
+        ("yes", True),
+        ("on", True),
+        ("false", False),
+        ("0", False),
+        ("no", False),
+        ("off", False),
+    ],
 )
 def test_bool_spellings(raw: str, value: bool) -> None:
     assert parse("--a", "1", "--flag", raw)[1] == {"flag": value}
+    assert parse("--a", "1", f"--flag={raw}")[1] == {"flag": value}
+
+
+def test_enum_members_by_name_in_any_case_or_by_value() -> None:
+    for raw in ("BLUE", "blue", "Blue"):
+        assert parse("--a", "1", "--color", raw)[1] == {"color": Color.BLUE}
+    assert parse("--a", "1", "--size", "2")[1] == {"size": Size.LARGE}  # by value
+    assert parse("--a", "1", "--size", "small")[1] == {"size": Size.SMALL}
 
 
 def test_only_given_inputs_are_passed_so_defaults_stay_the_functions() -> None:
@@ -405,7 +428,7 @@ def test_only_given_inputs_are_passed_so_defaults_stay_the_functions() -> None:
         (["--a", "1", "--pair", "1,2,3"], "Invalid value for --pair: tuple[int, str] needs 2 items, got 3"),
         (["--a", "1", "--scores", "[1]"], 'Invalid value for --scores: unable to convert "[1]" into dict'),
         (["--a", "1", "--mode", "medium"], 'Invalid value "medium" for --mode. Choose from: "fast", "slow"'),
-        (["--a", "1", "--color", "green"], 'Invalid value "green" for --color. Choose from: "red", "blue"'),
+        (["--a", "1", "--color", "green"], 'Invalid value for --color: "green" is not one of RED, BLUE'),
     ],
 )
 def test_bad_values_name_the_input_and_type(argv: list[str], message: str) -> None:

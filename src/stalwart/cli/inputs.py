@@ -5,7 +5,8 @@ hints, and the command's own options (``--run-id`` and friends) in a group of th
 converts each value (ints, floats, bools, paths, enums, literals, unions, lists, dicts, dataclasses)
 and renders ``--help`` from the task's docstring. Three converters keep the spellings ``stalwart run``
 always took and Kubernetes manifests write: lists and tuples as ``1,2,3`` or JSON ``[1, 2, 3]``, ints as
-``1e5``, and unannotated inputs as JSON literals; ``--flag false`` works as ``--flag=false`` does.
+``1e5``, enum members by value as well as by name, and unannotated inputs as JSON literals; ``--flag
+false`` works as ``--flag=false`` does, and ``on``/``off`` as ``true``/``false``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 __all__ = ["RUN_OPTIONS", "Option", "parse_task_inputs", "task_help"]
 
 _MISSING: Any = object()  # an input not given on the command line
+_ON_OFF = {"on": "true", "off": "false"}  # bool spellings stalwart run took and cyclopts does not
 _OWN = "_stalwart_option_"  # the command's own options, as parameters no task input is named
 _SEQUENCES = (list, tuple, set, frozenset, collections.abc.Sequence, collections.abc.MutableSequence)
 SYNTAX = (
@@ -236,9 +238,12 @@ def _join_bool_values(argv: Sequence[str], bools: set[str]) -> list[str]:
         token = tokens[index]
         following = tokens[index + 1] if index + 1 < len(tokens) else None
         if token in bools and following is not None and not following.startswith("-"):
-            joined.append(f"{token}={following}")
+            joined.append(f"{token}={_ON_OFF.get(following.strip().lower(), following)}")
             index += 2
             continue
+        name, equals, value = token.partition("=")
+        if equals and name in bools and value.strip().lower() in _ON_OFF:
+            token = f"{name}={_ON_OFF[value.strip().lower()]}"
         joined.append(token)
         index += 1
     return joined
@@ -250,6 +255,8 @@ def _add_conversion(settings: dict[str, Any], annotation: Any) -> None:
     origin = typing.get_origin(core)
     if core is Any or core is object:
         settings["converter"] = _any_converter
+    elif isinstance(core, type) and issubclass(core, enum.Enum):
+        settings["converter"] = functools.partial(_enum_converter, annotation)
     elif core is int:
         settings["converter"] = functools.partial(_int_converter, annotation)
     elif core in _SEQUENCES or origin in _SEQUENCES:
@@ -271,6 +278,21 @@ def _any_converter(type_: Any, tokens: Sequence[Any]) -> Any:
         return json.loads(raw)
     except ValueError:
         return raw
+
+
+def _enum_converter(annotation: Any, type_: Any, tokens: Sequence[Any]) -> Any:
+    """A member by name (any case) or by value, as ``stalwart run`` always took it."""
+    raw = tokens[0].value
+    if _none_spelled(annotation, raw):
+        return None
+    kind = _without_none(annotation)
+    for member in kind:
+        if raw == member.name or raw == str(member.value):
+            return member
+    for member in kind:
+        if raw.lower() == member.name.lower():
+            return member
+    raise ValueError(f'"{raw}" is not one of {", ".join(m.name for m in kind)}')
 
 
 def _int_converter(annotation: Any, type_: Any, tokens: Sequence[Any]) -> int | None:
