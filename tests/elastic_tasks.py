@@ -125,3 +125,30 @@ def slow_ddp(steps: int, progress: str) -> dict:
     flash.close()
     dist.destroy_process_group()
     return {"start": start, "restored_from": flash.restored_from, "w": weights[0].item()}
+
+
+@env.task(elastic=sw.Elastic(nproc_per_node=2, max_restarts=0))
+def gather_ranks() -> list[int]:
+    """Every rank's number, gathered over gloo; the task leaves its process group to the worker."""
+    dist.init_process_group("gloo")
+    gathered = [torch.zeros(1) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, torch.tensor([float(dist.get_rank())]))
+    return [int(t.item()) for t in gathered]
+
+
+def worker_then_report(attempt_dir: str, rank: int, world_size: int, port: int, report: str) -> None:
+    """Run the elastic worker as torch elastic would (its env), then say whether a process group is
+    still alive in this process once the worker returned."""
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    from stalwart.runtime.elastic_launch import run_worker
+
+    run_worker(attempt_dir)
+    with open(report, "w") as fh:
+        fh.write(str(dist.is_initialized()))

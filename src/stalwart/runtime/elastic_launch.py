@@ -249,7 +249,7 @@ def _separate_restart_rounds() -> None:
 
 
 def _run(attempt_dir: str) -> None:
-    from .worker import load
+    from .worker import leave_process_group, load
 
     _separate_restart_rounds()
     spec: AttemptSpec = pickle.loads((Path(attempt_dir) / SPEC_FILE).read_bytes())
@@ -267,6 +267,7 @@ def _run(attempt_dir: str) -> None:
         raise
     if int(os.environ.get("RANK", "0")) == 0:
         write_atomic(Path(attempt_dir) / OUTPUT_FILE, dumps_output(output))
+    leave_process_group()
 
 
 if __name__ == "__main__":

@@ -121,6 +121,19 @@ def failure_result(exc: BaseException) -> AttemptResult:
     )
 
 
+def leave_process_group() -> None:
+    """Destroy the default process group a task that returned left behind, as torch advises and
+    torchtitan does on success: gloo threads still alive at interpreter exit abort the process now and
+    then ("terminate called without an active exception", pytorch#190489), which the agent reports as
+    a failed worker. Not after a failure: a peer still inside a collective would hang the call."""
+    if "torch.distributed" not in sys.modules:  # a task that never imported it has no group
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python -m stalwart.runtime.worker ATTEMPT_DIR", file=sys.stderr)
@@ -142,6 +155,7 @@ def main(argv: list[str]) -> int:
             if inspect.iscoroutine(output):
                 output = asyncio.run(output)
             output_pickle = dumps_output(output)
+            leave_process_group()
         result = AttemptResult(ok=True, output_pickle=output_pickle)
         payload = pickle.dumps(result)
     except BaseException as exc:  # every failure, SystemExit included, is reported to the runner
