@@ -26,7 +26,7 @@ from stalwart.accelerators import (
     Neuron,
     tpu_slice,
 )
-from stalwart.quantities import format_bytes, normalize_cpu, parse_bytes, parse_millicores
+from stalwart.quantities import format_bytes, parse_bytes, parse_millicores
 from stalwart.resources import Resources, parse_accelerator
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "stalwart"
@@ -289,7 +289,6 @@ def test_device_is_frozen_and_canonical() -> None:
      (2.0, "2"), ("2000m", "2"), (1.5, "1500m"), (0.1, "100m"), (0.001, "1m"), ("1.", "1")],
 )  # fmt: skip
 def test_cpu_normalises(value: object, expected: str) -> None:
-    assert normalize_cpu(value) == expected  # type: ignore[arg-type]
     assert Resources(cpu=value).get_cpu() == (expected, expected)  # type: ignore[arg-type]
 
 

@@ -18,7 +18,6 @@ __all__ = [
     "format_bytes",
     "format_millicores",
     "normalize_bytes",
-    "normalize_cpu",
     "parse_bytes",
     "parse_millicores",
 ]
@@ -154,8 +153,3 @@ def format_millicores(millicores: int) -> str:
     if millicores % 1000 == 0:
         return str(millicores // 1000)
     return f"{millicores}m"
-
-
-def normalize_cpu(value: int | float | str, field: str = "cpu") -> str:
-    """Validate a CPU quantity and return its canonical manifest spelling (``0.5`` -> ``"500m"``)."""
-    return format_millicores(parse_millicores(value, field))

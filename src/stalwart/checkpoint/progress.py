@@ -2,26 +2,23 @@
 
 Multi-gigabyte checkpoint transfers can take minutes; a bar tells an interactive user the job is not hung.
 In logs, CI and small transfers a bar is noise, so it is shown only for large transfers to a terminal, and
-everything else gets a no-op object with the same interface. rich and fsspec are imported only when needed.
+everything else gets a no-op object with the same interface. rich is imported only when a bar is drawn.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import os
 import sys
 import threading
 from collections.abc import Iterator
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
-if TYPE_CHECKING:
-    from fsspec.callbacks import Callback
+from .. import config
+from ..config import NO_PROGRESS_ENV
 
 __all__ = ["DEFAULT_THRESHOLD", "NO_PROGRESS_ENV", "TransferProgress", "transfer_progress"]
 
 DEFAULT_THRESHOLD = 64 * 2**20
-NO_PROGRESS_ENV = "STALWART_NO_PROGRESS"
 
 # Two live bars on one terminal garble each other (and rich refuses two live displays per console), so
 # concurrent transfers, e.g. uploads on background threads, get a bar only for the first one.
@@ -51,16 +48,6 @@ class TransferProgress:
     def _finish(self) -> None:
         pass
 
-    def as_fsspec_callback(self) -> Callback:
-        """Return an ``fsspec.callbacks.Callback`` that feeds this progress, for ``put_file``/``get_file``.
-
-        Byte updates from the transfer (``relative_update``/``absolute_update``) are forwarded. For
-        multi-file ``put``/``get`` the top-level callback counts files, not bytes, so once it branches only
-        the per-file child callbacks feed the bar. The sizes fsspec reports via ``set_size`` do not change
-        the bar's total, which stays ``total_bytes``.
-        """
-        return _fsspec_callback_class()(self)
-
 
 class _RichTransferProgress(TransferProgress):
     enabled = True
@@ -79,39 +66,6 @@ class _RichTransferProgress(TransferProgress):
             self._progress.update(self._task_id, completed=self.total_bytes)
 
 
-@functools.cache
-def _fsspec_callback_class() -> type[Callback]:
-    from fsspec.callbacks import Callback
-
-    class ProgressCallback(Callback):
-        """fsspec callback forwarding byte counts to a :class:`TransferProgress`."""
-
-        def __init__(self, progress: TransferProgress, **kwargs: Any) -> None:
-            super().__init__(**kwargs)
-            self._progress = progress
-            self._forwarded = 0
-            self._is_parent = False
-
-        def call(self, hook_name: str | None = None, **kwargs: Any) -> Any:
-            # Every fsspec update path (set_size, relative_update, absolute_update) ends here.
-            if not self._is_parent and self.value != self._forwarded:
-                delta = self.value - self._forwarded
-                self._forwarded = self.value
-                self._progress.update(delta)
-            return super().call(hook_name, **kwargs)
-
-        def branched(self, path_1: str, path_2: str, **kwargs: Any) -> Callback:
-            if not self._is_parent:
-                # From now on our own value counts files (fsspec's put/get): retract what we forwarded.
-                self._is_parent = True
-                if self._forwarded:
-                    self._progress.update(-self._forwarded)
-                    self._forwarded = 0
-            return ProgressCallback(self._progress)
-
-    return ProgressCallback
-
-
 def _is_tty(stream: Any) -> bool:
     try:
         return bool(stream.isatty())
@@ -120,7 +74,7 @@ def _is_tty(stream: Any) -> bool:
 
 
 def _bar_wanted(total_bytes: int, threshold: int, stream: Any) -> bool:
-    return total_bytes >= threshold and not os.environ.get(NO_PROGRESS_ENV) and _is_tty(stream)
+    return total_bytes >= threshold and config.progress_bars() and _is_tty(stream)
 
 
 @contextlib.contextmanager

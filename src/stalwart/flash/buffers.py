@@ -178,10 +178,6 @@ class BufferPool:
                 log.warning("discarding unusable flash buffer %s: %s", path, exc)
                 path.unlink(missing_ok=True)
 
-    @property
-    def free_bytes(self) -> int:
-        return sum(b.capacity for b in self._free)
-
     def acquire(self, size: int) -> Buffer:
         """A free buffer of at least ``size`` bytes: the smallest that fits, else a free one grown in
         place, else a new one. A failed growth leaves the buffer free and as it was."""

@@ -170,7 +170,7 @@ def plan_tensors(tensors: Sequence[Any]) -> tuple[list[TensorEntry], list[bool],
             and tensor.is_contiguous()
             and not (dtype.is_complex and (tensor.is_conj() or tensor.is_neg()))
         )
-        offset = (offset + nbytes + ALIGN - 1) & -ALIGN
+        offset = align(offset + nbytes)
     return entries, direct, offset
 
 
