@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -14,14 +13,6 @@ if TYPE_CHECKING:
     from .checkpoint.task import Checkpoint
 
 __all__ = ["TaskContext", "ctx"]
-
-
-def _int_env(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    try:
-        return int(raw) if raw not in (None, "") else default
-    except ValueError:
-        return default
 
 
 @dataclass(frozen=True)
@@ -79,12 +70,7 @@ class TaskContext:
 
 
 _VARIABLES = (
-    config.RUN_ID_ENV,
-    config.ATTEMPT_ENV,
-    config.MAX_ATTEMPTS_ENV,
-    config.TASK_ENV,
-    config.CHECKPOINT_URI_ENV,
-    config.CHECKPOINT_PATH_ENV,
+    *config.TASK_VARIABLES,
     "RANK",
     "LOCAL_RANK",
     "WORLD_SIZE",
@@ -103,26 +89,21 @@ def ctx() -> TaskContext:
     Checkpoint for the whole attempt.
     """
     global _current
-    key = tuple(os.environ.get(name) for name in _VARIABLES)
+    key = config.variables(_VARIABLES)
     if _current is None or _current[0] != key:
         _current = (key, _build())
     return _current[1]
 
 
 def _build() -> TaskContext:
-    path = os.environ.get(config.CHECKPOINT_PATH_ENV)
+    identity = config.task_identity()
     return TaskContext(
-        run_id=os.environ.get(config.RUN_ID_ENV) or None,
-        attempt=_int_env(config.ATTEMPT_ENV, 0),
-        max_attempts=_int_env(config.MAX_ATTEMPTS_ENV, 1),
-        task_name=os.environ.get(config.TASK_ENV) or None,
-        checkpoint_uri=os.environ.get(config.CHECKPOINT_URI_ENV) or None,
-        checkpoint_path=Path(path) if path else None,
-        rank=_int_env("RANK", 0),
-        local_rank=_int_env("LOCAL_RANK", 0),
-        world_size=_int_env("WORLD_SIZE", 1),
-        node_rank=_int_env("GROUP_RANK", 0),
-        nnodes=_int_env("GROUP_WORLD_SIZE", 1),
-        local_world_size=_int_env("LOCAL_WORLD_SIZE", 1),
-        restart_attempt=_int_env("TORCHELASTIC_RESTART_COUNT", 0),
+        *identity,
+        rank=config.int_variable("RANK", 0),
+        local_rank=config.int_variable("LOCAL_RANK", 0),
+        world_size=config.int_variable("WORLD_SIZE", 1),
+        node_rank=config.int_variable("GROUP_RANK", 0),
+        nnodes=config.int_variable("GROUP_WORLD_SIZE", 1),
+        local_world_size=config.int_variable("LOCAL_WORLD_SIZE", 1),
+        restart_attempt=config.int_variable("TORCHELASTIC_RESTART_COUNT", 0),
     )

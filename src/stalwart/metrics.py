@@ -15,7 +15,6 @@ Nothing here imports torch, and tallying is a dict update under a lock: no cost 
 
 from __future__ import annotations
 
-import os
 import threading
 from typing import Any
 
@@ -191,11 +190,5 @@ def stop_prometheus() -> None:
 def serve_from_env() -> int | None:
     """Serve on ``STALWART_PROMETHEUS_PORT`` plus ``LOCAL_RANK`` when it is set (the FlashCheckpointer
     calls this, so a task turns metrics on with an environment variable alone)."""
-    raw = os.environ.get(config.PROMETHEUS_PORT_ENV)
-    if not raw:
-        return None
-    if not raw.isdigit():
-        raise ValueError(f"{config.PROMETHEUS_PORT_ENV}={raw!r} is not accepted; use a port number")
-    local = os.environ.get("LOCAL_RANK", "0")
-    port = int(raw) + (int(local) if local.isdigit() else 0) if int(raw) else 0
-    return serve_prometheus(port, os.environ.get(config.PROMETHEUS_ADDR_ENV) or "127.0.0.1")
+    endpoint = config.prometheus_endpoint()
+    return None if endpoint is None else serve_prometheus(*endpoint)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
-import os
 import sys
 import traceback
 import types
@@ -22,13 +20,12 @@ __all__ = ["find_task", "script_as_main", "task_listing"]
 
 @contextlib.contextmanager
 def script_as_main(file: str) -> Iterator[types.ModuleType]:
-    """Import FILE as ``__mp_main__`` aliased to ``__main__`` (as multiprocessing's spawn does).
-
-    The attempt process imports the script the same way, so its ``if __name__ == "__main__":`` block
-    runs in neither, and pickles that name ``__main__`` or ``__mp_main__`` resolve on both sides. The
-    previous modules and ``sys.path`` come back afterwards, which keeps ``main()`` usable in-process.
+    """Import FILE the way the attempt process will (``runtime.loader.import_as_main``: as
+    ``__mp_main__`` aliased to ``__main__``), so its ``if __name__ == "__main__":`` block runs in
+    neither and pickles that name ``__main__`` or ``__mp_main__`` resolve on both sides. The previous
+    modules and ``sys.path`` come back afterwards, which keeps ``main()`` usable in-process.
     """
-    from ..runtime.worker import IMPORTING_ENV
+    from ..runtime.loader import import_as_main
 
     path = Path(file).expanduser()
     if not path.exists():
@@ -38,24 +35,12 @@ def script_as_main(file: str) -> Iterator[types.ModuleType]:
     if path.suffix != ".py":
         raise CliError(f"{file} is not a .py file; stalwart run needs a Python source file")
     path = path.resolve()
-    spec = importlib.util.spec_from_file_location("__mp_main__", path)
-    if spec is None or spec.loader is None:
-        raise CliError(f"cannot import {file} as Python source")
-    module = importlib.util.module_from_spec(spec)
-    module.__file__ = str(path)
-
-    saved = {name: sys.modules.get(name) for name in ("__main__", "__mp_main__")}
+    saved = {name: sys.modules.pop(name, None) for name in ("__main__", "__mp_main__")}
     saved_path = list(sys.path)
-    saved_importing = os.environ.get(IMPORTING_ENV)
-    sys.modules["__mp_main__"] = module
-    sys.modules["__main__"] = module
     sys.path.insert(0, str(path.parent))  # like `python FILE.py`: its sibling modules import
     try:
-        # Set while importing, so an unguarded stalwart.run() at the top of the script fails with
-        # advice instead of starting a second run.
-        os.environ[IMPORTING_ENV] = "1"
         try:
-            spec.loader.exec_module(module)
+            module = import_as_main(path)
         except KeyboardInterrupt:
             raise
         except SystemExit as exc:
@@ -65,11 +50,6 @@ def script_as_main(file: str) -> Iterator[types.ModuleType]:
             ) from None
         except BaseException as exc:
             raise CliError(f"could not import {file}:\n{_import_error(exc)}") from None
-        finally:
-            if saved_importing is None:
-                os.environ.pop(IMPORTING_ENV, None)
-            else:
-                os.environ[IMPORTING_ENV] = saved_importing
         yield module
     finally:
         for name, previous in saved.items():
@@ -80,13 +60,16 @@ def script_as_main(file: str) -> Iterator[types.ModuleType]:
         sys.path[:] = saved_path
 
 
+_OURS = (Path(__file__), Path(__file__).parents[1] / "runtime" / "loader.py")
+
+
 def _import_error(exc: BaseException) -> str:
     """The exception with only the script's own frames: importlib's and ours tell the user nothing."""
     error = traceback.TracebackException.from_exception(exc)
     frames = [
         frame
         for frame in error.stack
-        if not frame.filename.startswith("<frozen") and Path(frame.filename) != Path(__file__)
+        if not frame.filename.startswith("<frozen") and Path(frame.filename) not in _OURS
     ]
     error.stack = traceback.StackSummary.from_list(frames)
     return "".join(error.format()).rstrip()

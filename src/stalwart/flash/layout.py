@@ -26,26 +26,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import config
 from .errors import FlashSpaceError
 
-__all__ = ["CommitRecord", "FlashLayout", "RankLock", "RankLockedError", "check_count", "default_root"]
+__all__ = ["CommitRecord", "FlashLayout", "RankLock", "RankLockedError", "check_count"]
 
-ROOT_ENV = "STALWART_FLASH_ROOT"
 _STEP = re.compile(r"^step-(\d{12})$")
 _COMMIT = re.compile(r"^rank-(\d{5})\.commit$")
 _JOB = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-
-
-def default_root() -> Path:
-    """``$STALWART_FLASH_ROOT``, else ``/dev/shm/stalwart`` (tmpfs), else the temp directory."""
-    raw = os.environ.get(ROOT_ENV)
-    if raw:
-        return Path(raw).expanduser()
-    if Path("/dev/shm").is_dir():
-        return Path("/dev/shm/stalwart")
-    import tempfile
-
-    return Path(tempfile.gettempdir()) / "stalwart-flash"
 
 
 def check_job_id(job_id: object) -> str:
@@ -136,7 +124,7 @@ class FlashLayout:
     """Paths and commit bookkeeping of one job under one flash root."""
 
     def __init__(self, root: str | os.PathLike | None, job_id: str) -> None:
-        self.root = Path(root).expanduser() if root is not None else default_root()
+        self.root = Path(root).expanduser() if root is not None else config.flash_root()
         self.job_id = check_job_id(job_id)
         self.job_dir = self.root / job_id
         self.steps_dir = self.job_dir / "steps"

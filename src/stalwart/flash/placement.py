@@ -11,6 +11,8 @@ import os
 import socket
 from dataclasses import dataclass
 
+from .. import config
+
 __all__ = ["Peer", "RingPlacement", "node_key", "replica_host"]
 
 
@@ -56,7 +58,7 @@ class RingPlacement:
 def replica_host() -> str:
     """The address peers reach this process at: STALWART_REPLICATION_HOST, else loopback when the job's
     master is local, else the address of the interface that routes to the master."""
-    explicit = os.environ.get("STALWART_REPLICATION_HOST")
+    explicit = config.replication_host()
     if explicit:
         return explicit
     master = os.environ.get("MASTER_ADDR", "127.0.0.1")
@@ -74,4 +76,4 @@ def replica_host() -> str:
 def node_key() -> str:
     """Ranks with the same key share a flash root: STALWART_NODE, else torch elastic's GROUP_RANK, else the
     host name."""
-    return os.environ.get("STALWART_NODE") or os.environ.get("GROUP_RANK") or socket.gethostname()
+    return config.node_name() or os.environ.get("GROUP_RANK") or socket.gethostname()

@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING, Any
 
 from stalwart import config
 from stalwart.elastic import Elastic, RunPolicy
-from stalwart.flash.layout import ROOT_ENV as FLASH_ROOT_ENV
 from stalwart.flash.preemption import TERMINATION_GRACE_SECONDS
 from stalwart.kubernetes.command import default_command, input_args, script_of
 from stalwart.kubernetes.resources import SHM_MOUNT_PATH, SHM_VOLUME_NAME, KubernetesResources
@@ -137,7 +136,7 @@ class Launch:
             raise ValueError("pass inputs= or command=, not both: an explicit command carries its own inputs")
         if isinstance(command, str) or not command or not all(isinstance(a, str) for a in command):
             raise ValueError(f"command={command!r} is not accepted; use a non-empty list of strings")
-        root = flash_root or task.env_vars.get(FLASH_ROOT_ENV) or DEFAULT_FLASH_ROOT
+        root = flash_root or task.env_vars.get(config.FLASH_ROOT_ENV) or DEFAULT_FLASH_ROOT
         return cls(run_id, image, tuple(command), store, root, namespace)
 
     @property
@@ -152,12 +151,7 @@ GRACE = TERMINATION_GRACE_SECONDS
 
 def checkpoint_store_for(task: Task, checkpoint_store: str | None = None) -> str:
     """The store the pods use: the argument, the task's, ``$STALWART_CHECKPOINT_STORE``, else pod-local."""
-    return (
-        checkpoint_store
-        or task.checkpoint_store
-        or os.environ.get(config.CHECKPOINT_STORE_ENV)
-        or POD_LOCAL_CHECKPOINT_STORE
-    )
+    return config.checkpoint_store(checkpoint_store, task.checkpoint_store, POD_LOCAL_CHECKPOINT_STORE)[0]
 
 
 def default_kind(task: Task) -> str:
@@ -323,7 +317,7 @@ def _env(task: Task, launch: Launch, extra_pet: Mapping[str, Any] | None = None)
         config.TASK_ENV: task.name,
         config.CHECKPOINT_STORE_ENV: launch.checkpoint_store,
         config.CHECKPOINT_URI_ENV: launch.checkpoint_uri,
-        FLASH_ROOT_ENV: launch.flash_root,
+        config.FLASH_ROOT_ENV: launch.flash_root,
     }
     elastic = task.elastic
     if elastic is not None:

@@ -15,9 +15,7 @@ training operator sets); one node picks a free port on 127.0.0.1.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import inspect
 import os
 import pickle
 import signal
@@ -28,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import config
 from ..elastic import Elastic
 from ..flash.preemption import Preempted
 from . import events
@@ -41,12 +40,12 @@ from .elastic_failures import (
     preemption_reported,
     write_report,
 )
+from .loader import call, leave_process_group, load, read_spec
 from .processes import die_with_parent
-from .protocol import SPEC_FILE, AttemptSpec, dumps_output, write_atomic
+from .protocol import AttemptSpec, dumps_output, failure_result, write_atomic
 
 __all__ = ["launch"]
 
-ENDPOINT_ENV = "STALWART_RDZV_ENDPOINT"
 OUTPUT_FILE = "rank0-output.pkl"
 
 
@@ -61,13 +60,13 @@ def _free_port() -> int:
 
 
 def _endpoint(elastic: Elastic) -> str:
-    endpoint = os.environ.get(ENDPOINT_ENV) or os.environ.get("PET_RDZV_ENDPOINT")
+    endpoint = config.rdzv_endpoint() or os.environ.get("PET_RDZV_ENDPOINT")  # Kubeflow's
     if endpoint:
         return endpoint
     if elastic.max_nodes > 1:
         raise RendezvousFailed(
             f"nnodes={elastic.nnodes!r} needs a rendezvous endpoint shared by the nodes: set "
-            f"{ENDPOINT_ENV}=HOST:PORT (the same on every node), or run the task with nnodes=1"
+            f"{config.RDZV_ENDPOINT_ENV}=HOST:PORT (the same on every node), or run the task with nnodes=1"
         )
     return f"127.0.0.1:{_free_port()}"
 
@@ -133,8 +132,8 @@ def launch(spec: AttemptSpec, attempt_dir: Path) -> bytes | None:
         os.environ.setdefault("OMP_NUM_THREADS", "1")  # as torchrun: workers share the cores
     if elastic.min_nodes != elastic.max_nodes:
         os.environ.setdefault(SHARED_STORE_OFF, "1")
-    run_id = os.environ.get("STALWART_RUN_ID", "stalwart")
-    config = LaunchConfig(
+    run_id = config.task_identity().run_id or "stalwart"
+    launch_config = LaunchConfig(
         min_nodes=elastic.min_nodes,
         max_nodes=elastic.max_nodes,
         nproc_per_node=elastic.nproc_per_node,
@@ -155,12 +154,16 @@ def launch(spec: AttemptSpec, attempt_dir: Path) -> bytes | None:
         # callable, torch elastic forks workers through multiprocessing, and on this torch version the
         # first gloo process group after a worker-group restart fails to connect.
         with _agent_watching_reports(Path(attempt_dir)) as rounds:
-            elastic_launch(config, sys.executable)("-m", "stalwart.runtime.elastic_launch", str(attempt_dir))
+            elastic_launch(launch_config, sys.executable)(
+                "-m", "stalwart.runtime.elastic_launch", str(attempt_dir)
+            )
     except RendezvousTimeoutError as exc:
         raise RendezvousFailed(
-            f"rendezvous of run {run_id} at {config.rdzv_endpoint} timed out after {elastic.join_timeout} s "
+            f"rendezvous of run {run_id} at {launch_config.rdzv_endpoint} timed out after "
+            f"{elastic.join_timeout} s "
             f"waiting for other nodes (nnodes={elastic.nnodes!r}): start the other nodes with the same run "
-            f"id and {ENDPOINT_ENV}, or lower nnodes; rdzv_configs['join_timeout'] sets the wait ({exc})"
+            f"id and {config.RDZV_ENDPOINT_ENV}, or lower nnodes; rdzv_configs['join_timeout'] sets the "
+            f"wait ({exc})"
         ) from None
     except ChildFailedError as exc:
         first, others = first_failure(exc.failures, attempt_dir)
@@ -197,8 +200,6 @@ def run_worker(attempt_dir: str) -> None:
     traceback of a consequence reads as a second failure.
     """
     from torch.distributed.elastic.multiprocessing.errors import record
-
-    from .worker import failure_result
 
     die_with_parent()  # the agent (the attempt process) may be killed before it can stop its workers
     try:
@@ -249,22 +250,8 @@ def _separate_restart_rounds() -> None:
 
 
 def _run(attempt_dir: str) -> None:
-    from .worker import leave_process_group, load
-
     _separate_restart_rounds()
-    spec: AttemptSpec = pickle.loads((Path(attempt_dir) / SPEC_FILE).read_bytes())
-    for entry in reversed(spec.sys_path):
-        if entry not in sys.path:
-            sys.path.insert(0, entry)
-    func, args, kwargs = load(spec)
-    try:
-        output = func(*args, **kwargs)
-        if inspect.iscoroutine(output):
-            output = asyncio.run(output)
-    except SystemExit as exc:
-        if exc.code in (0, None):  # as a plain task: exiting is not returning a value
-            raise RuntimeError("the task called sys.exit(0) instead of returning") from None
-        raise
+    output = call(*load(read_spec(attempt_dir)))
     if int(os.environ.get("RANK", "0")) == 0:
         write_atomic(Path(attempt_dir) / OUTPUT_FILE, dumps_output(output))
     leave_process_group()

@@ -91,13 +91,13 @@ def _get() -> _Recorder | None:
     current = _recorder
     if current is not None and current.pid == os.getpid():
         return current
-    directory = os.environ.get(config.ATTEMPT_DIR_ENV)
-    if not directory:
+    directory = config.attempt_dir()
+    if directory is None:
         return None
     with _lock:
         if _recorder is None or _recorder.pid != os.getpid():  # a forked child records on its own
             try:
-                _recorder = _Recorder(Path(directory))
+                _recorder = _Recorder(directory)
             except OSError:
                 return None
         return _recorder
@@ -147,13 +147,13 @@ def reached_before() -> int | None:
     """The newest step rank 0 reached in the earlier rounds of this task's run (earlier attempts, and
     the worker groups torch elastic restarted in this one), from their event files: a restore of an
     older step recomputes the difference. None outside a task or before any step."""
-    directory = os.environ.get(config.ATTEMPT_DIR_ENV)
-    if not directory:
+    directory = config.attempt_dir()
+    if directory is None:
         return None
     own = f"-pid{os.getpid()}.jsonl"
     newest: int | None = None
-    for path in Path(directory).parent.glob(f"attempt-*/{_DIR}/rank0-pid*.jsonl"):
-        if path.name.endswith(own) and path.parent.parent == Path(directory):
+    for path in directory.parent.glob(f"attempt-*/{_DIR}/rank0-pid*.jsonl"):
+        if path.name.endswith(own) and path.parent.parent == directory:
             continue
         try:
             lines = path.read_text(errors="replace").splitlines()

@@ -13,11 +13,13 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..elastic import Elastic
+from ..flash.preemption import Preempted
 from ..retry import NonRetryableError
 
 SPEC_FILE = "spec.pkl"
@@ -88,3 +90,21 @@ def dumps_output(output: Any) -> bytes:
         raise NonRetryableError(
             f"the task returned a {type(output).__name__} that cannot be pickled: {exc}"
         ) from exc
+
+
+def failure_result(exc: BaseException) -> AttemptResult:
+    """An exception as the runner reads it: type, message, traceback, the pickle if it round-trips."""
+    try:
+        pickled: bytes | None = pickle.dumps(exc)
+        pickle.loads(pickled)
+    except Exception:
+        pickled = None
+    return AttemptResult(
+        ok=False,
+        error_type=f"{type(exc).__module__}.{type(exc).__qualname__}",
+        error_message=str(exc),
+        traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+        exception=pickled,
+        retryable=not isinstance(exc, NonRetryableError),
+        preempted=isinstance(exc, Preempted),
+    )

@@ -42,7 +42,6 @@ from .outcome import Outcome, load_output, oom_kill_count, read_outcome
 from .processes import kill_tree
 from .protocol import RESULT_FILE, SPEC_FILE, STDERR_FILE, STDOUT_FILE, AttemptSpec, loads, write_atomic
 from .store import AttemptRecord, RunRecord, RunStore
-from .worker import IMPORTING_ENV
 
 __all__ = ["Run", "RunFailedError", "RunOptions", "new_run_id", "run", "with_runcontext"]
 
@@ -171,7 +170,7 @@ class _Runner:
     def __init__(self, options: RunOptions, task: Task, args: tuple, inputs: dict) -> None:
         if not isinstance(task, Task):
             raise TypeError(f"stalwart.run needs a task declared with @env.task; got {task!r}")
-        if os.environ.get(IMPORTING_ENV):
+        if config.importing_task():
             raise NonRetryableError(
                 "stalwart.run() was called while an attempt process imported the task's module; "
                 'put the call under `if __name__ == "__main__":` so it runs only in the launching process'
@@ -350,13 +349,8 @@ class _Runner:
 
     def _store_base(self) -> tuple[str, str]:
         """The store this run's checkpoints go under, and where it was named (for error messages)."""
-        if self.options.checkpoint_store:
-            return self.options.checkpoint_store, "checkpoint_store"
-        if self.task.checkpoint_store:
-            return self.task.checkpoint_store, "checkpoint_store"
-        if os.environ.get(config.CHECKPOINT_STORE_ENV):
-            return os.environ[config.CHECKPOINT_STORE_ENV], config.CHECKPOINT_STORE_ENV
-        return (self.home / "checkpoints").resolve().as_uri(), "checkpoint_store"
+        local = config.local_checkpoint_store(self.home)
+        return config.checkpoint_store(self.options.checkpoint_store, self.task.checkpoint_store, local)
 
     def _checkpoint_uri(self, run_id: str) -> str:
         return f"{self._store_base()[0].rstrip('/')}/{run_id}"

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from .. import config
 from ..runtime.elastic_launch import SHARED_STORE_OFF
 from ..runtime.processes import kill_tree
 
@@ -85,9 +86,9 @@ class LocalCluster:
         env = {
             **os.environ,
             **self.env,
-            "STALWART_FLASH_ROOT": str(self.root(node)),
-            "STALWART_NODE": f"node-{node}",
-            "STALWART_REPLICATION_HOST": "127.0.0.1",
+            config.FLASH_ROOT_ENV: str(self.root(node)),
+            config.NODE_ENV: f"node-{node}",
+            config.REPLICATION_HOST_ENV: "127.0.0.1",
             "OMP_NUM_THREADS": "1",
         }
         if self.min_nodes is not None:  # else a node that joins is never admitted (``elastic_launch``)
