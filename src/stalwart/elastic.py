@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from .checks import int_at_least
+
 __all__ = ["CLEAN_POD_POLICIES", "DEFAULT_RDZV_CONFIGS", "START_METHODS", "Elastic", "RunPolicy"]
 
 START_METHODS = ("spawn", "fork")
@@ -25,16 +27,12 @@ DEFAULT_RDZV_CONFIGS: Mapping[str, int] = MappingProxyType({"timeout": 900, "joi
 """Fifteen minutes, as flytekit: some pods start on a node that still has to scale up or pull the image."""
 
 _NNODES = re.compile(r"^\s*(\d+)\s*(?::\s*(\d+)\s*)?$")
-_INT32_MAX = 2**31 - 1
+_INT32_MAX = 2**31 - 1  # Kubernetes' int32 fields
+_SECONDS = {"maximum": _INT32_MAX, "note": " (seconds)"}
 
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_int(name: str, value: object, minimum: int, accepted: str) -> None:
-    if not _is_int(value) or value < minimum or value > _INT32_MAX:  # type: ignore[operator]
-        raise ValueError(f"{name}={value!r} is not accepted; use {accepted}")
 
 
 def _parse_nnodes(value: object) -> tuple[int, int]:
@@ -108,13 +106,11 @@ class RunPolicy:
                 f"{', '.join(repr(p) for p in CLEAN_POD_POLICIES)} or None"
             )
         if self.ttl_seconds_after_finished is not None:
-            _check_int(
-                "ttl_seconds_after_finished", self.ttl_seconds_after_finished, 0, "an int >= 0 (seconds)"
-            )
+            int_at_least("ttl_seconds_after_finished", self.ttl_seconds_after_finished, 0, **_SECONDS)
         if self.active_deadline_seconds is not None:
-            _check_int("active_deadline_seconds", self.active_deadline_seconds, 1, "an int >= 1 (seconds)")
+            int_at_least("active_deadline_seconds", self.active_deadline_seconds, 1, **_SECONDS)
         if self.backoff_limit is not None:
-            _check_int("backoff_limit", self.backoff_limit, 0, "an int >= 0")
+            int_at_least("backoff_limit", self.backoff_limit, 0, maximum=_INT32_MAX)
 
 
 @dataclass(frozen=True)
@@ -149,7 +145,8 @@ class Elastic:
 
     def __post_init__(self) -> None:
         _parse_nnodes(self.nnodes)
-        _check_int("nproc_per_node", self.nproc_per_node, 1, "an int >= 1, e.g. the number of GPUs per node")
+        note = ", e.g. the number of GPUs per node"
+        int_at_least("nproc_per_node", self.nproc_per_node, 1, maximum=_INT32_MAX, note=note)
         if self.start_method not in START_METHODS:
             raise ValueError(
                 f"start_method={self.start_method!r} is not accepted; use "
@@ -160,7 +157,7 @@ class Elastic:
             raise ValueError(f"monitor_interval={interval!r} is not accepted; use a number of seconds > 0")
         if not math.isfinite(interval):
             raise ValueError(f"monitor_interval={interval!r} is not accepted; use a finite number of seconds")
-        _check_int("max_restarts", self.max_restarts, 0, "an int >= 0")
+        int_at_least("max_restarts", self.max_restarts, 0, maximum=_INT32_MAX)
         object.__setattr__(self, "rdzv_configs", _check_rdzv_configs(self.rdzv_configs))
         if not isinstance(self.increase_shared_mem, bool):
             raise ValueError(f"increase_shared_mem={self.increase_shared_mem!r} is not accepted; use a bool")

@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass
 from datetime import timedelta
 
+from .checks import int_at_least
+
 __all__ = ["Backoff", "NonRetryableError", "RetryStrategy", "as_retry_strategy"]
 
 
@@ -67,8 +69,7 @@ class RetryStrategy:
     backoff: Backoff | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.count, bool) or not isinstance(self.count, int) or self.count < 0:
-            raise ValueError(f"retries={self.count!r} is not accepted; use an int >= 0, e.g. retries=3")
+        int_at_least("retries", self.count, 0, note=", e.g. retries=3")
         if self.backoff is not None and not isinstance(self.backoff, Backoff):
             raise ValueError(
                 f"backoff={self.backoff!r} is not accepted; use None or Backoff(base, factor, cap)"

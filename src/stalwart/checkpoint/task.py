@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ..checks import int_at_least
 from ..runtime import events
 from .store import CHUNK, DurableStore
 
@@ -86,10 +87,8 @@ class Checkpoint:
         storage_options: dict | None = None,
         keep: int = 3,
     ) -> None:
-        if isinstance(attempt, bool) or not isinstance(attempt, int) or not 0 <= attempt < 100000:
-            raise ValueError(f"attempt={attempt!r} is not accepted; use an int from 0 to 99999")
-        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-            raise ValueError(f"keep={keep!r} is not accepted; use an int >= 1 (versions kept per run)")
+        int_at_least("attempt", attempt, 0, maximum=99999)
+        int_at_least("keep", keep, 1, note=" (versions kept per run)")
         self.store = DurableStore(uri, storage_options)
         self.uri = uri
         self.attempt = attempt

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..checks import int_at_least
 from .transport import ANSWER_SIZE, HANDSHAKE_DEADLINE, HANDSHAKE_SLOTS, AuthError, ServerHandshake
 
 __all__ = ["Acceptor", "RefusalLog"]
@@ -128,8 +129,7 @@ class Acceptor:
         deadline: float = HANDSHAKE_DEADLINE,
         name: str = "stalwart-acceptor",
     ) -> None:
-        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
-            raise ValueError(f"handshake slots={slots!r} is not accepted; use an int >= 1")
+        int_at_least("handshake slots", slots, 1)
         if isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not deadline > 0:
             raise ValueError(f"handshake deadline={deadline!r} is not accepted; use seconds > 0")
         self._listener, self._secret, self._on_session = listener, secret, on_session

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import config, metrics
+from ..checks import int_at_least
 from ..context import ctx
 from ..runtime import events
 from . import preemption, stateful
@@ -45,18 +46,11 @@ log = logging.getLogger("stalwart.flash")
 
 
 def _step(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"step={value!r} is not accepted; use an int >= 0")
-    return value
+    return int_at_least("step", value, 0)
 
 
 def _positive(name: str, value: object, *, optional: bool = False) -> int | None:
-    if optional and value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        extra = " or None" if optional else ""
-        raise ValueError(f"{name}={value!r} is not accepted; use an int >= 1{extra}")
-    return value
+    return int_at_least(name, value, 1, optional=optional)
 
 
 class FlashCheckpointer:
@@ -129,10 +123,7 @@ class FlashCheckpointer:
         self.layout = FlashLayout(root, self.job_id)
         self._rank, self._world_size, self._process_group = rank, world_size, process_group
         self._threads, self._chunk_size = threads, chunk_size
-        if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 0:
-            raise ValueError(
-                f"replicas={replicas!r} is not accepted; use an int >= 0 (copies on other nodes)"
-            )
+        int_at_least("replicas", replicas, 0, note=" (copies on other nodes)")
         self.replicas = replicas
         if on_durable_error not in ON_ERROR:
             raise ValueError(
@@ -232,8 +223,7 @@ class FlashCheckpointer:
         durable store. Sharded state (DTensor, FSDP2) reshards through DCP (``FlashStorageReader``).
         Without it, a checkpoint of another world size raises FlashRestoreError saying so.
         """
-        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
-            raise ValueError(f"step={step!r} is not accepted; use an int >= 0 or None (the newest)")
+        int_at_least("step", step, 0, optional=True, note=" (the newest)")
         check_reshard(reshard)
         restored = stateful.restore_into(
             state_dict, lambda target: self.engine.load(target, step=step, reshard=reshard), rng=self.rng

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import xxhash
 
+from ..checks import int_at_least
 from .objects import HEADER_SIZE, TensorEntry, plan_tensors
 
 if TYPE_CHECKING:
@@ -42,10 +43,7 @@ class Copier:
     """Parallel copies and checksums between tensors and buffers."""
 
     def __init__(self, threads: int | None = None) -> None:
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-            raise ValueError(
-                f"threads={threads!r} is not accepted; use an int >= 1 or None (one per core, up to 4)"
-            )
+        int_at_least("threads", threads, 1, optional=True, note=" (one per core, up to 4)")
         self.threads = threads or max(1, min(4, os.cpu_count() or 1))
         self._pool = (
             ThreadPoolExecutor(self.threads, thread_name_prefix="stalwart-copy") if self.threads > 1 else None

@@ -18,6 +18,7 @@ import logging
 import re
 
 from ..checkpoint.store import CHUNK, DurableStore
+from ..checks import int_at_least
 from .errors import FlashError
 from .layout import CommitRecord, FlashLayout
 
@@ -37,8 +38,7 @@ class DurableTier:
     """Flash steps under one fsspec URL (``file://``, ``s3://``...), reusing the task checkpoint's store."""
 
     def __init__(self, url: str, storage_options: dict | None = None, *, keep: int = 2) -> None:
-        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-            raise ValueError(f"durable keep={keep!r} is not accepted; use an int >= 1")
+        int_at_least("durable keep", keep, 1)
         self.store = DurableStore(url, storage_options)
         self.url = url
         self.keep = keep

@@ -25,6 +25,7 @@ from collections.abc import MutableMapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from ..checks import int_at_least
 from ..runtime import events
 from .capacity import check_room
 from .cluster import Cluster, Introduction
@@ -43,12 +44,6 @@ from .uploader import DurableUploader
 __all__ = ["FlashEngine", "FlashError", "FlashSpaceError"]
 
 log = logging.getLogger("stalwart.flash")
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}={value!r} is not accepted; use an int >= {minimum}")
-    return value
 
 
 class _Group:
@@ -104,14 +99,14 @@ class FlashEngine:
         (``self.visitor``): read and serve only; no save, no replica kept, nothing of the rank changed.
         ``alone``: open this rank on its node only, without meeting the others (not collective; no
         replication, no peer reachable)."""
-        _check_int("world_size", world_size, 1)
-        _check_int("rank", rank, 0)
+        int_at_least("world_size", world_size, 1)
+        int_at_least("rank", rank, 0)
         if rank >= world_size:
             raise ValueError(
                 f"rank={rank} is not accepted with world_size={world_size}; use 0..{world_size - 1}"
             )
-        _check_int("keep", keep, 1)
-        _check_int("chunk_size", chunk_size, 4096)
+        int_at_least("keep", keep, 1)
+        int_at_least("chunk_size", chunk_size, 4096)
         self.layout, self.rank, self.world_size, self.keep = layout, rank, world_size, keep
         self.durable = durable
         self.chunk_size = chunk_size
@@ -200,7 +195,7 @@ class FlashEngine:
         ``discard``. Steps must grow: an older step is refused."""
         self._check_open()
         self._check_owner()
-        _check_int("step", step, 0)
+        int_at_least("step", step, 0)
         if durable and self.uploader is None:
             raise ValueError("durable=True needs a durable store; pass durable='s3://...' or a local path")
         self._settle(wait=True)
@@ -329,7 +324,7 @@ class FlashEngine:
         self._quiesce()
         self.restored_from = None
         if step is not None:
-            _check_int("step", step, 0)
+            int_at_least("step", step, 0)
         check_reshard(reshard)
         started = time.perf_counter()
         landings: list[Landing] = []  # every landing made, also of steps not restored in the end
@@ -432,7 +427,7 @@ class FlashEngine:
         ``load``. Returns the flash steps forgotten. Collective with several nodes."""
         self._check_open()
         self._check_owner()
-        _check_int("step", step, 0)
+        int_at_least("step", step, 0)
         self._quiesce()
         abandoned = sorted(s for s in self.store.own if s > step)
         if abandoned:
@@ -455,7 +450,7 @@ class FlashEngine:
         until all have forgotten (DCP's load ends with a collective that does)."""
         self._check_open()
         self._check_owner()
-        _check_int("step", step, 0)
+        int_at_least("step", step, 0)
         self._quiesce()
         self._cut_timeline(step, None, durable_listed=True, generation=generation)
 

@@ -24,12 +24,11 @@ import time
 import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 from .. import config
 from .errors import FlashSpaceError
 
-__all__ = ["CommitRecord", "FlashLayout", "RankLock", "RankLockedError", "check_count"]
+__all__ = ["CommitRecord", "FlashLayout", "RankLock", "RankLockedError"]
 
 _STEP = re.compile(r"^step-(\d{12})$")
 _COMMIT = re.compile(r"^rank-(\d{5})\.commit$")
@@ -43,16 +42,6 @@ def check_job_id(job_id: object) -> str:
             "letter or digit, unique per job and the same across its restarts (e.g. the run id)"
         )
     return job_id
-
-
-def check_count(name: str, value: object, *, minimum: int = 1, optional: bool = False) -> Any:
-    """``value`` if it is an int >= ``minimum`` (or None when ``optional``); else a ValueError saying so."""
-    if optional and value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        extra = " or None" if optional else ""
-        raise ValueError(f"{name}={value!r} is not accepted; use an int >= {minimum}{extra}")
-    return value
 
 
 class RankLockedError(RuntimeError):

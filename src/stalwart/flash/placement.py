@@ -12,6 +12,7 @@ import socket
 from dataclasses import dataclass
 
 from .. import config
+from ..checks import int_at_least
 
 __all__ = ["Peer", "RingPlacement", "node_key", "replica_host"]
 
@@ -29,8 +30,7 @@ class RingPlacement:
     """Replicas on the next ``replicas`` nodes of a ring, same local index (a small, replaceable strategy)."""
 
     def __init__(self, replicas: int = 1) -> None:
-        if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 0:
-            raise ValueError(f"replicas={replicas!r} is not accepted; use an int >= 0")
+        int_at_least("replicas", replicas, 0)
         self.replicas = replicas
 
     def nodes(self, peers: list[Peer]) -> list[list[int]]:

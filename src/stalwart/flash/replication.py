@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from ..checks import int_at_least
 from .acceptor import Acceptor, RefusalLog
 from .board import Board
 from .buffers import Buffer, BufferPool, FlashSpaceError
@@ -149,8 +150,7 @@ class ReplicationServer:
     ) -> None:
         """``listener``: a socket already bound (and listening) for this server, whose address peers
         were told before the job secret was known; else one is bound on ``host``."""
-        if isinstance(max_connections, bool) or not isinstance(max_connections, int) or max_connections < 1:
-            raise ValueError(f"max_connections={max_connections!r} is not accepted; use an int >= 1")
+        int_at_least("max_connections", max_connections, 1)
         self.layout, self.secret, self.copier = layout, secret, copier
         self.keepers: dict[int, ReplicaKeeper] = {}
         self.refusals = RefusalLog(log)

@@ -44,6 +44,7 @@ from lightning_utilities.core.apply_func import apply_to_collection
 
 from ..checkpoint.latest import latest_checkpoint
 from ..checkpoint.task import Checkpoint
+from ..checks import int_at_least
 from ..context import ctx
 from ..flash import preemption
 from ..flash.checkpointer import FlashCheckpointer
@@ -223,11 +224,7 @@ def _flush_files(trainer: Trainer) -> None:
 
 
 def _positive(name: str, value: object, *, optional: bool = False) -> int | None:
-    if optional and value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r} is not accepted; use an int >= 1{' or None' if optional else ''}")
-    return value
+    return int_at_least(name, value, 1, optional=optional)
 
 
 class FlashCheckpointCallback(Callback):

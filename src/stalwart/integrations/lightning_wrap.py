@@ -23,6 +23,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from ..checks import int_at_least
 from ..context import ctx
 from ..flash.checkpointer import FlashCheckpointer
 from ..flash.layout import check_job_id
@@ -85,8 +86,7 @@ def wrap_trainer(
         raise TypeError(f"trainer={trainer!r} is not accepted; use a lightning.pytorch.Trainer")
     _refuse_wrapped(trainer)
     _positive("every_n_steps", every_n_steps)
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"threads={threads!r} is not accepted; use an int >= 1 or None (one per core, to 4)")
+    int_at_least("threads", threads, 1, optional=True, note=" (one per core, to 4)")
     unknown = sorted(set(flash_options) - set(_FLASH_OPTIONS))
     if unknown:
         raise TypeError(

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from .. import config
+from ..checks import int_at_least
 from ..runtime.elastic_launch import SHARED_STORE_OFF
 from ..runtime.processes import kill_tree
 
@@ -50,8 +51,7 @@ class LocalCluster:
             raise ValueError("nnodes and nproc_per_node must be >= 1")
         if min_nodes is not None and not 1 <= min_nodes <= nnodes:
             raise ValueError(f"min_nodes={min_nodes!r} is not accepted; use 1..nnodes ({nnodes}) or None")
-        if max_restarts < 0:
-            raise ValueError(f"max_restarts={max_restarts!r} is not accepted; use an int >= 0")
+        int_at_least("max_restarts", max_restarts, 0)
         self.directory = Path(directory)
         self.nnodes, self.nproc_per_node = nnodes, nproc_per_node
         self.script, self.args, self.env = str(script), list(args), dict(env or {})

@@ -46,11 +46,12 @@ from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
+from ...checks import int_at_least
 from .. import preemption, shared
 from ..cluster import Introduction
 from ..durable import DurableTier
 from ..engine import FlashEngine
-from ..layout import FlashLayout, RankLockedError, check_count
+from ..layout import FlashLayout, RankLockedError
 from ..objects import DEFAULT_CHUNK, plan_tensors
 from ..placement import node_key
 from ..rankstore import StagedObject
@@ -134,13 +135,13 @@ class FlashStorageWriter(StorageWriter, AsyncStager):
         preemption save comes within ``grace_period`` seconds, saying how much is lost if not."""
         super().__init__()
         self.layout = FlashLayout(root, job_id)
-        self.keep = check_count("keep", keep)
-        self.replicas = check_count("replicas", replicas, minimum=0)
+        self.keep = int_at_least("keep", keep, 1)
+        self.replicas = int_at_least("replicas", replicas, 0)
         if isinstance(durable, Path):
             durable = durable.resolve().as_uri()
         if durable is not None and (not isinstance(durable, str) or not durable):
             raise ValueError(f"durable={durable!r} is not accepted; use an fsspec URL or path, or None")
-        every = check_count("durable_every_n_steps", durable_every_n_steps, optional=True)
+        every = int_at_least("durable_every_n_steps", durable_every_n_steps, 1, optional=True)
         self.durable_every_n_steps = every
         if durable is not None and self.durable_every_n_steps is None:
             self.durable_every_n_steps = 1
@@ -151,8 +152,8 @@ class FlashStorageWriter(StorageWriter, AsyncStager):
         if storage_options is not None and not isinstance(storage_options, dict):
             raise TypeError(f"storage_options must be a dict; got {type(storage_options).__name__}")
         self.durable_url = durable
-        self._durable = (storage_options, check_count("durable_keep", durable_keep), on_durable_error)
-        self.chunk_size = check_count("chunk_size", chunk_size, minimum=4096)
+        self._durable = (storage_options, int_at_least("durable_keep", durable_keep, 1), on_durable_error)
+        self.chunk_size = int_at_least("chunk_size", chunk_size, 4096)
         self._threads = threads
         self.process_group = process_group
         self._engine: FlashEngine | None = None
@@ -365,7 +366,7 @@ class FlashStorageWriter(StorageWriter, AsyncStager):
         """Training goes on from ``step`` (loaded from an older step, or from elsewhere): the steps this
         rank saved after it are forgotten in every tier so that their numbers can be saved again.
         Collective: call it on every rank of the group that saves. Returns the flash steps forgotten."""
-        check_count("step", step, minimum=0)
+        int_at_least("step", step, 0)
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
@@ -393,7 +394,7 @@ class FlashStorageWriter(StorageWriter, AsyncStager):
         boundary, and when True, ``raise writer.save_preempted(step, state)``. Every rank of the group
         that saves is told True at the same step (``preemption.StopStep``: one store round trip per
         call with several ranks)."""
-        check_count("step", step, minimum=0)
+        int_at_least("step", step, 0)
         if not self.save_on_preemption:
             return False
         if _distributed():
@@ -411,7 +412,7 @@ class FlashStorageWriter(StorageWriter, AsyncStager):
         ``SystemExit``, code 143) to raise: the attempt is recorded as preempted and resumes here."""
         import torch.distributed.checkpoint as dcp
 
-        check_count("step", step, minimum=0)
+        int_at_least("step", step, 0)
         self._stopping = True
         if not self._saved_everywhere(step):
             dcp.save(
