@@ -14,7 +14,6 @@ import errno
 import os
 import posixpath
 import re
-import secrets
 import shutil
 import stat
 import tarfile
@@ -22,6 +21,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
+
+from ..atomic import replacing
 
 __all__ = ["DirectoryScan", "UnsafeArchiveError", "pack_directory", "safe_extract", "scan_directory"]
 
@@ -193,18 +194,11 @@ def pack_directory(src: Path, dest: Path | BinaryIO, *, scan: DirectoryScan | No
             _add_entries(tar, src, entries)
         return counted.size
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as raw:
-            with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-                _add_entries(tar, src, entries)
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with (
+        replacing(dest, fsync=True) as raw,
+        tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar,
+    ):
+        _add_entries(tar, src, entries)
     return dest.stat().st_size
 
 

@@ -29,6 +29,8 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from ..atomic import write_atomic
+
 __all__ = ["BOOKKEEPING", "RestoreArea"]
 
 log = logging.getLogger("stalwart.checkpoint")
@@ -207,9 +209,7 @@ def _record_matches(record: Path, target: Path, sha256: str) -> bool:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{_SCRATCH}{secrets.token_hex(8)}.json")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_atomic(path, data, scratch=path.with_name(f"{_SCRATCH}{secrets.token_hex(8)}.json"))
 
 
 def _fsync(path: Path) -> None:

@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from ..atomic import write_atomic
+
 __all__ = ["DurableStore", "HashingWriter"]
 
 CHUNK = 8 * 2**20
@@ -115,12 +117,7 @@ class DurableStore:
         if self.local:
             target = Path(path)
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
+            write_atomic(target, data, fsync=True)
             _fsync_dir(target.parent)
         else:
             self.fs.pipe_file(path, data)

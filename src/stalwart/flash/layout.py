@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .. import config
+from ..atomic import write_atomic
 from .errors import FlashSpaceError
 
 __all__ = ["CommitRecord", "FlashLayout", "RankLock", "RankLockedError"]
@@ -193,13 +194,9 @@ class FlashLayout:
     def write_commit(self, record: CommitRecord) -> None:
         """Atomic: the record is whole or absent, so a step is never half-committed by a rank."""
         path = self.commit_path(record.step, record.rank)
-        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
         try:
-            with open(tmp, "wb") as fh:
-                fh.write(record.to_json())
-            os.replace(tmp, path)
+            write_atomic(path, record.to_json())
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise FlashSpaceError(
                     exc.errno,

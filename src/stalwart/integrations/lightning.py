@@ -42,6 +42,7 @@ from lightning.pytorch.plugins.io import AsyncCheckpointIO, CheckpointIO, TorchC
 from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 from lightning_utilities.core.apply_func import apply_to_collection
 
+from ..atomic import replacing
 from ..checkpoint.latest import latest_checkpoint
 from ..checkpoint.task import Checkpoint
 from ..checks import int_at_least
@@ -500,8 +501,8 @@ def resume_checkpoint(
             target = Path(materialize_dir or tempfile.mkdtemp(prefix="stalwart-resume-"))
             target.mkdir(parents=True, exist_ok=True)
             path = target / f"flash-step={step}.ckpt"
-            torch.save(decode_checkpoint(state, weights_only=weights_only), path.with_suffix(".tmp"))
-            os.replace(path.with_suffix(".tmp"), path)
+            with replacing(path) as fh:
+                torch.save(decode_checkpoint(state, weights_only=weights_only), fh)
             return ResumePoint(path, source, step)
     if best is None:
         return None

@@ -38,7 +38,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import uuid
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -74,6 +73,7 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.utils import _DistWrapper
 
+from ..atomic import write_atomic
 from ..flash.dcp import FlashStorageReader, FlashStorageWriter
 from ..flash.dcp.steps import step_of
 from . import SOURCES, ResumePoint
@@ -122,9 +122,7 @@ def _prepare_dir(directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / CONFIG_FNAME
     if not path.exists():
-        tmp = directory / f".{CONFIG_FNAME}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-        tmp.write_text(json.dumps(asdict(CheckpointingConfig(BACKEND, VERSION))))
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(asdict(CheckpointingConfig(BACKEND, VERSION))))
     return directory
 
 

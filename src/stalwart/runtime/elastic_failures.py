@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .protocol import AttemptResult, write_atomic
+from ..atomic import write_atomic
+from .protocol import AttemptResult
 
 __all__ = [
     "WorkerFailedError",
@@ -93,7 +94,7 @@ def report_path(attempt_dir: str | Path, pid: int) -> Path:
 def write_report(attempt_dir: str | Path, result: AttemptResult, peer_lost: bool) -> WorkerReport:
     """Leave this worker's failure for its agent (called as the exception leaves the task)."""
     report = WorkerReport(os.getpid(), int(os.environ.get("RANK", "0")), time.time(), peer_lost, result)
-    write_atomic(report_path(attempt_dir, report.pid), pickle.dumps(report))
+    write_atomic(report_path(attempt_dir, report.pid), pickle.dumps(report), fsync=True)
     return report
 
 

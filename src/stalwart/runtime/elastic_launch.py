@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import config
+from ..atomic import write_atomic
 from ..elastic import Elastic
 from ..flash.preemption import Preempted
 from . import events
@@ -42,7 +43,7 @@ from .elastic_failures import (
 )
 from .loader import call, leave_process_group, load, read_spec
 from .processes import die_with_parent
-from .protocol import AttemptSpec, dumps_output, failure_result, write_atomic
+from .protocol import AttemptSpec, dumps_output, failure_result
 
 __all__ = ["launch"]
 
@@ -253,7 +254,7 @@ def _run(attempt_dir: str) -> None:
     _separate_restart_rounds()
     output = call(*load(read_spec(attempt_dir)))
     if int(os.environ.get("RANK", "0")) == 0:
-        write_atomic(Path(attempt_dir) / OUTPUT_FILE, dumps_output(output))
+        write_atomic(Path(attempt_dir) / OUTPUT_FILE, dumps_output(output), fsync=True)
     leave_process_group()
 
 

@@ -11,11 +11,9 @@ its output again.
 from __future__ import annotations
 
 import io
-import os
 import pickle
 import traceback
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ..elastic import Elastic
@@ -61,15 +59,6 @@ class AttemptResult:
     description: str | None = None  # how the attempt failed, when more than "raised <type>: <message>"
     extra: dict = field(default_factory=dict)
     preempted: bool = False  # stopped by SIGTERM after saving its newest step (flash.preemption)
-
-
-def write_atomic(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(payload)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 class _Unpickler(pickle.Unpickler):

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .. import config
+from ..atomic import write_atomic
 from ..environment import Task
 from ..errors import (
     DeadlineExceededError,
@@ -40,7 +41,7 @@ from ..retry import NonRetryableError, RetryStrategy
 from . import events
 from .outcome import Outcome, load_output, oom_kill_count, read_outcome
 from .processes import kill_tree
-from .protocol import RESULT_FILE, SPEC_FILE, STDERR_FILE, STDOUT_FILE, AttemptSpec, loads, write_atomic
+from .protocol import RESULT_FILE, SPEC_FILE, STDERR_FILE, STDOUT_FILE, AttemptSpec, loads
 from .store import AttemptRecord, RunRecord, RunStore
 
 __all__ = ["Run", "RunFailedError", "RunOptions", "new_run_id", "run", "with_runcontext"]
@@ -396,7 +397,7 @@ class _Runner:
         spec = AttemptSpec(
             self.module, self.qualname, self.file, list(sys.path), self.inputs_payload, self.task.elastic
         )
-        write_atomic(attempt_dir / SPEC_FILE, pickle.dumps(spec))
+        write_atomic(attempt_dir / SPEC_FILE, pickle.dumps(spec), fsync=True)
         env = self._environment(run_id, number, checkpoint_uri, attempt_dir, attempt_limit)
         done = threading.Event()
         oom_before = oom_kill_count()  # evidence, not a guess, for an attempt killed by SIGKILL

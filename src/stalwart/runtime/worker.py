@@ -15,11 +15,12 @@ import sys
 import traceback
 from pathlib import Path
 
+from ..atomic import write_atomic
 from ..flash.preemption import Preempted
 from .elastic_failures import WorkerFailedError
 from .loader import call, leave_process_group, load, read_spec
 from .processes import die_with_parent
-from .protocol import RESULT_FILE, AttemptResult, dumps_output, failure_result, write_atomic
+from .protocol import RESULT_FILE, AttemptResult, dumps_output, failure_result
 
 
 def main(argv: list[str]) -> int:
@@ -52,7 +53,7 @@ def main(argv: list[str]) -> int:
         payload = pickle.dumps(result)
     sys.stdout.flush()
     sys.stderr.flush()
-    write_atomic(attempt_dir / RESULT_FILE, payload)
+    write_atomic(attempt_dir / RESULT_FILE, payload, fsync=True)
     return 0 if result.ok else 1
 
 
