@@ -20,10 +20,11 @@ import torch
 from stalwart.flash.copier import Copier
 from stalwart.flash.engine import FlashEngine
 from stalwart.flash.layout import FlashLayout
-from stalwart.flash.objects import CorruptObjectError, Header, TensorRef, load_meta
+from stalwart.flash.objects import CorruptObjectError, Header, load_meta
 from stalwart.flash.recovery import Head, Landing, fetch_head, plan_landing, receive
 from stalwart.flash.replication import Peer, ReplicationServer, ask
 from stalwart.flash.transport import Connection
+from stalwart.flash.tree import TensorRef
 
 SECRET = b"s" * 32
 CHUNK = 64 * 2**10  # small chunks: many of them, and tensors that straddle their boundaries

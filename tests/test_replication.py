@@ -17,8 +17,8 @@ from stalwart.flash.buffers import BufferPool
 from stalwart.flash.copier import Copier
 from stalwart.flash.engine import FlashEngine
 from stalwart.flash.layout import FlashLayout
-from stalwart.flash.objects import PACKED_HEADER_SIZE, CorruptObjectError, Header, TensorRef, load_meta
-from stalwart.flash.rankstore import RankStore, read_head
+from stalwart.flash.objects import PACKED_HEADER_SIZE, CorruptObjectError, Header, load_meta, read_head
+from stalwart.flash.rankstore import RankStore
 from stalwart.flash.recovery import pull_head
 from stalwart.flash.replication import (
     Peer,
@@ -29,6 +29,7 @@ from stalwart.flash.replication import (
     pull,
 )
 from stalwart.flash.transport import AuthError, Connection, ServerHandshake
+from stalwart.flash.tree import TensorRef
 
 
 def peers(layout: dict[str, list[int]]) -> list[Peer]:

@@ -31,10 +31,10 @@ from stalwart.flash.buffers import BufferPool
 from stalwart.flash.copier import Copier
 from stalwart.flash.engine import FlashEngine
 from stalwart.flash.layout import CommitRecord, FlashLayout
-from stalwart.flash.objects import TensorRef
 from stalwart.flash.rankstore import RankStore
 from stalwart.flash.replication import Peer, ReplicaKeeper, ReplicationServer, pull
 from stalwart.flash.transport import HANDSHAKE_DEADLINE, AuthError, Connection, record_from_wire
+from stalwart.flash.tree import TensorRef
 
 pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
 

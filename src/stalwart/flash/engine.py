@@ -33,12 +33,13 @@ from .copier import Copier
 from .durable import DurableTier
 from .errors import FlashError, FlashRestoreError, FlashSpaceError
 from .layout import FlashLayout, RankLockedError
-from .objects import DEFAULT_CHUNK, TensorRef, dtype_name, flatten, load_meta
+from .objects import DEFAULT_CHUNK, load_meta
 from .placement import RingPlacement
 from .rankstore import RankStore, StagedObject, VerifiedObject
 from .recovery import Head, Landing, UnfitState, plan_landing
 from .reshard import check_reshard, drop_other_worlds
 from .restore import holdings, restore_newest
+from .tree import check_shapes, flatten, merge_into
 from .uploader import DurableUploader
 
 __all__ = ["FlashEngine", "FlashError", "FlashSpaceError"]
@@ -553,10 +554,10 @@ class FlashEngine:
     def _apply(self, verified: VerifiedObject, state: MutableMapping[str, Any]) -> list[Any]:
         """Copy a verified object into ``state``; the tensors filled."""
         skeleton, entries = load_meta(verified.meta)
-        _check_shapes(skeleton, state, entries, "state")  # refuse before anything in the state changes
+        check_shapes(skeleton, state, entries, "state")  # refuse before anything in the state changes
         pairs: list[tuple[Any, Any]] = []
         created: dict[int, Any] = {}
-        _merge_into(skeleton, state, entries, pairs, created, "state")
+        merge_into(skeleton, state, entries, pairs, created, "state")
         self.copier.copy_out(verified.buffer, [e for e, _ in pairs], [t for _, t in pairs])
         return [t for _, t in pairs]
 
@@ -568,8 +569,8 @@ class FlashEngine:
         pairs: list[tuple[Any, Any]] = []
         created: dict[int, Any] = {}
         try:
-            _check_shapes(skeleton, state, entries, "state")
-            _merge_into(skeleton, state, entries, pairs, created, "state", write=False)
+            check_shapes(skeleton, state, entries, "state")
+            merge_into(skeleton, state, entries, pairs, created, "state", write=False)
         except ValueError as exc:
             raise UnfitState(str(exc)) from exc
         landing = plan_landing(head.header, pairs, context=(skeleton, entries, created, pairs))
@@ -583,7 +584,7 @@ class FlashEngine:
         tensors filled."""
         landing.finish()
         skeleton, entries, created, pairs = landing.context
-        _merge_into(skeleton, state, entries, [], created, "state")
+        merge_into(skeleton, state, entries, [], created, "state")
         return [t for _, t in pairs]
 
     # life cycle
@@ -643,82 +644,3 @@ def _check_covered(landings: list[Landing], filled: list[Any], step: int | None)
             f"and step {step}, which was, does not hold them: they cannot be trusted. Load again into a "
             "fresh state"
         )
-
-
-def _check_shapes(skeleton: Any, current: Any, entries: list, path: str) -> None:
-    """Raise if a tensor of the caller's state has another shape or dtype than the saved one."""
-    import torch
-
-    if isinstance(skeleton, TensorRef):
-        entry = entries[skeleton.index]
-        if isinstance(current, torch.Tensor) and (
-            tuple(current.shape) != entry.shape or dtype_name(current) != entry.dtype
-        ):
-            raise ValueError(
-                f"{path}: the checkpoint holds a {entry.dtype} tensor of shape {list(entry.shape)}, "
-                f"the state a {dtype_name(current)} tensor of shape {list(current.shape)}"
-            )
-    elif isinstance(skeleton, dict) and isinstance(current, MutableMapping):
-        for key, value in skeleton.items():
-            _check_shapes(value, current.get(key), entries, f"{path}[{key!r}]")
-    elif (
-        isinstance(skeleton, (list, tuple))
-        and isinstance(current, (list, tuple))
-        and len(current) == len(skeleton)
-    ):
-        for i, (value, old) in enumerate(zip(skeleton, current, strict=True)):
-            _check_shapes(value, old, entries, f"{path}[{i}]")
-
-
-def _merge_into(
-    skeleton: Any, current: Any, entries: list, pairs: list, created: dict, path: str, *, write: bool = True
-) -> Any:
-    """Lay the saved skeleton over the caller's state: tensors are filled in place where the caller has
-    one of the same shape and dtype, made where it has none (kept in ``created``, by index, and reused
-    from it); plain values are replaced. ``write`` False: only find the (entry, tensor) ``pairs``,
-    leaving the state's containers as they are."""
-    import torch
-
-    if isinstance(skeleton, TensorRef):
-        entry = entries[skeleton.index]
-        if isinstance(current, torch.Tensor):
-            if tuple(current.shape) != entry.shape or dtype_name(current) != entry.dtype:
-                raise ValueError(
-                    f"{path}: the checkpoint holds a {entry.dtype} tensor of shape {list(entry.shape)}, "
-                    f"the state a {dtype_name(current)} tensor of shape {list(current.shape)}"
-                )
-            pairs.append((entry, current))
-            return current
-        if skeleton.index not in created:
-            created[skeleton.index] = torch.empty(entry.shape, dtype=getattr(torch, entry.dtype))
-            pairs.append((entry, created[skeleton.index]))
-        return created[skeleton.index]
-    if isinstance(skeleton, dict):
-        target = current if isinstance(current, MutableMapping) else type(skeleton)()
-        for key, value in skeleton.items():
-            merged = _merge_into(
-                value, target.get(key), entries, pairs, created, f"{path}[{key!r}]", write=write
-            )
-            if write:
-                target[key] = merged
-        return target
-    if isinstance(skeleton, list):
-        target = (
-            current if isinstance(current, list) and len(current) == len(skeleton) else [None] * len(skeleton)
-        )
-        for i, value in enumerate(skeleton):
-            merged = _merge_into(value, target[i], entries, pairs, created, f"{path}[{i}]", write=write)
-            if write:
-                target[i] = merged
-        return target
-    if isinstance(skeleton, tuple):
-        old = (
-            current
-            if isinstance(current, tuple) and len(current) == len(skeleton)
-            else (None,) * len(skeleton)
-        )
-        return tuple(
-            _merge_into(v, c, entries, pairs, created, f"{path}[{i}]", write=write)
-            for i, (v, c) in enumerate(zip(skeleton, old, strict=True))
-        )
-    return skeleton

@@ -1,4 +1,5 @@
-"""The byte format of a flash object, and how a state dict becomes tensors plus a skeleton.
+"""The byte format of a flash object: its layout, header, tensor table, sizes, alignment and checksums,
+and how it is sealed and verified. (How a state dict becomes tensors plus a skeleton is ``tree``'s.)
 
 An object is one rank's share of one step::
 
@@ -8,21 +9,26 @@ An object is one rank's share of one step::
 
 The header holds the checksum of the meta region and of itself; the meta region holds a checksum of
 every ``chunk_size`` bytes of data, so chunks can be hashed and verified in parallel and a flipped byte
-is located to its chunk. The skeleton is the state dict with each tensor replaced by a ``TensorRef``;
-it is unpickled with an allow-list, so a flash object can never run code when loaded.
+is located to its chunk. The skeleton is the state dict with each tensor replaced by a ``TensorRef``
+(``tree``), unpickled with an allow-list, so a flash object can never run code when loaded.
 """
 
 from __future__ import annotations
 
-import collections
-import io
 import pickle
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import xxhash
+
+from .tree import DTYPE_NAMES, safe_loads
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from .layout import CommitRecord
 
 FORMAT_VERSION = 1
 MAGIC = b"STALWART"
@@ -123,22 +129,6 @@ class Header:
         return cls(step, rank, world, d_off, d_size, m_off, m_size, chunk, m_hash, flags)
 
 
-class TensorRef(int):
-    """Stands for the tensor at this index of the tensor table inside a pickled skeleton."""
-
-    __slots__ = ()
-
-    @property
-    def index(self) -> int:
-        return int(self)
-
-    def __reduce__(self) -> tuple:
-        return (TensorRef, (int(self),))
-
-    def __repr__(self) -> str:
-        return f"TensorRef({int(self)})"
-
-
 class TensorEntry(NamedTuple):
     """Where a tensor's bytes are in an object (stored as a plain tuple)."""
 
@@ -146,9 +136,6 @@ class TensorEntry(NamedTuple):
     nbytes: int
     dtype: str  # e.g. "float32"
     shape: tuple[int, ...]
-
-
-_DTYPE_NAMES: dict[Any, str] = {}
 
 
 def plan_tensors(tensors: Sequence[Any]) -> tuple[list[TensorEntry], list[bool], int]:
@@ -160,9 +147,9 @@ def plan_tensors(tensors: Sequence[Any]) -> tuple[list[TensorEntry], list[bool],
     offset = HEADER_SIZE
     for tensor in tensors:
         dtype = tensor.dtype
-        name = _DTYPE_NAMES.get(dtype)
+        name = DTYPE_NAMES.get(dtype)
         if name is None:
-            name = _DTYPE_NAMES[dtype] = str(dtype).removeprefix("torch.")
+            name = DTYPE_NAMES[dtype] = str(dtype).removeprefix("torch.")
         nbytes = tensor.nbytes
         entries.append(TensorEntry(offset, nbytes, name, tuple(tensor.shape)))
         direct.append(
@@ -172,72 +159,6 @@ def plan_tensors(tensors: Sequence[Any]) -> tuple[list[TensorEntry], list[bool],
         )
         offset = align(offset + nbytes)
     return entries, direct, offset
-
-
-def dtype_name(tensor: Any) -> str:
-    return _DTYPE_NAMES.get(tensor.dtype) or str(tensor.dtype).removeprefix("torch.")
-
-
-def flatten(state: Any) -> tuple[Any, list]:
-    """Split a nested state (dicts, lists, tuples) into a skeleton and its tensors, in order.
-
-    A tensor that appears twice (tied weights) is stored once.
-    """
-    import torch
-
-    tensors: list[torch.Tensor] = []
-    seen: dict[int, int] = {}
-
-    def walk(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            if value.layout != torch.strided or value.is_quantized:
-                raise ValueError(f"flash checkpoints store dense tensors; got a {value.layout} tensor")
-            key = id(value)
-            if key not in seen:
-                seen[key] = len(tensors)
-                tensors.append(value)
-            return TensorRef(seen[key])
-        if isinstance(value, collections.OrderedDict):
-            return collections.OrderedDict((k, walk(v)) for k, v in value.items())
-        if isinstance(value, dict):
-            return {k: walk(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [walk(v) for v in value]
-        if isinstance(value, tuple) and not hasattr(value, "_fields"):
-            return tuple(walk(v) for v in value)
-        return value
-
-    return walk(state), tensors
-
-
-_SAFE_GLOBALS = {
-    ("collections", "OrderedDict"),
-    ("builtins", "set"),
-    ("builtins", "frozenset"),
-    ("builtins", "complex"),
-    ("builtins", "slice"),
-    ("builtins", "range"),
-    ("builtins", "bytearray"),
-    (__name__, "TensorRef"),
-    ("torch", "Size"),
-    ("torch", "device"),
-}
-
-
-class _SafeUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _SAFE_GLOBALS or (module == "torch" and _is_dtype(name)):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(
-            f"{module}.{name} is not allowed in a flash checkpoint; state values must be tensors, numbers, "
-            "strings, bytes, None, or dicts/lists/tuples/sets of them"
-        )
-
-
-def _is_dtype(name: str) -> bool:
-    import torch
-
-    return isinstance(getattr(torch, name, None), torch.dtype)
 
 
 def dump_meta(skeleton: Any, entries: list[TensorEntry]) -> bytes:
@@ -254,7 +175,7 @@ def dump_meta(skeleton: Any, entries: list[TensorEntry]) -> bytes:
 
 
 def load_meta(data: bytes | memoryview) -> tuple[Any, list[TensorEntry]]:
-    skeleton, entries = _SafeUnpickler(io.BytesIO(data)).load()
+    skeleton, entries = safe_loads(data)
     return skeleton, [TensorEntry(*e) for e in entries]
 
 
@@ -264,3 +185,107 @@ def pack_hashes(hashes: list[int]) -> bytes:
 
 def unpack_hashes(raw: bytes | memoryview, count: int) -> tuple[int, ...]:
     return struct.unpack_from(f"<{count}Q", raw)
+
+
+# Sizes: where each region starts and how large a whole object is.
+
+
+def chunk_count(data_size: int, chunk_size: int) -> int:
+    """How many checksummed chunks the data region has."""
+    return -(-data_size // chunk_size)
+
+
+def meta_offset(data_size: int) -> int:
+    """Where the meta region starts: after the data, aligned."""
+    return align(HEADER_SIZE + data_size)
+
+
+def object_size(data_size: int, meta_size: int, chunk_size: int) -> int:
+    """Bytes of a whole object: header, data, metadata of ``meta_size`` bytes and the chunk hashes."""
+    return meta_offset(data_size) + meta_size + 8 * chunk_count(data_size, chunk_size)
+
+
+def seal(
+    view: memoryview,
+    step: int,
+    rank: int,
+    world_size: int,
+    *,
+    data_size: int,
+    meta: bytes,
+    chunk_size: int,
+    hashes: list[int],
+) -> tuple[int, int]:
+    """Write the meta region (metadata, then the chunk hashes) and, last, the header into the object
+    whose data is in ``view``; return the object's size and the hash of its header (which the commit
+    record keeps)."""
+    meta_region = meta + pack_hashes(hashes)
+    start = meta_offset(data_size)
+    end = start + len(meta_region)
+    if end > len(view):
+        raise ValueError(f"internal error: object of {end} bytes does not fit its {len(view)}-byte buffer")
+    view[start:end] = meta_region
+    header = Header(
+        step,
+        rank,
+        world_size,
+        HEADER_SIZE,
+        data_size,
+        start,
+        len(meta_region),
+        chunk_size,
+        hash_bytes(meta_region),
+    ).pack()
+    view[: len(header)] = header
+    return end, hash_bytes(header)
+
+
+# Verification: against the commit record, then the header's and the meta region's checksums.
+
+
+def verify_header(raw_header: bytes, record: CommitRecord, where: str) -> Header:
+    """An object's packed header, checked against its commit record."""
+    if hash_bytes(raw_header) != record.objects[0]["header_hash"]:
+        raise CorruptObjectError(f"{where}: header does not match its commit record")
+    header = Header.unpack(raw_header, where=where)
+    if header.step != record.step or header.rank != record.rank:
+        raise CorruptObjectError(f"{where}: header names step {header.step}, rank {header.rank}")
+    return header
+
+
+def verify_meta(meta_region: bytes, header: Header, where: str) -> bytes:
+    """The metadata of an object (its meta region checked against the header, chunk hashes cut off):
+    what a reader that needs no tensor bytes verifies."""
+    if len(meta_region) != header.meta_size or hash_bytes(meta_region) != header.meta_hash:
+        raise CorruptObjectError(f"{where}: metadata checksum mismatch")
+    return meta_region[: len(meta_region) - 8 * header.chunks]
+
+
+def verify_view(
+    view: memoryview, size: int, record: CommitRecord, hash_data: Any, *, where: str
+) -> tuple[Header, bytes]:
+    """Check the object of ``size`` bytes mapped at ``view``: header, metadata and every data chunk,
+    hashed by ``hash_data(view, data_size, chunk_size)``. Returns the header and the metadata."""
+    header = verify_header(bytes(view[:PACKED_HEADER_SIZE]), record, where)  # copies: no view outlives this
+    if header.end > size:
+        raise CorruptObjectError(f"{where}: header names {header.end} bytes, more than the object holds")
+    meta_region = bytes(view[header.meta_offset : header.end])
+    meta = verify_meta(meta_region, header, where)
+    hashes = unpack_hashes(meta_region[len(meta_region) - 8 * header.chunks :], header.chunks)
+    actual = hash_data(view, header.data_size, header.chunk_size)
+    bad = [i for i, (a, b) in enumerate(zip(actual, hashes, strict=True)) if a != b]
+    if bad:
+        first = HEADER_SIZE + bad[0] * header.chunk_size
+        raise CorruptObjectError(
+            f"{where}: data checksum mismatch in {len(bad)} chunk(s), the first at bytes "
+            f"{first}-{first + header.chunk_size}"
+        )
+    return header, meta
+
+
+def read_head(path: Path, record: CommitRecord) -> bytes:
+    """The verified metadata of the committed object at ``path``, read without its tensor bytes."""
+    with open(path, "rb") as file:
+        header = verify_header(file.read(PACKED_HEADER_SIZE), record, str(path))
+        file.seek(header.meta_offset)
+        return verify_meta(file.read(header.meta_size), header, str(path))

@@ -31,15 +31,14 @@ from .errors import FlashError
 from .layout import CommitRecord, FlashLayout
 from .objects import (
     HEADER_SIZE,
-    PACKED_HEADER_SIZE,
     CorruptObjectError,
     Header,
     dump_meta,
-    hash_bytes,
     load_meta,
-    pack_hashes,
+    object_size,
     plan_tensors,
-    unpack_hashes,
+    seal,
+    verify_view,
 )
 
 __all__ = ["RankStore", "StagedObject", "VerifiedObject", "verify_mapped", "verify_object"]
@@ -121,8 +120,7 @@ class RankStore:
     def object_size(self, skeleton: Any, tensors: Sequence[Any], *, chunk_size: int) -> int:
         """Bytes of the object a save of these tensors makes (header, data, metadata, chunk hashes)."""
         entries, _, data_end = plan_tensors(tensors)
-        chunks = -(-(data_end - HEADER_SIZE) // chunk_size)
-        return data_end + 64 + len(self._meta(skeleton, entries)) + 8 * chunks
+        return object_size(data_end - HEADER_SIZE, len(self._meta(skeleton, entries)), chunk_size)
 
     def stage(
         self, skeleton: Any, tensors: Sequence[Any], *, chunk_size: int, hash_now: bool
@@ -132,9 +130,8 @@ class RankStore:
         entries, direct, data_end = plan_tensors(tensors)
         meta = self._meta(skeleton, entries)
         data_size = data_end - HEADER_SIZE
-        chunks = -(-data_size // chunk_size)
         with self.mutex:
-            buffer = self.pool.acquire(data_end + 64 + len(meta) + 8 * chunks)
+            buffer = self.pool.acquire(object_size(data_size, len(meta), chunk_size))
         try:
             hashes = self.copier.copy_in(
                 tensors, entries, direct, buffer, data_size, chunk_size, hash_chunks=hash_now
@@ -149,10 +146,7 @@ class RankStore:
         are): for what is known only after the copy, such as DCP's global metadata on the coordinator."""
         _, entries = load_meta(staged.meta)
         meta = dump_meta(skeleton, entries)
-        chunks = -(-staged.data_size // staged.chunk_size)
-        end = HEADER_SIZE + staged.data_size
-        end += -end % 64
-        needed = end + len(meta) + 8 * chunks
+        needed = object_size(staged.data_size, len(meta), staged.chunk_size)
         with self.mutex:
             staged.buffer.grow(needed + -needed % GRANULE)
         return dataclasses.replace(staged, meta=meta)
@@ -195,34 +189,21 @@ class RankStore:
         self, step: int, buffer: Buffer, meta: bytes, data_size: int, chunk_size: int, hashes: list[int]
     ) -> CommitRecord:
         """Finish an object whose data is in ``buffer``: metadata, header, rename, commit record."""
-        meta_region = meta + pack_hashes(hashes)
-        meta_offset = HEADER_SIZE + data_size
-        meta_offset += -meta_offset % 64
-        end = meta_offset + len(meta_region)
-        if end > buffer.capacity:
-            raise ValueError(
-                f"internal error: object of {end} bytes does not fit its {buffer.capacity}-byte buffer"
-            )
-        buffer.view[meta_offset:end] = meta_region
-        header = Header(
+        end, header_hash = seal(
+            buffer.view,
             step,
             self.rank,
             self.world_size,
-            HEADER_SIZE,
-            data_size,
-            meta_offset,
-            len(meta_region),
-            chunk_size,
-            hash_bytes(meta_region),
-        ).pack()
-        buffer.view[: len(header)] = header
+            data_size=data_size,
+            meta=meta,
+            chunk_size=chunk_size,
+            hashes=hashes,
+        )
         record = CommitRecord(
             step=step,
             rank=self.rank,
             world_size=self.world_size,
-            objects=[
-                {"name": self.layout.object_name(self.rank), "size": end, "header_hash": hash_bytes(header)}
-            ],
+            objects=[{"name": self.layout.object_name(self.rank), "size": end, "header_hash": header_hash}],
         )
         with self.mutex:
             if step not in self.own and self.layout.read_commit(step, self.rank) is not None:
@@ -470,45 +451,5 @@ def verify_mapped(buffer: Buffer, record: CommitRecord, copier: Copier, *, where
     size = min(buffer.capacity, buffer.file_size())  # the file may have been cut short under the mapping
     if entry["size"] > size:
         raise CorruptObjectError(f"{where}: truncated to {size} bytes, committed with {entry['size']}")
-    view = buffer.view
-    header = verify_header(bytes(view[:PACKED_HEADER_SIZE]), record, where)  # copies: no view outlives this
-    if header.end > buffer.capacity:
-        raise CorruptObjectError(f"{where}: header names {header.end} bytes, more than the object holds")
-    meta_region = bytes(view[header.meta_offset : header.end])
-    meta = verify_meta(meta_region, header, where)
-    hashes = unpack_hashes(meta_region[len(meta_region) - 8 * header.chunks :], header.chunks)
-    actual = copier.hash_data(view, header.data_size, header.chunk_size)
-    bad = [i for i, (a, b) in enumerate(zip(actual, hashes, strict=True)) if a != b]
-    if bad:
-        first = HEADER_SIZE + bad[0] * header.chunk_size
-        raise CorruptObjectError(
-            f"{where}: data checksum mismatch in {len(bad)} chunk(s), the first at bytes "
-            f"{first}-{first + header.chunk_size}"
-        )
+    header, meta = verify_view(buffer.view, size, record, copier.hash_data, where=where)
     return VerifiedObject(record.step, record.rank, buffer, header, meta)
-
-
-def verify_header(raw_header: bytes, record: CommitRecord, where: str) -> Header:
-    """An object's packed header, checked against its commit record."""
-    if hash_bytes(raw_header) != record.objects[0]["header_hash"]:
-        raise CorruptObjectError(f"{where}: header does not match its commit record")
-    header = Header.unpack(raw_header, where=where)
-    if header.step != record.step or header.rank != record.rank:
-        raise CorruptObjectError(f"{where}: header names step {header.step}, rank {header.rank}")
-    return header
-
-
-def verify_meta(meta_region: bytes, header: Header, where: str) -> bytes:
-    """The metadata of an object (its meta region checked against the header, chunk hashes cut off):
-    what a reader that needs no tensor bytes verifies."""
-    if len(meta_region) != header.meta_size or hash_bytes(meta_region) != header.meta_hash:
-        raise CorruptObjectError(f"{where}: metadata checksum mismatch")
-    return meta_region[: len(meta_region) - 8 * header.chunks]
-
-
-def read_head(path: Path, record: CommitRecord) -> bytes:
-    """The verified metadata of the committed object at ``path``, read without its tensor bytes."""
-    with open(path, "rb") as file:
-        header = verify_header(file.read(PACKED_HEADER_SIZE), record, str(path))
-        file.seek(header.meta_offset)
-        return verify_meta(file.read(header.meta_size), header, str(path))

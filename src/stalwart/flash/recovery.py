@@ -32,9 +32,17 @@ from typing import TYPE_CHECKING, Any
 import xxhash
 
 from .layout import CommitRecord
-from .objects import PACKED_HEADER_SIZE, CorruptObjectError, Header, TensorEntry, plan_tensors, unpack_hashes
+from .objects import (
+    PACKED_HEADER_SIZE,
+    CorruptObjectError,
+    Header,
+    TensorEntry,
+    plan_tensors,
+    unpack_hashes,
+    verify_header,
+    verify_meta,
+)
 from .placement import Peer
-from .rankstore import verify_header, verify_meta
 from .replication import ask, object_name
 from .transport import TIMEOUT, Connection, short, typed_int
 

@@ -41,8 +41,7 @@ from ..durable import DurableTier
 from ..engine import FlashEngine
 from ..errors import FlashRestoreError
 from ..layout import FlashLayout
-from ..objects import CorruptObjectError
-from ..rankstore import read_head
+from ..objects import CorruptObjectError, read_head
 from ..recovery import pull_head
 from .steps import FlashItem, is_step_id, metadata_of, step_of
 from .survey import Fetched, Survey, fetch, survey, survey_alone
