@@ -268,16 +268,16 @@ def main() -> int:
         (
             "stalwart async save, caller blocked",
             median_time(
-                lambda: engine.save(next(step), state, blocking=False), args.repeats, after=engine.wait
+                lambda: engine.save(next(step), state, async_save=True), args.repeats, after=engine.wait
             ),
         )
     )
     tmpfs_per_rank = du(layout.job_dir)
-    stored = layout.read_commit(max(engine.store.own), 0).objects[0]["size"]  # one object: tensors + metadata
+    stored = layout.read_commit(max(engine.shelf.own), 0).objects[0]["size"]  # one object: tensors + metadata
     with RssSampler() as sync_rss:
         engine.save(next(step), state)
     with RssSampler() as async_rss:
-        engine.save(next(step), state, blocking=False)
+        engine.save(next(step), state, async_save=True)
     engine.wait()
     targets = {k: torch.empty_like(v) for k, v in state.items()}
     rows.append(

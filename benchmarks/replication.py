@@ -119,7 +119,7 @@ def main() -> int:
     peer.start()
     target = Peer(1, "peer", tuple(addresses.get(timeout=60)))
     replicator = Replicator(
-        layout, 0, [target], SECRET, LocalBoard(layout, 1), engine.store.pin, engine.store.unpin
+        layout, 0, [target], SECRET, LocalBoard(layout, 1), engine.shelf.pin, engine.shelf.unpin
     )
     replicated = []
     for i in range(args.repeats + 2):
@@ -168,12 +168,12 @@ def main() -> int:
     alone = median(alone_before + train_steps(20))  # before and after, around the replicating stretch
 
     # 4. recovering the newest step: local flash, from the peer into an empty node, from durable on disk
-    newest = max(engine.store.own)
+    newest = max(engine.shelf.own)
     engine.save(newest + 1, state)
     newest += 1
     durable = DurableTier((root / "durable").as_uri())
-    durable.upload(layout.read_commit(newest, 0), engine.store.pin(newest).view)
-    engine.store.unpin(newest)
+    durable.upload(layout.read_commit(newest, 0), engine.shelf.pin(newest).view)
+    engine.shelf.unpin(newest)
     targets = {k: torch.empty_like(v) for k, v in state.items()}
     local = []
     for _ in range(args.repeats):
@@ -181,7 +181,7 @@ def main() -> int:
         assert engine.load(targets) == newest
         local.append(time.perf_counter() - started)
     replica = Replicator(
-        layout, 0, [target], SECRET, LocalBoard(layout, 1), engine.store.pin, engine.store.unpin
+        layout, 0, [target], SECRET, LocalBoard(layout, 1), engine.shelf.pin, engine.shelf.unpin
     )
     replica.submit(layout.read_commit(newest, 0))
     replica.wait()

@@ -27,7 +27,7 @@ def restore_with_one_rank_failing(rank: int, world: int, port: int, base: str, o
 
         import stalwart as sw
         from stalwart.flash.errors import FlashSpaceError
-        from stalwart.flash.rankstore import RankStore
+        from stalwart.flash.shelf import RankShelf
 
         init_gloo(rank, world, port, timeout=120)
         durable = Path(base, "durable").as_uri()
@@ -36,10 +36,10 @@ def restore_with_one_rank_failing(rank: int, world: int, port: int, base: str, o
         flash.close()
         if rank == 1:
 
-            def no_room(self: RankStore, *args: object) -> None:
+            def no_room(self: RankShelf, *args: object) -> None:
                 raise FlashSpaceError(28, "no space in the flash root for the commit record")
 
-            RankStore.adopt_pulled = no_room  # type: ignore[method-assign]
+            RankShelf.adopt_pulled = no_room  # type: ignore[method-assign]
         flash = sw.FlashCheckpointer("job", root=Path(base, f"empty-{rank}"), durable=durable)
         started = time.monotonic()
         try:
@@ -79,7 +79,7 @@ def save_with_replication_down(rank: int, world: int, port: int, base: str, out:
         flash.wait()
         dist.barrier()  # both ranks' facts about steps 1-20 are posted
         flash.save(21, {"w": torch.full((1 << 16,), 21.0)})
-        _report(out, rank, {"own": sorted(flash.engine.store.own)})
+        _report(out, rank, {"own": sorted(flash.engine.shelf.own)})
         flash.close()
     except BaseException:
         _report(out, rank, {"raised": "worker", "message": traceback.format_exc()})

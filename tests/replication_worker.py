@@ -52,7 +52,7 @@ def main() -> None:
         "saved_again": restored is not None and flash.save(restored, state_for(rank, restored)),
     }
     flash.wait()  # a step recovered from peers is pulled into this node's tmpfs again, in the background
-    report["held_here"] = restored is not None and restored in flash.engine.store.own
+    report["held_here"] = restored is not None and restored in flash.engine.shelf.own
     with open(os.path.join(out, f"restore-{os.environ['STALWART_NODE']}-rank{rank}.json"), "w") as fh:
         json.dump(report, fh)
     for step in range((restored or 0) + 1, steps + 1):

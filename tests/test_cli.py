@@ -16,7 +16,7 @@ import pytest
 import stalwart
 from stalwart.cli import main, parse_task_inputs
 from stalwart.cli.errors import CliError
-from stalwart.runtime.store import RunStore
+from stalwart.runtime.records import RunRecords
 
 TASKS = '''
 """Tasks for the CLI tests; no torch, so each attempt starts fast."""
@@ -94,8 +94,8 @@ def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     )
 
 
-def store(home: Path) -> RunStore:
-    return RunStore(home / "runs.db")
+def store(home: Path) -> RunRecords:
+    return RunRecords(home / "runs.db")
 
 
 # --- version and import cost -----------------------------------------------------------------------

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from stalwart.runtime.store import RunStore
+from stalwart.runtime.records import RunRecords
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +32,7 @@ def test_quickstart_is_killed_and_resumes(tmp_path: Path) -> None:
     assert "attempt 1: resumed from the checkpoint of epoch 4" in proc.stdout
     assert "attempt 1: epoch 4/8" not in proc.stdout  # nothing before the checkpoint is redone
     run_id = re.search(r"^run (\S+): succeeded", proc.stdout, re.M).group(1)
-    attempts = RunStore(tmp_path / "home" / "runs.db").attempts(run_id)
+    attempts = RunRecords(tmp_path / "home" / "runs.db").attempts(run_id)
     assert [a.status for a in attempts] == ["killed", "succeeded"]
 
 
@@ -59,7 +59,7 @@ def test_readme_tour_runs_as_written(tmp_path: Path) -> None:
         tmp_path,
     )
     assert cli.returncode == 0, cli.stdout + cli.stderr
-    runs = RunStore(tmp_path / "home" / "runs.db").list_runs()
+    runs = RunRecords(tmp_path / "home" / "runs.db").list_runs()
     assert len(runs) == 2 and all(r.status == "succeeded" for r in runs)
 
 
@@ -70,7 +70,7 @@ def test_ddp_example_survives_a_killed_worker(run_example, tmp_path: Path) -> No
     assert "rank 0: resumed at step 25 from flash" in proc.stdout
     assert re.search(r"succeeded: \{'resumed_at': 25, 'restored_from': 'flash'", proc.stdout)
     # the run's records say so too: one attempt, one worker-group restart, resumed at step 25 from flash
-    (run,) = RunStore(tmp_path / "home" / "runs.db").list_runs()
+    (run,) = RunRecords(tmp_path / "home" / "runs.db").list_runs()
     show = _run([sys.executable, "-m", "stalwart.cli", "show", run.id, "--json"], tmp_path / "home", tmp_path)
     assert show.returncode == 0, show.stderr
     (attempt,) = json.loads(show.stdout)["attempts"]

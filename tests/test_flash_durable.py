@@ -404,7 +404,7 @@ def test_a_failure_after_an_upload_does_not_stop_the_uploader(
     flash = sw.FlashCheckpointer("job", root=tmp_path / "flash", durable=url, durable_every_n_steps=1)
     flash.save(1, state_of(1, 1000))
     flash.wait()
-    store = flash.engine.store
+    store = flash.engine.shelf
     retain = store.retain
     calls = {"n": 0}
 

@@ -81,7 +81,7 @@ def layout(tmp_path: Path) -> FlashLayout:
 def test_round_trip_is_bit_exact_and_in_place(layout: FlashLayout, blocking: bool) -> None:
     state = make_state()
     with_engine = FlashEngine(layout, keep=2)
-    assert with_engine.save(5, state, blocking=blocking)
+    assert with_engine.save(5, state, async_save=not blocking)
     with_engine.close()
 
     target = blank_like(state)
@@ -123,7 +123,7 @@ def test_restore_refuses_a_tensor_of_another_shape(layout: FlashLayout) -> None:
 def test_saved_bytes_are_the_state_at_the_call_even_when_training_moves_on(layout: FlashLayout) -> None:
     state = {"w": torch.zeros(4_000_000)}
     engine = FlashEngine(layout)
-    engine.save(1, state, blocking=False)
+    engine.save(1, state, async_save=True)
     state["w"].fill_(1.0)  # training changes the tensor as soon as save returns
     engine.wait()
     engine.close()
@@ -138,7 +138,7 @@ def test_retention_keeps_the_newest_complete_steps_in_keep_plus_one_buffers(layo
     engine = FlashEngine(layout, keep=2)
     for step in range(1, 8):
         state["w"].fill_(step)
-        engine.save(step, state, blocking=step % 2 == 0)
+        engine.save(step, state, async_save=step % 2 != 0)
     engine.wait()
     assert layout.steps() == [6, 7] and layout.complete_steps(1) == [6, 7]
     buffers = list(layout.job_dir.rglob("*.obj")) + list((layout.job_dir / "pool").rglob("buf-*"))
@@ -227,7 +227,7 @@ def test_durable_copy_restores_when_the_flash_root_is_wiped(layout: FlashLayout,
     engine = FlashEngine(layout, keep=2, durable=DurableTier(durable_url))
     engine.save(10, state, durable=True)
     state["plain"]["step"] = 20
-    engine.save(20, state, blocking=False)  # flash only
+    engine.save(20, state, async_save=True)  # flash only
     engine.close()
     import shutil
 
@@ -248,7 +248,7 @@ def test_durable_retention_and_s3(layout: FlashLayout, s3_bucket: tuple[str, dic
     durable = DurableTier(f"{url}/flash-job", options, keep=2)
     engine = FlashEngine(layout, keep=1, durable=durable)
     for step in (1, 2, 3, 4):  # blocking: each step is uploaded before the next (none is skipped)
-        engine.save(step, {"w": torch.full((100_000,), float(step))}, durable=True, blocking=True)
+        engine.save(step, {"w": torch.full((100_000,), float(step))}, durable=True, async_save=False)
     engine.wait()
     engine.close()
     assert durable.complete_steps(1) == [3, 4]
@@ -316,9 +316,9 @@ def test_a_visitor_reads_while_another_owns_the_rank_and_changes_nothing(layout:
         visitor = FlashEngine(layout, visit_if_owned=True)
         try:
             assert visitor.visitor and not owner.visitor
-            pool = visitor.store.pool.directory
+            pool = visitor.shelf.pool.directory
             assert pool.is_dir() and pool != layout.pool_dir(0)  # buffers of its own, not the owner's
-            assert visitor.store.verify(1).step == 1
+            assert visitor.shelf.verify(1).step == 1
             for attempt in (
                 lambda: visitor.save(2, {"w": torch.zeros(1000)}),
                 lambda: visitor.continue_from(0),

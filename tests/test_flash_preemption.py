@@ -15,7 +15,7 @@ import flash_tasks
 import pytest
 
 import stalwart as sw
-from stalwart.runtime.store import RunStore
+from stalwart.runtime.records import RunRecords
 
 HERE = Path(__file__).parent
 
@@ -57,7 +57,7 @@ def test_sigterm_to_the_runner_reaches_the_attempt_and_the_same_run_id_resumes(
     _, err = runner.communicate(timeout=60)
     assert runner.returncode == 143, err
     assert "was preempted (SIGTERM) during attempt 0" in err
-    records = RunStore(stalwart_home / "runs.db")
+    records = RunRecords(stalwart_home / "runs.db")
     assert records.get_run("preempted-run").status == "preempted"
     (attempt,) = records.attempts("preempted-run")
     assert attempt.status == "preempted"
@@ -239,7 +239,7 @@ def test_sigterm_to_a_torch_elastic_agent_is_a_preemption_and_the_retry_resumes(
     out, err = runner.communicate(timeout=180)
     assert runner.returncode == 0, err
     assert "SignalException" not in err, err
-    records = RunStore(stalwart_home / "runs.db")
+    records = RunRecords(stalwart_home / "runs.db")
     first, second = records.attempts("agent-preempted")
     assert (first.status, second.status) == ("preempted", "succeeded")
     assert "the torch elastic agent got SIGTERM and passed it to its workers" in (first.error or "")

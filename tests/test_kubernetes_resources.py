@@ -19,7 +19,7 @@ from stalwart.accelerators import (
     TPU_TOPOLOGIES,
     Neuron,
 )
-from stalwart.kubernetes.resources import (
+from stalwart.kubernetes.container_resources import (
     ACCELERATOR_LABEL_VALUES,
     DEFAULT_ACCELERATOR_LABEL_KEYS,
     SHM_VOLUME_NAME,

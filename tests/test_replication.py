@@ -18,7 +18,6 @@ from stalwart.flash.copier import Copier
 from stalwart.flash.engine import FlashEngine
 from stalwart.flash.layout import FlashLayout
 from stalwart.flash.objects import PACKED_HEADER_SIZE, CorruptObjectError, Header, load_meta, read_head
-from stalwart.flash.rankstore import RankStore
 from stalwart.flash.recovery import pull_head
 from stalwart.flash.replication import (
     Peer,
@@ -28,6 +27,7 @@ from stalwart.flash.replication import (
     held_by,
     pull,
 )
+from stalwart.flash.shelf import RankShelf
 from stalwart.flash.transport import AuthError, Connection, ServerHandshake
 from stalwart.flash.tree import TensorRef
 
@@ -180,7 +180,7 @@ def put(address: tuple[str, int], name: str, payload: bytes, record: object) -> 
 def test_a_corrupt_replica_is_refused_and_not_committed(server, tmp_path: Path) -> None:
     srv, layout = server
     source = FlashLayout(tmp_path / "node-b", "job")
-    writer = RankStore(source, 1, 2, keep=2, copier=Copier(1))  # rank 1 of 2, on another node
+    writer = RankShelf(source, 1, 2, keep=2, copier=Copier(1))  # rank 1 of 2, on another node
     writer.commit_staged(
         9, writer.stage({"w": TensorRef(0)}, [torch.ones(2000)], chunk_size=4096, hash_now=True)
     )

@@ -31,8 +31,8 @@ from stalwart.flash.buffers import BufferPool
 from stalwart.flash.copier import Copier
 from stalwart.flash.engine import FlashEngine
 from stalwart.flash.layout import CommitRecord, FlashLayout
-from stalwart.flash.rankstore import RankStore
 from stalwart.flash.replication import Peer, ReplicaKeeper, ReplicationServer, pull
+from stalwart.flash.shelf import RankShelf
 from stalwart.flash.transport import HANDSHAKE_DEADLINE, AuthError, Connection, record_from_wire
 from stalwart.flash.tree import TensorRef
 
@@ -54,7 +54,7 @@ def node(tmp_path: Path) -> tuple[FlashLayout, CommitRecord, bytes]:
         engine.save(7, {"w": torch.arange(1000.0)})
     source = FlashLayout(tmp_path / "node-b", "job")
     copier = Copier(1)
-    writer = RankStore(source, 1, 2, keep=2, copier=copier)
+    writer = RankShelf(source, 1, 2, keep=2, copier=copier)
     writer.commit_staged(
         9, writer.stage({"w": TensorRef(0)}, [torch.ones(2000)], chunk_size=4096, hash_now=True)
     )
@@ -287,7 +287,7 @@ def refusal_lines(caplog: pytest.LogCaptureFixture, port: int) -> list[str]:
     return [
         r.getMessage()
         for r in caplog.records
-        if r.name == "stalwart.flash"
+        if r.name.startswith("stalwart.flash")
         and r.levelno >= logging.WARNING
         and f"127.0.0.1:{port}" in r.getMessage()
     ]

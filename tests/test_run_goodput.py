@@ -74,10 +74,10 @@ def test_the_timeline_draws_lanes_failures_restores_and_lost_work(
     stalwart_home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from stalwart.runtime import timeline
-    from stalwart.runtime.store import RunStore
+    from stalwart.runtime.records import RunRecords
 
     run = sw.with_runcontext(echo=False).run(tasks.trains_and_is_killed, 30, 13)
-    records = RunStore(stalwart_home / "runs.db")
+    records = RunRecords(stalwart_home / "runs.db")
     record = records.get_run(run.id)
     drawn = timeline.lanes(record, records.attempts(run.id), records.events(run.id))
     assert [lane.label for lane in drawn] == ["attempt 0 · rank 0", "attempt 1 · rank 0"]

@@ -12,7 +12,7 @@ import runner_tasks as tasks
 
 import stalwart as sw
 from stalwart.cli import main
-from stalwart.runtime.store import RunStore, RunStoreError
+from stalwart.runtime.records import RunRecords, RunRecordsError
 
 SCRIPT = """
 import stalwart as sw
@@ -28,7 +28,7 @@ def hello(name: str = "world") -> str:
 
 def _healthy_store(home: Path, runs: int = 200) -> Path:
     """A real runs.db of several pages (runs, attempts, events), its WAL folded into the file."""
-    store = RunStore(home / "runs.db")
+    store = RunRecords(home / "runs.db")
     for n in range(runs):
         run_id = f"old-run-{n}"
         store.create_run(run_id, "hello", 2, None, {"name": "x" * 100})
@@ -119,7 +119,7 @@ def test_kubernetes_commands_do_not_need_the_records(
 def test_run_refuses_before_the_first_attempt(damaged: Path, tmp_path: Path) -> None:
     before = _digest(damaged)
     marker = tmp_path / "ran"
-    with pytest.raises(RunStoreError) as info:
+    with pytest.raises(RunRecordsError) as info:
         sw.run(tasks.touches, marker=str(marker))
     _says_what_and_where(str(info.value), damaged)
     assert info.value.path == damaged
@@ -131,16 +131,16 @@ def test_moving_the_file_aside_starts_afresh_and_keeps_the_old_records(stalwart_
     stalwart_home.mkdir(parents=True, exist_ok=True)
     db = _healthy_store(stalwart_home, runs=5)
     _damage(db, "garbage")
-    with pytest.raises(RunStoreError):
+    with pytest.raises(RunRecordsError):
         sw.run(tasks.add, 1)
     db.rename(db.with_name("runs.db.damaged"))
     assert sw.run(tasks.add, 1).output == 2
-    assert len(RunStore(db).list_runs()) == 1
+    assert len(RunRecords(db).list_runs()) == 1
 
 
 def test_a_healthy_store_is_not_reported_as_damaged(stalwart_home: Path) -> None:
     stalwart_home.mkdir(parents=True, exist_ok=True)
     db = _healthy_store(stalwart_home, runs=3)
-    store = RunStore(db)
+    store = RunRecords(db)
     store.check()
     assert [r.id for r in store.list_runs(2)] == ["old-run-2", "old-run-1"]

@@ -14,11 +14,11 @@ import pytest
 import runner_tasks as tasks
 
 import stalwart as sw
-from stalwart.runtime.store import RunStore
+from stalwart.runtime.records import RunRecords
 
 
-def store(home: Path) -> RunStore:
-    return RunStore(home / "runs.db")
+def store(home: Path) -> RunRecords:
+    return RunRecords(home / "runs.db")
 
 
 def test_success_returns_output_and_records_one_attempt(stalwart_home: Path) -> None:

@@ -33,10 +33,10 @@ import torch
 
 import stalwart
 from stalwart import config
-from stalwart.checkpoint import store as store_module
+from stalwart.checkpoint import durable_store as store_module
 from stalwart.checkpoint.archive import UnsafeArchiveError
+from stalwart.checkpoint.durable_store import DurableStore
 from stalwart.checkpoint.restore import BOOKKEEPING
-from stalwart.checkpoint.store import DurableStore
 from stalwart.checkpoint.task import Checkpoint, CheckpointInfo, CorruptCheckpointError
 
 LOGGER = "stalwart.checkpoint"
@@ -135,7 +135,9 @@ def restored_entries(path: Path) -> list[str]:
 
 
 def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == LOGGER and r.levelno == logging.WARNING]
+    return [
+        r.getMessage() for r in caplog.records if r.name.startswith(LOGGER) and r.levelno == logging.WARNING
+    ]
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import re
 import sys
 from collections.abc import Callable, Mapping
@@ -15,6 +16,8 @@ from .elastic import Elastic
 from .resources import Resources
 from .retry import RetryStrategy, as_retry_strategy
 from .timeout import Timeout, as_timeout
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Task", "TaskEnvironment"]
 
@@ -250,9 +253,7 @@ def _give_up_or_log(task: Task, retry: int, exc: Exception) -> None:
 
     if isinstance(exc, NonRetryableError) or retry >= task.retries.count:
         raise exc
-    import logging
-
-    logging.getLogger("stalwart.runtime").warning(
+    log.warning(
         "nested task %s raised %s: %s; retrying it (retry %d of %d)",
         task.name,
         type(exc).__name__,

@@ -15,7 +15,7 @@ from stalwart.accelerators import TPU_TOPOLOGIES, Device, _validate, lookup
 from stalwart.quantities import format_millicores, normalize_bytes, parse_bytes, parse_millicores
 
 if TYPE_CHECKING:
-    from stalwart.kubernetes.resources import KubernetesResources
+    from stalwart.kubernetes.container_resources import KubernetesResources
 
 __all__ = ["ByteQuantity", "CPUQuantity", "Resources", "parse_accelerator"]
 
@@ -185,9 +185,9 @@ class Resources:
     ) -> KubernetesResources:
         """Map to container resources, node selector, tolerations and volumes (plain dicts).
 
-        See ``stalwart.kubernetes.resources.to_kubernetes`` for the label keys and their defaults.
+        See ``stalwart.kubernetes.container_resources.to_kubernetes`` for the label keys and their defaults.
         """
-        from stalwart.kubernetes.resources import to_kubernetes
+        from stalwart.kubernetes.container_resources import to_kubernetes
 
         return to_kubernetes(
             self, accelerator_label_key=accelerator_label_key, partition_label_key=partition_label_key

@@ -33,7 +33,7 @@ from ..atomic import write_atomic
 
 __all__ = ["BOOKKEEPING", "RestoreArea"]
 
-log = logging.getLogger("stalwart.checkpoint")
+log = logging.getLogger(__name__)
 
 BOOKKEEPING = ".stalwart-restore"
 _VERSION = re.compile(r"^a\d{5}\.s\d{6}$")

@@ -29,11 +29,11 @@ from typing import Any
 
 from ..checks import int_at_least
 from ..runtime import events
-from .store import CHUNK, DurableStore
+from .durable_store import CHUNK, DurableStore
 
 __all__ = ["Checkpoint", "CheckpointInfo", "CorruptCheckpointError"]
 
-log = logging.getLogger("stalwart.checkpoint")
+log = logging.getLogger(__name__)
 
 FORMAT = 1
 COMMIT = "COMMIT.json"

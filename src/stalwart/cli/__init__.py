@@ -19,7 +19,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from ..runtime.store import RunStoreError
+from ..runtime.records import RunRecordsError
 from .errors import CliError
 from .inputs import parse_task_inputs, task_help
 
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         print(f"stalwart: error: {exc}", file=sys.stderr)
         return exc.code
-    except RunStoreError as exc:  # a damaged runs.db: which file, and what to do about it
+    except RunRecordsError as exc:  # a damaged runs.db: which file, and what to do about it
         print(f"stalwart: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -14,8 +14,8 @@ from cyclopts import App, Parameter
 
 from .. import __version__
 from .k8s import submit_or_render
-from .records import LOG_TAIL_LINES, cmd_runs, cmd_show
 from .run import run_task
+from .show import LOG_TAIL_LINES, cmd_runs, cmd_show
 
 __all__ = ["build", "mark_task_inputs"]
 

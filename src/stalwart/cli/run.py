@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import CliError
 from .inputs import parse_task_inputs
-from .records import open_store
 from .script import script_task
+from .show import open_records
 
 if TYPE_CHECKING:
     from ..environment import Task
@@ -39,7 +39,7 @@ def _execute(
     positional: list[Any],
     inputs: dict[str, Any],
     run_id: str | None,
-    store: str | None,
+    checkpoint_store: str | None,
     quiet: bool,
     rerun: bool = False,
 ) -> int:
@@ -49,7 +49,10 @@ def _execute(
     try:
         # Name the run up front (as the runner would) so it can be announced before the first attempt.
         options = with_runcontext(
-            run_id=run_id or new_run_id(task.name), checkpoint_store=store, echo=not quiet, rerun=rerun
+            run_id=run_id or new_run_id(task.name),
+            checkpoint_store=checkpoint_store,
+            echo=not quiet,
+            rerun=rerun,
         )
     except ValueError as exc:
         raise CliError(str(exc)) from None
@@ -87,8 +90,8 @@ def _execute(
 
 def _run_status(run_id: str) -> str | None:
     """The recorded status of a run, or None when there is no such run."""
-    store = open_store()
-    record = store.get_run(run_id) if store is not None else None
+    records = open_records()
+    record = records.get_run(run_id) if records is not None else None
     return record.status if record is not None else None
 
 

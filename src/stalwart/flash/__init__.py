@@ -1,9 +1,10 @@
 """The memory-first checkpoint tier: state in pre-faulted tmpfs buffers, committed per rank per step.
 
 Read a save from the top down: ``checkpointer`` (policy: when, where) -> ``engine`` (save, load,
-background commit) -> ``rankstore`` (one rank's objects: commit order, retention, verification) ->
-``copier`` (the one copy, with checksums) -> ``buffers`` (the mmap'd pool) and ``layout`` (names on
-disk); ``objects`` is the byte format, ``board`` says which steps are safe, ``capacity`` what a
+background commit) -> ``shelf`` (one rank's objects in tmpfs: commit order, retention, verification)
+-> ``copier`` (the one copy, with checksums) -> ``buffers`` (the mmap'd pool) and ``layout`` (names
+on disk); ``tree`` turns a state dict into tensors and a skeleton, ``objects`` is the byte format
+(sizes, sealing, verification), ``board`` says which steps are safe, ``capacity`` what a
 configuration needs, ``errors`` what is raised. A restore: ``restore`` (the newest step any tier holds
 intact). Several nodes: ``cluster`` (joining, pulls) over ``placement`` (the ring), ``replication``
 (keeper, server, sender), ``transport`` (the authenticated wire) and ``acceptor`` (handshakes of

@@ -23,7 +23,7 @@ from .transport import ANSWER_SIZE, HANDSHAKE_DEADLINE, HANDSHAKE_SLOTS, AuthErr
 
 __all__ = ["Acceptor", "RefusalLog"]
 
-log = logging.getLogger("stalwart.flash")
+log = logging.getLogger(__name__)
 
 
 @dataclass

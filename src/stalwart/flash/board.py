@@ -16,7 +16,7 @@ from .layout import FlashLayout
 
 __all__ = ["Board", "LocalBoard", "StoreBoard"]
 
-log = logging.getLogger("stalwart.flash")
+log = logging.getLogger(__name__)
 
 
 class Board(Protocol):

@@ -26,7 +26,7 @@ from .errors import FlashSpaceError
 
 __all__ = ["Buffer", "BufferPool", "FlashSpaceError", "Mappings"]
 
-log = logging.getLogger("stalwart.flash")
+log = logging.getLogger(__name__)
 
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux >= 5.14
 GRANULE = 64 * 2**10  # capacities round up to 64 KiB: room for metadata that varies from save to save

@@ -29,7 +29,7 @@ from .layout import FlashLayout
 
 __all__ = ["check_room", "demand"]
 
-log = logging.getLogger("stalwart.flash")
+log = logging.getLogger(__name__)
 
 LAG_OBJECTS = 2  # one being uploaded or sent, the newest waiting (flash.uploader, flash.replication)
 

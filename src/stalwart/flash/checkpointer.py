@@ -42,7 +42,7 @@ from .uploader import ON_ERROR
 
 __all__ = ["FlashCheckpointer"]
 
-log = logging.getLogger("stalwart.flash")
+log = logging.getLogger(__name__)
 
 
 def _step(value: object) -> int:
@@ -244,7 +244,7 @@ class FlashCheckpointer:
         With several nodes this is a collective: call it on every rank."""
         _step(step)
         abandoned = self.engine.continue_from(step)
-        self.last_saved_step = max(self.engine.store.own, default=None)
+        self.last_saved_step = max(self.engine.shelf.own, default=None)
         return abandoned
 
     @property
@@ -260,7 +260,7 @@ class FlashCheckpointer:
         if self.preempted(step):
             self._save_and_stop(step, state_dict)
         saved = self.engine.save(
-            step, stateful.to_saved(state_dict, rng=self.rng), blocking=not self.async_save, durable=durable
+            step, stateful.to_saved(state_dict, rng=self.rng), async_save=self.async_save, durable=durable
         )
         if saved:
             self.last_saved_step = step
@@ -348,7 +348,7 @@ class FlashCheckpointer:
             self.engine.save(
                 step,
                 stateful.to_saved(state_dict, rng=self.rng),
-                blocking=True,
+                async_save=False,
                 durable=self.durable_url is not None,
             )
             self.last_saved_step = step

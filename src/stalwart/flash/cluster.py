@@ -27,13 +27,13 @@ from .copier import Copier
 from .layout import FlashLayout
 from .objects import CorruptObjectError
 from .placement import Peer, RingPlacement, node_key, replica_host
-from .rankstore import RankStore
 from .recovery import Head, Landing, fetch_head, receive
 from .replication import ReplicaKeeper, ReplicationServer, Replicator, lower_priority, pull
+from .shelf import RankShelf
 
 __all__ = ["Cluster", "Introduction", "listen"]
 
-log = logging.getLogger("stalwart.flash")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,7 @@ class Cluster:
             raise
         return cls(layout, rank, peers, introduction.secret, server, board, placement, copier)
 
-    def start(self, store: RankStore, keep: int) -> None:
+    def start(self, shelf: RankShelf, keep: int) -> None:
         """Serve and keep replicas of this rank's sources; replicate this rank's objects to its targets."""
         for source in self.placement.sources(self.rank, self.peers):
             self.server.keepers[source] = ReplicaKeeper(self.layout, source, keep, self.board)
@@ -163,17 +163,17 @@ class Cluster:
                 targets,
                 self.secret,
                 self.board,
-                store.pin,
-                store.unpin,
-                on_done=store.retain,
+                shelf.pin,
+                shelf.unpin,
+                on_done=shelf.retain,
             )
 
     # recovery
 
-    def holders(self, store: RankStore, group: Any) -> dict[tuple[int, int], list[int]]:
+    def holders(self, shelf: RankShelf, group: Any) -> dict[tuple[int, int], list[int]]:
         """Collective: which ranks' nodes hold a committed object of (step, rank), own or replica."""
         holders: dict[tuple[int, int], list[int]] = {}
-        for holder, items in enumerate(group.gather(store.holdings())):
+        for holder, items in enumerate(group.gather(shelf.holdings())):
             for step, rank in items:
                 holders.setdefault((step, rank), []).append(holder)
         return holders
@@ -254,7 +254,7 @@ class Cluster:
             self.recovered = (step, usable)
         return landing, []
 
-    def reseed(self, store: RankStore, step: int, holders: list[int], current: Callable[[], bool]) -> None:
+    def reseed(self, shelf: RankShelf, step: int, holders: list[int], current: Callable[[], bool]) -> None:
         """Pull this rank's object of ``step`` again, into a pool buffer, and make it this rank's own while
         ``current()`` (the step is still the one training went on from, and nothing newer was saved here).
         Run in the background after a recovery landed in the caller's tensors: until then the node holds
@@ -262,16 +262,16 @@ class Cluster:
         lower_priority()
         for holder in holders:
             try:
-                record, verified = pull(self.peers[holder], step, self.rank, self.secret, store, self.copier)
+                record, verified = pull(self.peers[holder], step, self.rank, self.secret, shelf, self.copier)
             except (OSError, ValueError) as exc:
                 log.warning("flash: re-seeding step %d from rank %d failed: %s", step, holder, exc)
                 continue
-            with store.mutex:
-                if current() and not any(s >= step for s in store.own):
-                    store.adopt_pulled(verified, record)
+            with shelf.mutex:
+                if current() and not any(s >= step for s in shelf.own):
+                    shelf.adopt_pulled(verified, record)
                     log.info("flash: rank %d holds step %d in tmpfs again", self.rank, step)
                     return
-                store.release(verified.buffer)
+                shelf.release(verified.buffer)
                 return
         log.warning(
             "flash: rank %d holds no copy of step %d in tmpfs (its peers do) until its next save",

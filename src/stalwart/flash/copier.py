@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Copier"]
 
-log = logging.getLogger("stalwart.flash")
+log = logging.getLogger(__name__)
 
 _memmove = ctypes.memmove
 _xxh3 = xxhash.xxh3_64_intdigest

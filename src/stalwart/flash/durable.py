@@ -17,14 +17,14 @@ import contextlib
 import logging
 import re
 
-from ..checkpoint.store import CHUNK, DurableStore
+from ..checkpoint.durable_store import CHUNK, DurableStore
 from ..checks import int_at_least
 from .errors import FlashError
 from .layout import CommitRecord, FlashLayout
 
 __all__ = ["DurableConflictError", "DurableTier"]
 
-log = logging.getLogger("stalwart.flash")
+log = logging.getLogger(__name__)
 
 _COMMIT = re.compile(r"^step-(\d{12})/rank-(\d{5})\.commit$")
 _OBJECT = re.compile(r"^step-(\d{12})/rank-(\d{5})\.obj$")

@@ -1,6 +1,6 @@
 """FlashEngine: save and load one rank's state dict through the flash tier.
 
-``save`` blocks only for the copy out of the training tensors when ``blocking=False``: checksums,
+``save`` blocks only for the copy out of the training tensors when ``async_save=True``: checksums,
 metadata, the commit record, retention and replication run on a background thread, and an error there
 is raised by the next call, never dropped. The durable copy goes through a ``DurableUploader``: in the
 background for non-blocking saves, before returning for blocking ones; a durable outage is a warning
@@ -35,16 +35,16 @@ from .errors import FlashError, FlashRestoreError, FlashSpaceError
 from .layout import FlashLayout, RankLockedError
 from .objects import DEFAULT_CHUNK, load_meta
 from .placement import RingPlacement
-from .rankstore import RankStore, StagedObject, VerifiedObject
 from .recovery import Head, Landing, UnfitState, plan_landing
 from .reshard import check_reshard, drop_other_worlds
 from .restore import holdings, restore_newest
+from .shelf import RankShelf, StagedObject, VerifiedObject
 from .tree import check_shapes, flatten, merge_into
 from .uploader import DurableUploader
 
 __all__ = ["FlashEngine", "FlashError", "FlashSpaceError"]
 
-log = logging.getLogger("stalwart.flash")
+log = logging.getLogger(__name__)
 
 
 class _Group:
@@ -73,7 +73,7 @@ class _Group:
 
 
 class FlashEngine:
-    """One rank of one flash job: the state-dict API over a RankStore, plus the durable tier."""
+    """One rank of one flash job: the state-dict API over a RankShelf, plus the durable tier."""
 
     def __init__(
         self,
@@ -114,7 +114,7 @@ class FlashEngine:
         self._group = _Group(world_size, process_group)
         self.copier = Copier(threads)
         self.cluster: Cluster | None = None
-        self.store: RankStore | None = None  # type: ignore[assignment]
+        self.shelf: RankShelf | None = None  # type: ignore[assignment]
         self.uploader: DurableUploader | None = None
         self.visitor = False
         failure: BaseException | None = None
@@ -133,18 +133,18 @@ class FlashEngine:
                 )
             board = self.cluster.board if self.cluster else None
             try:
-                self.store = RankStore(layout, rank, world_size, keep=keep, copier=self.copier, board=board)
+                self.shelf = RankShelf(layout, rank, world_size, keep=keep, copier=self.copier, board=board)
             except RankLockedError:
                 if not visit_if_owned:
                     raise
-                self.store = RankStore(
+                self.shelf = RankShelf(
                     layout, rank, world_size, keep=keep, copier=self.copier, board=board, owner=False
                 )
-            self.visitor = not self.store.owner
+            self.visitor = not self.shelf.owner
             if self.cluster and not self.visitor:
-                self.cluster.start(self.store, keep)
+                self.cluster.start(self.shelf, keep)
             if durable is not None and not self.visitor:
-                self.uploader = DurableUploader(durable, self.store, world_size, on_error=on_durable_error)
+                self.uploader = DurableUploader(durable, self.shelf, world_size, on_error=on_durable_error)
         except Exception as exc:  # e.g. RankLockedError: close what was built, and tell the other ranks
             failure = exc
             self._close_parts()
@@ -167,21 +167,21 @@ class FlashEngine:
     # saving
 
     def save(
-        self, step: int, state: MutableMapping[str, Any], *, blocking: bool = True, durable: bool = False
+        self, step: int, state: MutableMapping[str, Any], *, async_save: bool = False, durable: bool = False
     ) -> bool:
         """Save ``state`` as ``step``; returns False when this rank already committed that step.
 
-        With ``durable``, the step is copied to the durable store too: before returning when ``blocking``,
+        With ``durable``, the step is copied to the durable store too: before returning unless ``async_save``,
         else in the background. A failed copy is a warning (the flash save is made either way).
         """
         started = time.perf_counter()
         if not isinstance(state, MutableMapping):
             raise TypeError(f"state must be a dict (a state dict); got {type(state).__name__}")
         skeleton, tensors = flatten(state)
-        staged = self.stage(step, skeleton, tensors, hash_now=blocking, durable=durable)
+        staged = self.stage(step, skeleton, tensors, hash_now=not async_save, durable=durable)
         if staged is None:
             return False
-        self.commit(step, staged, durable=durable, background=not blocking, upload_now=blocking)
+        self.commit(step, staged, durable=durable, background=async_save, upload_now=not async_save)
         self.last_save_blocked = time.perf_counter() - started
         events.record(
             "flash_save", step=step, blocked=round(self.last_save_blocked, 6), bytes=staged.data_size
@@ -201,7 +201,7 @@ class FlashEngine:
             raise ValueError("durable=True needs a durable store; pass durable='s3://...' or a local path")
         self._settle(wait=True)
         restored = [] if self._restored is None else [self._restored]
-        newest = max([*self.store.own, *restored], default=None)
+        newest = max([*self.shelf.own, *restored], default=None)
         if newest is not None and step <= newest:
             if step == newest:
                 log.info("flash: step %d is already committed for rank %d; not saved again", step, self.rank)
@@ -211,13 +211,13 @@ class FlashEngine:
                 "Call restore() first (it forgets steps of an abandoned timeline) or use a new job_id"
             )
         if not self._room_checked:
-            self._check_room(self.store.object_size(skeleton, tensors, chunk_size=self.chunk_size))
+            self._check_room(self.shelf.object_size(skeleton, tensors, chunk_size=self.chunk_size))
             self._room_checked = True
-        return self.store.stage(skeleton, tensors, chunk_size=self.chunk_size, hash_now=hash_now)
+        return self.shelf.stage(skeleton, tensors, chunk_size=self.chunk_size, hash_now=hash_now)
 
     def discard(self, staged: StagedObject) -> None:
         """Give back a staged object that will not be committed (its save failed elsewhere)."""
-        self.store.release(staged.buffer)
+        self.shelf.release(staged.buffer)
 
     def commit(
         self,
@@ -233,7 +233,7 @@ class FlashEngine:
         commit thread and a failure is raised by the next call."""
 
         def finish() -> None:
-            record = self.store.commit_staged(step, staged)
+            record = self.shelf.commit_staged(step, staged)
             if self.cluster:
                 self.cluster.replicate(record)
             if durable and self.uploader is not None:
@@ -241,7 +241,7 @@ class FlashEngine:
                     self.uploader.upload_now(record)
                 else:
                     self.uploader.submit(record)
-            self.store.retain()
+            self.shelf.retain()
 
         if background:
             self._pending = (step, self._commits.submit(finish))
@@ -261,7 +261,7 @@ class FlashEngine:
         if self.durable.rank_record(step, self.rank) is not None:
             return
         record = self.layout.read_commit(step, self.rank)
-        if record is None or step not in self.store.own:
+        if record is None or step not in self.shelf.own:
             raise FlashError(f"step {step} of rank {self.rank} is not committed here: nothing to copy")
         self.uploader.drain()
         self.uploader.upload_now(record)
@@ -330,7 +330,7 @@ class FlashEngine:
         started = time.perf_counter()
         landings: list[Landing] = []  # every landing made, also of steps not restored in the end
         restored = restore_newest(
-            self.store,
+            self.shelf,
             self._group,
             self.copier,
             self.cluster,
@@ -372,7 +372,7 @@ class FlashEngine:
             )
         self._agree("load the restored step", failure)
         if restored.other_worlds:  # steps of another world size: they go once one of this world is safe
-            self.store.on_safe = self._drop_other_worlds
+            self.shelf.on_safe = self._drop_other_worlds
         self.restored_from = restored.source
         self._restored = step
         took = time.perf_counter() - started
@@ -394,12 +394,12 @@ class FlashEngine:
         """The step landed in the caller's tensors from peers: pull a copy into tmpfs again in the
         background (memory the next saves would fault in anyway), so losing those peers loses nothing."""
         recovered = self.cluster.recovered if self.cluster else None
-        if recovered is None or recovered[0] != step or not self.store.owner:
+        if recovered is None or recovered[0] != step or not self.shelf.owner:
             return
         assert self.cluster is not None
         self._reseed = threading.Thread(
             target=self.cluster.reseed,
-            args=(self.store, step, recovered[1], lambda: self._restored == step and not self._closed),
+            args=(self.shelf, step, recovered[1], lambda: self._restored == step and not self._closed),
             name="stalwart-reseed",
             daemon=True,
         )
@@ -414,7 +414,7 @@ class FlashEngine:
         """Collective: the steps each tier holds whole, {"flash": [...], "durable": [...]} (flash counts
         every node's tmpfs, replicas included; "durable" is absent without a durable store)."""
         self._check_open()
-        found = holdings(self.store, self._group, self.cluster, self.durable)
+        found = holdings(self.shelf, self._group, self.cluster, self.durable)
         listed = {"flash": sorted(found.flash)}
         if self.durable is not None:
             if found.durable is None:
@@ -430,7 +430,7 @@ class FlashEngine:
         self._check_owner()
         int_at_least("step", step, 0)
         self._quiesce()
-        abandoned = sorted(s for s in self.store.own if s > step)
+        abandoned = sorted(s for s in self.shelf.own if s > step)
         if abandoned:
             log.warning(
                 "flash: training continues from step %d restored from elsewhere; the newer flash steps %s of "
@@ -507,7 +507,7 @@ class FlashEngine:
         so its steps were not considered and are left alone; ``durable_steps`` None: list them now.
         ``generation`` given: the ranks agreed elsewhere; nothing here is collective.
         """
-        self.store.drop_newer_than(step)
+        self.shelf.drop_newer_than(step)
         drop_other_worlds(self.layout, self.world_size, keep=lambda s: step is not None and s <= step)
         failure: BaseException | None = None
         if self.uploader is not None and self.durable is not None and durable_listed:
@@ -622,8 +622,8 @@ class FlashEngine:
             self.cluster.close()
         if self.uploader is not None:
             self.uploader.close()
-        if self.store is not None:
-            self.store.close()
+        if self.shelf is not None:
+            self.shelf.close()
         self.copier.close()
 
     def __enter__(self) -> FlashEngine:

@@ -30,7 +30,7 @@ __all__ = [
     "watch",
 ]
 
-log = logging.getLogger("stalwart.flash")
+log = logging.getLogger(__name__)
 
 DEFAULT_GRACE_PERIOD = 25.0  # seconds a preemption save may take: fits Kubernetes' default 30 s
 TERMINATION_GRACE_SECONDS = 30  # what rendered manifests give a pod between SIGTERM and SIGKILL

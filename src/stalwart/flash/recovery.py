@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Head", "Landing", "UnfitState", "fetch_head", "plan_landing", "pull_head", "receive"]
 
-log = logging.getLogger("stalwart.flash")
+log = logging.getLogger(__name__)
 
 STREAMS = 4  # connections per recovery: enough to keep both cores busy over loopback
 _PIECE = 32 * 2**20  # bytes a stream asks for at a time; its chunks are verified as they land

@@ -27,7 +27,7 @@ from .copier import Copier
 from .layout import CommitRecord, FlashLayout
 from .objects import HEADER_SIZE, PACKED_HEADER_SIZE, CorruptObjectError, Header
 from .placement import Peer, RingPlacement
-from .rankstore import VerifiedObject, verify_mapped
+from .shelf import VerifiedObject, verify_mapped
 from .transport import (
     HANDSHAKE_DEADLINE,
     HANDSHAKE_SLOTS,
@@ -50,7 +50,7 @@ __all__ = [
     "pull",
 ]
 
-log = logging.getLogger("stalwart.flash")
+log = logging.getLogger(__name__)
 
 _OBJECT = re.compile(r"^steps/step-(\d{12})/rank-(\d{5})\.obj$")
 

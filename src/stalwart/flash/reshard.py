@@ -2,7 +2,7 @@
 
 DDP-style training keeps the same model and optimizer on every rank, so a step saved by N ranks can go
 on with M: every rank of the new world loads saved rank 0's object (from its node's tmpfs, a peer, or
-the durable store, verified as any restore is) and none makes it its own, since it belongs to the old
+the durable shelf, verified as any restore is) and none makes it its own, since it belongs to the old
 world. What differs per rank rides along as rank 0's, the random generators included, as a Lightning
 checkpoint written by rank 0 restores them. The caller asks for this (``reshard="replicated"``): the
 bytes do not say whether state is replicated, and rank 0's object in state that differs per rank would
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .layout import FlashLayout
-    from .rankstore import RankStore
+    from .shelf import RankShelf
 
 __all__ = ["RESHARD", "OtherWorlds", "check_reshard", "drop_other_worlds", "other_worlds"]
 
@@ -70,11 +70,11 @@ class OtherWorlds:
         )
 
 
-def other_worlds(store: RankStore, group: Any, durable: dict[int, int]) -> OtherWorlds:
+def other_worlds(shelf: RankShelf, group: Any, durable: dict[int, int]) -> OtherWorlds:
     """Collective: the steps of other world sizes whose rank 0 object some node holds (``durable``:
     those the durable store holds, listed by the caller)."""
     holders: dict[tuple[int, int], list[int]] = {}
-    for holder, items in enumerate(group.gather(store.other_world_holdings())):
+    for holder, items in enumerate(group.gather(shelf.other_world_holdings())):
         for step, rank, world in items:
             if rank == 0:
                 holders.setdefault((step, world), []).append(holder)

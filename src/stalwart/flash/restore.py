@@ -3,7 +3,7 @@
 Collective (every rank of the job calls it at the same point). The candidates are the steps that are
 whole somewhere: every rank committed them on some node's tmpfs (its own, or a replica on a peer), or in
 the durable store. From the newest down, each rank obtains its object from the cheapest tier that has it
-(its own tmpfs, then a peer, then the durable store), verifies every checksum, and the ranks compare
+(its own tmpfs, then a peer, then the durable shelf), verifies every checksum, and the ranks compare
 notes: all verified, and the step is restored; any rank found it corrupt everywhere, and they try the
 next older step (DESIGN decisions 3 and 10). With ``reshard="replicated"``, steps saved by another
 number of ranks are candidates too, and every rank restores saved rank 0's object of them (``reshard``).
@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import FlashRestoreError
 from .objects import CorruptObjectError
-from .rankstore import RankStore, VerifiedObject, verify_mapped, verify_object
 from .recovery import UnfitState
 from .reshard import OtherWorlds, other_worlds
+from .shelf import RankShelf, VerifiedObject, verify_mapped, verify_object
 
 if TYPE_CHECKING:
     from .cluster import Cluster
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Holdings", "Restored", "holdings", "restore_newest"]
 
-log = logging.getLogger("stalwart.flash")
+log = logging.getLogger(__name__)
 
 _READ_ERRORS = (OSError, ValueError)  # what reading a tier can raise besides corruption
 
@@ -46,7 +46,7 @@ class Restored:
     """The outcome of a restore on this rank."""
 
     step: int | None
-    verified: VerifiedObject | None  # to copy into the state (from tmpfs or the durable store)
+    verified: VerifiedObject | None  # to copy into the state (from tmpfs or the durable shelf)
     source: str | None  # "flash", "peer" or "durable"
     durable_steps: frozenset[int] | None  # complete durable steps, None when the store could not be listed
     landing: Landing | None = None  # from peers: already in the state's tensors, verified
@@ -85,22 +85,22 @@ class Holdings:
         return f"flash: {', '.join(map(str, sorted(self.flash))) or 'none'}; durable: {durable}{other}"
 
 
-def holdings(store: RankStore, group: Any, cluster: Cluster | None, durable: DurableTier | None) -> Holdings:
+def holdings(shelf: RankShelf, group: Any, cluster: Cluster | None, durable: DurableTier | None) -> Holdings:
     """Collective: the steps each tier holds whole."""
     if cluster is not None:
-        holders = cluster.holders(store, group)
+        holders = cluster.holders(shelf, group)
         flash_steps = cluster.whole_steps(holders)
     else:
         holders = {}
-        held = group.gather(sorted(store.own))
+        held = group.gather(sorted(shelf.own))
         flash_steps = set(held[0]).intersection(*held[1:])
-    durable_steps, durable_other, durable_unreadable = _durable_steps(durable, store.world_size, group)
-    other = other_worlds(store, group, durable_other)
+    durable_steps, durable_other, durable_unreadable = _durable_steps(durable, shelf.world_size, group)
+    other = other_worlds(shelf, group, durable_other)
     return Holdings(frozenset(flash_steps), holders, durable_steps, durable_unreadable, other)
 
 
 def restore_newest(
-    store: RankStore,
+    shelf: RankShelf,
     group: Any,
     copier: Copier,
     cluster: Cluster | None,
@@ -114,8 +114,8 @@ def restore_newest(
     ``step``, which some tier must hold whole: it is not traded for an older one. ``land`` lays an
     object pulled from peers over the caller's tensors (``recovery``): it is received straight there.
     ``reshard`` "replicated": steps saved by another world size are restored too (``reshard``)."""
-    job = store.layout.job_id
-    found = holdings(store, group, cluster, durable)
+    job = shelf.layout.job_id
+    found = holdings(shelf, group, cluster, durable)
     holders, durable_steps, durable_unreadable = found.holders, found.durable, found.durable_unreadable
     own = found.flash | (durable_steps or set())
     other = {s: size for s, size in found.other.steps.items() if s not in own} if reshard else {}
@@ -127,11 +127,11 @@ def restore_newest(
             if step in found.other.steps:
                 raise FlashRestoreError(
                     f"step {step} of flash job {job!r} was saved by {found.other.steps[step]} ranks, not "
-                    f"this job's {store.world_size}: if every rank holds the same state (DDP), pass "
+                    f"this job's {shelf.world_size}: if every rank holds the same state (DDP), pass "
                     "reshard='replicated'; sharded state reshards through DCP (FlashStorageReader)"
                 )
             unlisted = (
-                " (the durable store, which may hold it, could not be listed)"
+                " (the durable shelf, which may hold it, could not be listed)"
                 if durable_steps is None
                 else ""
             )
@@ -149,10 +149,10 @@ def restore_newest(
                 "silently lose progress, so nothing was restored"
             )
         if step in other:
-            attempt = _obtain_other(store, copier, cluster, durable, step, other[step], found.other, land)
+            attempt = _obtain_other(shelf, copier, cluster, durable, step, other[step], found.other, land)
         else:
             attempt = _obtain(
-                store, copier, cluster, durable, step, holders, durable_steps or frozenset(), land
+                shelf, copier, cluster, durable, step, holders, durable_steps or frozenset(), land
             )
         notes = group.gather((attempt.kind, attempt.message))
         errors = [f"rank {rank}: {message}" for rank, (kind, message) in enumerate(notes) if kind == "error"]
@@ -179,7 +179,7 @@ def restore_newest(
             f"rank {rank}: {message}" for rank, (kind, message) in enumerate(notes) if kind != "ok"
         )
         skipped.append(f"step {step} ({bad})")
-        if store.rank == 0:
+        if shelf.rank == 0:
             log.warning("flash: not restoring step %d of job %s: %s; trying an older step", step, job, bad)
     if step is not None:
         raise FlashRestoreError(
@@ -189,15 +189,15 @@ def restore_newest(
     if candidates:
         raise FlashRestoreError(
             f"every step of flash job {job!r} failed verification on some rank, so nothing was restored: "
-            f"{'; '.join(skipped[:4])}. To start over, remove {store.layout.job_dir}"
+            f"{'; '.join(skipped[:4])}. To start over, remove {shelf.layout.job_dir}"
             + (f" and {durable.url}" if durable is not None else "")
             + " or use a new job_id"
         )
     if found.other.steps:  # only without reshard: else they were candidates
         step = max(found.other.steps)
         tier = "flash" if step in found.other.flash else "durable"
-        raise _another_world(job, step, found.other.steps[step], tier, store.world_size)
-    _refuse_what_cannot_be_restored(store, group, durable, durable_unreadable)
+        raise _another_world(job, step, found.other.steps[step], tier, shelf.world_size)
+    _refuse_what_cannot_be_restored(shelf, group, durable, durable_unreadable)
     if durable is not None and durable_steps is None:
         raise FlashRestoreError(
             f"flash job {job!r} has no step in tmpfs and its durable store {durable.url} could not be "
@@ -270,7 +270,7 @@ def _as_note(obtain: Callable[..., _Attempt]) -> Callable[..., _Attempt]:
 
 @_as_note
 def _obtain(
-    store: RankStore,
+    shelf: RankShelf,
     copier: Copier,
     cluster: Cluster | None,
     durable: DurableTier | None,
@@ -282,32 +282,32 @@ def _obtain(
     """This rank's object of ``step`` from the cheapest tier that has it intact."""
     corrupt: list[str] = []
     errors: list[str] = []
-    if step in store.own:
+    if step in shelf.own:
         try:
-            return _Attempt("ok", verified=store.verify(step), source="flash")
+            return _Attempt("ok", verified=shelf.verify(step), source="flash")
         except (CorruptObjectError, OSError) as exc:
             # Kept as evidence until a copy replaces it or a restore of an older step cuts the timeline:
             # deleting it here would make the next attempt find "no checkpoint" and start over.
             log.warning("flash: not loading step %d from tmpfs: %s", step, exc)
             corrupt.append(str(exc))
-    if cluster is not None and holders.get((step, store.rank)):
+    if cluster is not None and holders.get((step, shelf.rank)):
         try:
-            landing, problems = cluster.recover(step, holders[(step, store.rank)], land)
+            landing, problems = cluster.recover(step, holders[(step, shelf.rank)], land)
         except UnfitState as exc:  # the object is fine; the state cannot take it (told after agreeing)
             return _Attempt("ok", source="peer", unfit=exc.__cause__ or exc)
         if landing is not None:
-            if corrupt and store.owner:  # the peer's copy replaced what the local one could not give
-                log.warning("flash: dropping the corrupt tmpfs copy of step %d (rank %d)", step, store.rank)
-                store.drop(step)
+            if corrupt and shelf.owner:  # the peer's copy replaced what the local one could not give
+                log.warning("flash: dropping the corrupt tmpfs copy of step %d (rank %d)", step, shelf.rank)
+                shelf.drop(step)
             return _Attempt("ok", source="peer", landing=landing)
         for kind, message in problems:
             (corrupt if kind == "corrupt" else errors).append(message)
     if durable is not None and step in durable_steps:
-        kind, message, verified = _download(store, copier, durable, step)
+        kind, message, verified = _download(shelf, copier, durable, step)
         if verified is not None:
             return _Attempt("ok", verified=verified, source="durable")
         (corrupt if kind == "corrupt" else errors).append(message)
-    return _failed(corrupt, errors, f"no tier holds rank {store.rank}'s object")
+    return _failed(corrupt, errors, f"no tier holds rank {shelf.rank}'s object")
 
 
 def _failed(corrupt: list[str], errors: list[str], otherwise: str) -> _Attempt:
@@ -318,7 +318,7 @@ def _failed(corrupt: list[str], errors: list[str], otherwise: str) -> _Attempt:
 
 @_as_note
 def _obtain_other(
-    store: RankStore,
+    shelf: RankShelf,
     copier: Copier,
     cluster: Cluster | None,
     durable: DurableTier | None,
@@ -331,10 +331,10 @@ def _obtain_other(
     intact; never made this rank's own (``reshard``)."""
     corrupt: list[str] = []
     errors: list[str] = []
-    record = store.layout.read_commit(step, 0)
+    record = shelf.layout.read_commit(step, 0)
     if record is not None and record.world_size == world:
         try:
-            verified = verify_object(store.layout, step, 0, copier)
+            verified = verify_object(shelf.layout, step, 0, copier)
             return _Attempt("ok", verified=verified, source="flash", dispose=verified.buffer.close)
         except (CorruptObjectError, OSError) as exc:
             log.warning("flash: not loading step %d of rank 0 (%d ranks) from tmpfs: %s", step, world, exc)
@@ -349,16 +349,16 @@ def _obtain_other(
         for kind, message in problems:
             (corrupt if kind == "corrupt" else errors).append(message)
     if durable is not None and other.durable.get(step) == world:
-        kind, message, verified = _download(store, copier, durable, step, rank=0, adopt=False)
+        kind, message, verified = _download(shelf, copier, durable, step, rank=0, adopt=False)
         if verified is not None:
             buffer = verified.buffer
-            return _Attempt("ok", verified=verified, source="durable", dispose=lambda: store.release(buffer))
+            return _Attempt("ok", verified=verified, source="durable", dispose=lambda: shelf.release(buffer))
         (corrupt if kind == "corrupt" else errors).append(message)
     return _failed(corrupt, errors, f"no tier holds rank 0's object of the {world} ranks that saved it")
 
 
 def _download(
-    store: RankStore,
+    shelf: RankShelf,
     copier: Copier,
     durable: DurableTier,
     step: int,
@@ -368,26 +368,26 @@ def _download(
 ) -> tuple[str, str, VerifiedObject | None]:
     """``rank``'s durable object of ``step`` (this rank's by default), read into a pool buffer and
     verified, then made this rank's own when ``adopt``."""
-    rank = store.rank if rank is None else rank
+    rank = shelf.rank if rank is None else rank
     where = f"{durable.url} step {step} rank {rank}"
     record = durable.rank_record(step, rank)
     if record is None:
         return "corrupt", f"{where}: the commit record is gone or unreadable", None
     try:
-        buffer = store.acquire(record.objects[0]["size"])
+        buffer = shelf.acquire(record.objects[0]["size"])
     except _READ_ERRORS as exc:
         return "error", f"no room in the flash root for {where}: {exc}", None
     try:
         durable.read_into(record, buffer.view[: record.objects[0]["size"]])
         verified = verify_mapped(buffer, record, copier, where=where)
     except (CorruptObjectError, EOFError) as exc:
-        store.release(buffer)
+        shelf.release(buffer)
         return "corrupt", str(exc), None
     except _READ_ERRORS as exc:
-        store.release(buffer)
+        shelf.release(buffer)
         return "error", f"reading {where} failed: {type(exc).__name__}: {exc}", None
     if adopt:
-        store.adopt_pulled(verified, record)
+        shelf.adopt_pulled(verified, record)
     return "ok", "", verified
 
 
@@ -401,14 +401,14 @@ def _another_world(job: str, step: int, size: int, tier: str, world_size: int) -
 
 
 def _refuse_what_cannot_be_restored(
-    store: RankStore, group: Any, durable: DurableTier | None, durable_unreadable: list[str]
+    shelf: RankShelf, group: Any, durable: DurableTier | None, durable_unreadable: list[str]
 ) -> None:
     """No step to restore, yet commit records exist: of another number of ranks, or unreadable (damaged,
     or written by a newer stalwart). Loading nothing would start over silently."""
     committed: set[tuple[int, int, int]] = set()
-    unreadable = [str(path) for path in store.layout.unreadable_commits()]
+    unreadable = [str(path) for path in shelf.layout.unreadable_commits()]
     unreadable += [f"{durable.url}/{name}" for name in durable_unreadable] if durable is not None else []
-    for items, bad in group.gather((store.layout.commit_index(), unreadable)):  # steps span nodes
+    for items, bad in group.gather((shelf.layout.commit_index(), unreadable)):  # steps span nodes
         committed.update(items)
         unreadable += [name for name in bad if name not in unreadable]
     by_step: dict[int, dict[int, set[int]]] = {}
@@ -418,21 +418,21 @@ def _refuse_what_cannot_be_restored(
         step: (size, "flash")
         for step, sizes in by_step.items()
         for size, ranks in sizes.items()
-        if size != store.world_size and ranks >= set(range(size))
+        if size != shelf.world_size and ranks >= set(range(size))
     }
     if durable is not None:
         try:
-            for step, size in durable.other_world_sizes(store.world_size).items():
+            for step, size in durable.other_world_sizes(shelf.world_size).items():
                 found.setdefault(step, (size, "durable"))
         except Exception as exc:  # the listing failed just before: that is reported by the caller
             log.debug("flash: could not list %s for other world sizes: %s", durable.url, exc)
     seen = [item for items in group.gather(sorted(found.items())) for item in items]
     if seen:
         step, (size, tier) = max(seen)
-        raise _another_world(store.layout.job_id, step, size, tier, store.world_size)
+        raise _another_world(shelf.layout.job_id, step, size, tier, shelf.world_size)
     if unreadable:
         raise FlashRestoreError(
-            f"flash job {store.layout.job_id!r} has no step that can be restored, but commit records that "
+            f"flash job {shelf.layout.job_id!r} has no step that can be restored, but commit records that "
             f"cannot be read exist ({', '.join(unreadable[:4])}): damaged, or written by a newer stalwart. "
             "Nothing was restored; to start over, remove them or use a new job_id"
         )

@@ -46,7 +46,7 @@ __all__ = [
 ]
 
 _lock = threading.Lock()
-log = logging.getLogger("stalwart.flash")
+log = logging.getLogger(__name__)
 
 
 @dataclass

@@ -39,7 +39,7 @@ __all__ = [
     "record_from_wire",
 ]
 
-log = logging.getLogger("stalwart.flash")
+log = logging.getLogger(__name__)
 
 TIMEOUT = 30.0  # seconds any single socket operation of an authenticated peer may take
 HANDSHAKE_DEADLINE = 5.0  # seconds in all a client has to prove it knows the job secret

@@ -23,11 +23,11 @@ from .layout import CommitRecord
 
 if TYPE_CHECKING:
     from .buffers import Buffer
-    from .rankstore import RankStore
+    from .shelf import RankShelf
 
 __all__ = ["DurableUploader"]
 
-log = logging.getLogger("stalwart.flash")
+log = logging.getLogger(__name__)
 
 ON_ERROR = ("warn", "raise")
 
@@ -36,12 +36,12 @@ class DurableUploader:
     """Uploads one rank's committed steps to a DurableTier, pinning each step's buffer until it is sent."""
 
     def __init__(
-        self, durable: DurableTier, store: RankStore, world_size: int, *, on_error: str = "warn"
+        self, durable: DurableTier, shelf: RankShelf, world_size: int, *, on_error: str = "warn"
     ) -> None:
         if on_error not in ON_ERROR:
             raise ValueError(f"on_durable_error={on_error!r} is not accepted; use one of {ON_ERROR}")
-        self.durable, self.store, self.world_size, self.on_error = durable, store, world_size, on_error
-        self.rank = store.rank
+        self.durable, self.shelf, self.world_size, self.on_error = durable, shelf, world_size, on_error
+        self.rank = shelf.rank
         self.uploaded: int | None = None  # the newest step this rank copied to the store
         self.requested: int | None = None  # the newest step handed over
         self._failure: tuple[int, BaseException] | None = None  # the newest failure not made good since
@@ -63,7 +63,7 @@ class DurableUploader:
 
     def submit(self, record: CommitRecord) -> None:
         """Upload ``record``'s step in the background; a step still waiting is dropped for it."""
-        buffer = self.store.pin(record.step)
+        buffer = self.shelf.pin(record.step)
         with self._cond:
             dropped, self._pending = self._pending, (record, buffer)
             self.requested = max(record.step, self.requested or 0)
@@ -82,7 +82,7 @@ class DurableUploader:
     def upload_now(self, record: CommitRecord) -> None:
         """Upload ``record``'s step before returning (sync saves); a failure is handled as in the
         background."""
-        buffer = self.store.pin(record.step)
+        buffer = self.shelf.pin(record.step)
         with self._cond:
             self.requested = max(record.step, self.requested or 0)
         try:
@@ -190,8 +190,8 @@ class DurableUploader:
                 log.warning("flash: durable retention in %s failed: %s", self.durable.url, exc)
 
     def _release(self, step: int) -> None:
-        self.store.unpin(step)
-        self.store.retain()
+        self.shelf.unpin(step)
+        self.shelf.retain()
 
     def _raise_failure(self) -> None:
         with self._cond:

@@ -45,7 +45,7 @@ from . import SOURCES, ResumePoint, from_rank_zero, newest_flash_step
 
 __all__ = ["CheckpointMirrorCallback", "pack_directory", "resume_checkpoint", "unpack_directory"]
 
-log = logging.getLogger("stalwart.integrations")
+log = logging.getLogger(__name__)
 
 _DIR = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 _STATE_FILE = "trainer_state.json"  # the Trainer writes it after the weights, optimizer and RNG states

@@ -32,7 +32,7 @@ from stalwart import config
 from stalwart.elastic import Elastic, RunPolicy
 from stalwart.flash.preemption import TERMINATION_GRACE_SECONDS
 from stalwart.kubernetes.command import default_command, input_args, script_of
-from stalwart.kubernetes.resources import SHM_MOUNT_PATH, SHM_VOLUME_NAME, KubernetesResources
+from stalwart.kubernetes.container_resources import SHM_MOUNT_PATH, SHM_VOLUME_NAME, KubernetesResources
 
 if TYPE_CHECKING:
     from stalwart.environment import Task

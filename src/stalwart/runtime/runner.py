@@ -42,11 +42,11 @@ from . import events
 from .outcome import Outcome, load_output, oom_kill_count, read_outcome
 from .processes import kill_tree
 from .protocol import RESULT_FILE, SPEC_FILE, STDERR_FILE, STDOUT_FILE, AttemptSpec, loads
-from .store import AttemptRecord, RunRecord, RunStore
+from .records import AttemptRecord, RunRecord, RunRecords
 
 __all__ = ["Run", "RunFailedError", "RunOptions", "new_run_id", "run", "with_runcontext"]
 
-log = logging.getLogger("stalwart.runtime")
+log = logging.getLogger(__name__)
 
 _RUN_ID = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
@@ -189,8 +189,8 @@ class _Runner:
         self.options, self.task, self.args, self.inputs = options, task, args, inputs
         self.module, self.qualname, self.file = task.reference()
         self.home = Path(options.home).expanduser() if options.home else config.home()
-        self.store = RunStore(self.home / "runs.db")
-        self.store.check()  # a damaged file is reported before any attempt, never worked around
+        self.records = RunRecords(self.home / "runs.db")
+        self.records.check()  # a damaged file is reported before any attempt, never worked around
         self._stopping = False  # SIGTERM came: no further attempt here
 
     def _stop(self) -> None:
@@ -198,7 +198,7 @@ class _Runner:
 
     def run(self) -> Run:
         retries = self.task.retries
-        existing = self.store.get_run(self.options.run_id) if self.options.run_id else None
+        existing = self.records.get_run(self.options.run_id) if self.options.run_id else None
         if existing is not None and existing.task != self.task.name:
             raise ValueError(
                 f"run {existing.id!r} belongs to task {existing.task!r}, not {self.task.name!r}; "
@@ -236,7 +236,7 @@ class _Runner:
                     last,
                 )
                 if delay:
-                    self.store.add_event(run_id, number, "backoff", f"{delay:.3f} s")
+                    self.records.add_event(run_id, number, "backoff", f"{delay:.3f} s")
                     time.sleep(delay)
             limits = [(runtime, "max_runtime")] if runtime else []
             if ends is not None:
@@ -245,17 +245,17 @@ class _Runner:
             ran = number
             if self._stopping and not outcome.ok:  # this machine is going away: the next one resumes
                 why = f"preempted (SIGTERM) during attempt {number}, which {outcome.description}"
-                self.store.finish_run(run_id, "preempted", why)
+                self.records.finish_run(run_id, "preempted", why)
                 log.warning("run %s: %s; run it again (same run id) to resume", run_id, why)
                 raise Preempted(f"run {run_id} was {why}")
             if outcome.ok:
-                self.store.finish_run(run_id, "succeeded")
+                self.records.finish_run(run_id, "succeeded")
                 return self._record(run_id, "succeeded", outcome.output)
             if not outcome.retryable:
                 log.warning("run %s: attempt %d cannot succeed on a retry; not retrying", run_id, number)
                 break
         assert outcome is not None
-        self.store.finish_run(run_id, "failed", f"attempt {ran} {outcome.description}")
+        self.records.finish_run(run_id, "failed", f"attempt {ran} {outcome.description}")
         raise self._failure(run_id, ran, outcome)
 
     def _shown_inputs(self) -> dict[str, str]:
@@ -284,7 +284,7 @@ class _Runner:
     def _already_succeeded(self, existing: RunRecord) -> Run:
         """A run that succeeded is not run again: its recorded output comes back (rerun=True forces)."""
         run_id = existing.id
-        attempts = self.store.attempts(run_id)
+        attempts = self.records.attempts(run_id)
         winner = next((a for a in reversed(attempts) if a.status == "succeeded"), None)
         if winner is None or not winner.log_dir:
             raise FileNotFoundError(
@@ -310,7 +310,7 @@ class _Runner:
             run_id,
             winner.number,
         )
-        self.store.add_event(run_id, None, "run_already_succeeded", f"output of attempt {winner.number}")
+        self.records.add_event(run_id, None, "run_already_succeeded", f"output of attempt {winner.number}")
         return self._record(run_id, "succeeded", output)
 
     def _open_run(self, existing: RunRecord | None, retries: RetryStrategy) -> tuple[str, str, int]:
@@ -318,27 +318,27 @@ class _Runner:
             run_id = existing.id
             if existing.status == "running":
                 log.warning("run %s is marked running; resuming it (its runner is presumed dead)", run_id)
-            previous = self.store.attempts(run_id)
+            previous = self.records.attempts(run_id)
             first = previous[-1].number + 1 if previous else 0
             inputs = self._shown_inputs() if self.options.rerun else None
-            self.store.reopen_run(run_id, retries.max_attempts, inputs)
+            self.records.reopen_run(run_id, retries.max_attempts, inputs)
             return run_id, existing.checkpoint_uri or self._checkpoint_uri(run_id), first
         run_id = self.options.run_id or new_run_id(self.task.name)
         checkpoint_uri = self._checkpoint_uri(run_id)
-        self.store.create_run(
+        self.records.create_run(
             run_id, self.task.name, retries.max_attempts, checkpoint_uri, self._shown_inputs()
         )
         # A named run new to this machine (a replacement pod, a new host) continues after the attempts
         # its checkpoint store has seen, so their checkpoints count as earlier attempts'.
         first = self._attempts_in_store(checkpoint_uri) if self.options.run_id else 0
         if first:
-            self.store.add_event(
+            self.records.add_event(
                 run_id, None, "run_continued", f"attempt {first}: earlier attempts ran elsewhere"
             )
         return run_id, checkpoint_uri, first
 
     def _attempts_in_store(self, checkpoint_uri: str) -> int:
-        from ..checkpoint.store import DurableStore
+        from ..checkpoint.durable_store import DurableStore
 
         try:
             names = DurableStore(checkpoint_uri, self.options.storage_options).children()
@@ -413,7 +413,7 @@ class _Runner:
         tails = []
         forwarding = _forward_sigterm(proc, self._stop)
         try:
-            self.store.start_attempt(run_id, number, proc.pid, str(attempt_dir))
+            self.records.start_attempt(run_id, number, proc.pid, str(attempt_dir))
             if self.options.echo:
                 tails = [
                     _Tail(attempt_dir / STDOUT_FILE, sys.stdout, done),
@@ -426,8 +426,8 @@ class _Runner:
         except BaseException:
             _kill_group(proc)
             with contextlib.suppress(Exception):  # the records themselves may be what failed
-                self.store.finish_attempt(run_id, number, "aborted", None, "the runner was interrupted")
-                self.store.finish_run(run_id, "aborted", "the runner was interrupted")
+                self.records.finish_attempt(run_id, number, "aborted", None, "the runner was interrupted")
+                self.records.finish_run(run_id, "aborted", "the runner was interrupted")
             raise
         finally:
             forwarding.close()
@@ -438,20 +438,20 @@ class _Runner:
         outcome = read_outcome(attempt_dir, code, (oom_before, oom_kill_count()))
         if stopped is not None:
             outcome = _timed_out(outcome, stopped, limit)
-        self.store.add_events(
+        self.records.add_events(
             run_id, number, [(e.time, e.kind, _event_message(e)) for e in events.read(attempt_dir)]
         )
-        self.store.finish_attempt(run_id, number, outcome.status, code, outcome.description)
+        self.records.finish_attempt(run_id, number, outcome.status, code, outcome.description)
         return outcome
 
     def _record(self, run_id: str, status: str, output: Any) -> Run:
-        record = self.store.get_run(run_id)
+        record = self.records.get_run(run_id)
         return Run(
             id=run_id,
             task=self.task.name,
             status=status,
             output=output,
-            attempts=tuple(self.store.attempts(run_id)),
+            attempts=tuple(self.records.attempts(run_id)),
             checkpoint_uri=record.checkpoint_uri if record and record.checkpoint_uri else "",
             home=self.home,
         )

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .store import AttemptRecord, EventRecord, RunRecord
+    from .records import AttemptRecord, EventRecord, RunRecord
 
 __all__ = ["FREQUENT", "event_fields", "summarize"]
 

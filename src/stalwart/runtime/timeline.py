@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from .summary import event_fields
 
 if TYPE_CHECKING:
-    from .store import AttemptRecord, EventRecord, RunRecord
+    from .records import AttemptRecord, EventRecord, RunRecord
 
 __all__ = ["Lane", "figure", "lanes", "trace", "write"]
 

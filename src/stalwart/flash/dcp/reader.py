@@ -48,7 +48,7 @@ from .survey import Fetched, Survey, fetch, survey, survey_alone
 
 __all__ = ["FlashStorageReader"]
 
-log = logging.getLogger("stalwart.flash")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Which DCP steps exist across the nodes and the durable store, and fetching any rank's object of one.
+"""Which DCP steps exist across the nodes and the durable shelf, and fetching any rank's object of one.
 
 ``survey`` is collective: every rank reports the committed objects its node's flash root holds (own,
 other local ranks', replicas kept for peers) and rank 0 lists the durable store; every rank then
@@ -8,7 +8,7 @@ step is whole when every rank of the world size that saved it has a committed ob
 coordinator's carries the global metadata, so whole means loadable.
 
 ``fetch`` obtains one object of a step for this rank from the cheapest tier that holds it intact
-(this node's tmpfs, a peer node, the durable store), verified before anyone reads it. Any rank may
+(this node's tmpfs, a peer node, the durable shelf), verified before anyone reads it. Any rank may
 fetch any rank's object: that is how DCP's planner reshards.
 """
 
@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 from ..errors import FlashRestoreError
 from ..objects import CorruptObjectError
 from ..placement import node_key
-from ..rankstore import VerifiedObject, verify_mapped, verify_object
 from ..replication import held_by, pull
+from ..shelf import VerifiedObject, verify_mapped, verify_object
 
 if TYPE_CHECKING:
     from ..cluster import Cluster
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Fetched", "Survey", "fetch", "survey", "survey_alone"]
 
-log = logging.getLogger("stalwart.flash")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -147,7 +147,7 @@ class Fetched:
 
     verified: VerifiedObject
     source: str  # "flash", "peer" or "durable"
-    release: Any = field(default=None)  # called when done with it (None: the rank store keeps it)
+    release: Any = field(default=None)  # called when done with it (None: the rank's shelf keeps it)
 
     def close(self) -> None:
         if self.release is not None:
@@ -160,16 +160,16 @@ def fetch(
 ) -> Fetched:
     """Rank ``rank``'s object of ``step`` (saved by ``world`` ranks), verified; FlashRestoreError naming
     what every tier said when none holds it intact."""
-    store, layout, copier = engine.store, engine.layout, engine.copier
+    shelf, layout, copier = engine.shelf, engine.layout, engine.copier
     # this rank's own object: kept once fetched (unless another process owns the rank: read only)
-    mine = store.owner and rank == store.rank and world == store.world_size
+    mine = shelf.owner and rank == shelf.rank and world == shelf.world_size
     said: list[str] = []
     record = layout.read_commit(step, rank)
     if record is not None and record.world_size == world:
         try:
-            if mine and step in store.own:
-                return Fetched(store.verify(step), "flash")
-            if not store.owner:
+            if mine and step in shelf.own:
+                return Fetched(shelf.verify(step), "flash")
+            if not shelf.owner:
                 return _copied(engine, record)
             verified = verify_object(layout, step, rank, copier)
             return Fetched(verified, "flash", verified.buffer.close)
@@ -183,7 +183,7 @@ def fetch(
             if peer.node == cluster.node:
                 continue
             try:
-                record, verified = pull(peer, step, rank, cluster.secret, store, copier)
+                record, verified = pull(peer, step, rank, cluster.secret, shelf, copier)
             except (CorruptObjectError, OSError, ValueError) as exc:
                 said.append(f"the copy on rank {holder} ({peer.node}): {exc}")
                 continue
@@ -195,12 +195,12 @@ def fetch(
             said.append(f"{where}: the commit record is gone or unreadable")
         else:
             size = record.objects[0]["size"]
-            buffer = store.acquire(size)
+            buffer = shelf.acquire(size)
             try:
                 durable.read_into(record, buffer.view[:size])
                 verified = verify_mapped(buffer, record, copier, where=where)
             except (CorruptObjectError, EOFError, OSError, ValueError) as exc:
-                store.release(buffer)
+                shelf.release(buffer)
                 said.append(f"{where}: {type(exc).__name__}: {exc}")
             else:
                 return _keep(engine, verified, record, "durable", mine)
@@ -216,10 +216,10 @@ def _copied(engine: FlashEngine, record: Any) -> Fetched:
     """A visitor's read of this node's object: another process owns the rank and may drop the step
     and reuse its memory for a newer one while this load runs, so the bytes are copied out first and
     the copy verified (a step changed under the copy fails verification: never loaded)."""
-    store = engine.store
+    shelf = engine.shelf
     path = engine.layout.object_path(record.step, record.rank)
     size = record.objects[0]["size"]
-    buffer = store.acquire(size)
+    buffer = shelf.acquire(size)
     try:
         with open(path, "rb") as source:
             done = 0
@@ -230,16 +230,16 @@ def _copied(engine: FlashEngine, record: Any) -> Fetched:
                 done += got
         verified = verify_mapped(buffer, record, engine.copier, where=str(path))
     except BaseException:
-        store.release(buffer)
+        shelf.release(buffer)
         raise
-    return Fetched(verified, "flash", lambda: store.release(buffer))
+    return Fetched(verified, "flash", lambda: shelf.release(buffer))
 
 
 def _keep(engine: FlashEngine, verified: VerifiedObject, record: Any, source: str, mine: bool) -> Fetched:
     """A pulled or downloaded object: this rank's own becomes its flash copy again (a replaced node
     regains its state); another rank's goes back to the pool once read."""
-    store = engine.store
+    shelf = engine.shelf
     if mine:
-        store.adopt_pulled(verified, record)
+        shelf.adopt_pulled(verified, record)
         return Fetched(verified, source)
-    return Fetched(verified, source, lambda: store.release(verified.buffer))
+    return Fetched(verified, source, lambda: shelf.release(verified.buffer))

@@ -54,13 +54,13 @@ from ..engine import FlashEngine
 from ..layout import FlashLayout, RankLockedError
 from ..objects import DEFAULT_CHUNK, plan_tensors
 from ..placement import node_key
-from ..rankstore import StagedObject
+from ..shelf import StagedObject
 from ..uploader import ON_ERROR
 from .steps import FlashItem, is_step_id, skeleton, step_of
 
 __all__ = ["FlashStorageWriter"]
 
-log = logging.getLogger("stalwart.flash")
+log = logging.getLogger(__name__)
 
 
 def _distributed() -> bool:
@@ -343,7 +343,7 @@ class FlashStorageWriter(StorageWriter, AsyncStager):
         metadata.storage_meta = StorageMeta(str(self.layout.step_dir(step)), save_id=self.save_id)
         body = pickle.dumps(metadata, protocol=pickle.HIGHEST_PROTOCOL)
         try:
-            staged = engine.store.with_skeleton(staged, skeleton(body))
+            staged = engine.shelf.with_skeleton(staged, skeleton(body))
         except BaseException:
             engine.discard(staged)
             raise
@@ -439,7 +439,7 @@ class FlashStorageWriter(StorageWriter, AsyncStager):
     def _saved_everywhere(self, step: int) -> bool:
         """Whether every rank of the group committed ``step`` already (a regular save of the step the
         loop stops at). Collective with several ranks: they must all call ``dcp.save``, or none."""
-        saved = self._engine is not None and step in self._engine.store.own
+        saved = self._engine is not None and step in self._engine.shelf.own
         if not _distributed():
             return saved
         import torch.distributed as dist

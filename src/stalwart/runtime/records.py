@@ -1,7 +1,7 @@
 """Run records in SQLite: runs, their attempts, and events, under the stalwart home directory.
 
 Short-lived connections in WAL mode, so the runner, the CLI and other runners can read and write the
-same file at once. A damaged file is reported as ``RunStoreError`` naming it and what to do; it is never
+same file at once. A damaged file is reported as ``RunRecordsError`` naming it and what to do; it is never
 repaired, replaced or deleted here, since it holds the records of every other run.
 """
 
@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["AttemptRecord", "EventRecord", "RunRecord", "RunStore", "RunStoreError"]
+__all__ = ["AttemptRecord", "EventRecord", "RunRecord", "RunRecords", "RunRecordsError"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -56,7 +56,7 @@ CREATE INDEX IF NOT EXISTS runs_by_created ON runs(created);
 _SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
 
 
-class RunStoreError(RuntimeError):
+class RunRecordsError(RuntimeError):
     """The run-record database cannot be used; the message names the file and what to do."""
 
     def __init__(self, message: str, path: Path) -> None:
@@ -72,8 +72,8 @@ def _is_damaged(exc: sqlite3.Error) -> bool:
     return "malformed" in text or "not a database" in text
 
 
-def _damaged(path: Path, detail: str) -> RunStoreError:
-    return RunStoreError(
+def _damaged(path: Path, detail: str) -> RunRecordsError:
+    return RunRecordsError(
         f"the run records file {path} is damaged ({detail}); stalwart leaves it as it is. "
         f"Move it aside to start a new one: mv {path} {path}.damaged (the records of the other runs may "
         f"be recovered from the moved file with `sqlite3 {path}.damaged .recover`; checkpoints and "
@@ -82,10 +82,10 @@ def _damaged(path: Path, detail: str) -> RunStoreError:
     )
 
 
-def _store_error(path: Path, exc: sqlite3.Error) -> RunStoreError:
+def _store_error(path: Path, exc: sqlite3.Error) -> RunRecordsError:
     if _is_damaged(exc):
         return _damaged(path, str(exc))
-    return RunStoreError(f"cannot use the run records file {path}: {exc}", path)
+    return RunRecordsError(f"cannot use the run records file {path}: {exc}", path)
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,7 @@ class EventRecord:
     message: str | None
 
 
-class RunStore:
+class RunRecords:
     """The SQLite file of run records (``<home>/runs.db``)."""
 
     def __init__(self, path: str | Path) -> None:
@@ -157,7 +157,7 @@ class RunStore:
             db.close()
 
     def check(self) -> None:
-        """Raise RunStoreError if any page of the file is damaged (SQLite's quick_check).
+        """Raise RunRecordsError if any page of the file is damaged (SQLite's quick_check).
 
         The runner checks before a run, so damage is reported before an attempt starts rather than
         by whichever write first touches a bad page.

@@ -1,4 +1,4 @@
-"""One rank's objects in a flash job: write, commit, verify, drop, and retention.
+"""One rank's shelf of objects in a flash job (its tmpfs): write, commit, verify, drop, and retention.
 
 Both the engine (state dicts) and the DCP adapter (write items) store through it, so there is one
 place that knows the commit order:
@@ -41,9 +41,9 @@ from .objects import (
     verify_view,
 )
 
-__all__ = ["RankStore", "StagedObject", "VerifiedObject", "verify_mapped", "verify_object"]
+__all__ = ["RankShelf", "StagedObject", "VerifiedObject", "verify_mapped", "verify_object"]
 
-log = logging.getLogger("stalwart.flash")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ class VerifiedObject:
     meta: bytes  # the pickled part of the meta region (chunk hashes stripped)
 
 
-class RankStore:
+class RankShelf:
     """The objects of ``rank`` under a layout: this process is their only writer (it holds the lock).
 
     A *visitor* (``owner=False``) is a process that reads while another live process owns the rank (a

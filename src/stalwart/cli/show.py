@@ -18,9 +18,9 @@ from .. import config
 from .errors import CliError
 
 if TYPE_CHECKING:
-    from ..runtime.store import RunRecord, RunStore
+    from ..runtime.records import RunRecord, RunRecords
 
-__all__ = ["LOG_TAIL_LINES", "cmd_runs", "cmd_show", "open_store"]
+__all__ = ["LOG_TAIL_LINES", "cmd_runs", "cmd_show", "open_records"]
 
 LOG_TAIL_LINES = 50
 _SHORT_COLUMNS = frozenset({"#", "status", "attempt", "attempts", "exit code", "duration", "size", "time"})
@@ -34,27 +34,27 @@ _STATUS_STYLES = {
 }
 
 
-def open_store() -> RunStore | None:
-    """The run store, or None when nothing ever ran here (reading must not create a database)."""
+def open_records() -> RunRecords | None:
+    """The run records, or None when nothing ever ran here (reading must not create a database)."""
     db = config.home() / "runs.db"
     if not db.exists():
         return None
-    from ..runtime.store import RunStore
+    from ..runtime.records import RunRecords
 
-    return RunStore(db)
+    return RunRecords(db)
 
 
 def cmd_runs(limit: int = 20, as_json: bool = False) -> int:
     """``stalwart runs``: the newest ``limit`` runs, one row each; ``as_json``: a JSON list."""
-    store = open_store()
-    records = store.list_runs(limit) if store else []
+    books = open_records()
+    records = books.list_runs(limit) if books else []
     if as_json:
         runs = [
             {
                 "id": r.id,
                 "task": r.task,
                 "status": r.status,
-                "attempts": len(store.attempts(r.id)) if store else 0,
+                "attempts": len(books.attempts(r.id)) if books else 0,
                 "created": r.created,
                 "ended": r.ended,
                 "checkpoint_uri": r.checkpoint_uri,
@@ -64,7 +64,7 @@ def cmd_runs(limit: int = 20, as_json: bool = False) -> int:
         ]
         print(json.dumps(runs, indent=2))
         return 0
-    if store is None or not records:
+    if books is None or not records:
         print(f"No runs yet (home: {config.home()})")
         return 0
     rows = [
@@ -72,7 +72,7 @@ def cmd_runs(limit: int = 20, as_json: bool = False) -> int:
             record.id,
             record.task,
             record.status,
-            str(len(store.attempts(record.id))),
+            str(len(books.attempts(record.id))),
             _local_time(record.created),
             _run_duration(record),
         ]
@@ -94,11 +94,11 @@ def cmd_show(
     checkpoints and events (and logs); ``--json``: the same as data."""
     from ..runtime.summary import FREQUENT, summarize
 
-    store = open_store()
-    record = _resolve_run(store, run_id)
-    assert store is not None
-    attempts = store.attempts(record.id)
-    all_events = store.events(record.id)
+    records = open_records()
+    record = _resolve_run(records, run_id)
+    assert records is not None
+    attempts = records.attempts(record.id)
+    all_events = records.events(record.id)
     summary = summarize(record, attempts, all_events)
     output = _output_text(record, attempts)
     if timeline or trace:
@@ -296,13 +296,13 @@ def _as_data(
     }
 
 
-def _resolve_run(store: RunStore | None, ref: str) -> RunRecord:
+def _resolve_run(records: RunRecords | None, ref: str) -> RunRecord:
     """The run with id ``ref``, else the one run whose id starts with it."""
-    if store is not None:
-        exact = store.get_run(ref)
+    if records is not None:
+        exact = records.get_run(ref)
         if exact is not None:
             return exact
-        matches = store.find_runs(ref) if ref else []
+        matches = records.find_runs(ref) if ref else []
         if len(matches) == 1:
             return matches[0]
         if matches:
