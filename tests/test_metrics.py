@@ -127,3 +127,27 @@ def test_bad_prometheus_settings_are_refused(tmp_path: Path, monkeypatch) -> Non
         ValueError, match="STALWART_PROMETHEUS_PORT='nine' is not accepted; use a port number"
     ):
         sw.FlashCheckpointer("bad-port", root=tmp_path)
+
+
+def test_a_restore_that_finds_nothing_counts_every_step_reached_before_as_lost(tmp_path: Path) -> None:
+    """Attempt 0 reached step 5 and saved nothing; attempt 1's restore finds no checkpoint and starts
+    over: 5 steps lost (this once raised TypeError on rank 0, subtracting None)."""
+    attempt0 = tmp_path / "runs" / "r1" / "attempt-0" / "events"
+    attempt0.mkdir(parents=True)
+    (attempt0 / "rank0-pid1.jsonl").write_text(json.dumps([1.0, 0, 0, "progress", {"step": 5}]) + "\n")
+    code = textwrap.dedent(
+        """
+        import torch
+        import stalwart as sw
+        from stalwart import metrics
+
+        flash = sw.FlashCheckpointer("nothing", root=ROOT)
+        assert flash.restore({"w": torch.zeros(4)}) is None
+        flash.close()
+        print(metrics.tally.snapshot()[2]["flash_restore"]["lost"])
+        """
+    ).replace("ROOT", repr(str(tmp_path / "flash")))
+    env = {**os.environ, "STALWART_ATTEMPT_DIR": str(tmp_path / "runs" / "r1" / "attempt-1")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "5"

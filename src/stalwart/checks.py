@@ -4,9 +4,33 @@ given, and what is accepted.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Literal, overload
 
 __all__ = ["int_at_least"]
+
+
+@overload
+def int_at_least(
+    name: str,
+    value: object,
+    minimum: int,
+    *,
+    optional: Literal[False] = False,
+    maximum: int | None = None,
+    note: str = "",
+) -> int: ...
+
+
+@overload
+def int_at_least(
+    name: str,
+    value: object,
+    minimum: int,
+    *,
+    optional: bool,
+    maximum: int | None = None,
+    note: str = "",
+) -> int | None: ...
 
 
 def int_at_least(
@@ -17,7 +41,7 @@ def int_at_least(
     optional: bool = False,
     maximum: int | None = None,
     note: str = "",
-) -> Any:
+) -> int | None:
     """``value`` if it is an int (not a bool) from ``minimum`` up (to ``maximum``), or None when
     ``optional``; else ``ValueError("{name}={value!r} is not accepted; use an int >= {minimum}...")``
     (``from {minimum} to {maximum}`` when it was too big), with `` or None`` when optional and ``note``
@@ -31,4 +55,4 @@ def int_at_least(
         raise ValueError(
             f"{name}={value!r} is not accepted; use {accepted}{' or None' if optional else ''}{note}"
         )
-    return value
+    return value  # type: ignore[return-value]

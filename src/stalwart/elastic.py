@@ -28,7 +28,7 @@ DEFAULT_RDZV_CONFIGS: Mapping[str, int] = MappingProxyType({"timeout": 900, "joi
 
 _NNODES = re.compile(r"^\s*(\d+)\s*(?::\s*(\d+)\s*)?$")
 _INT32_MAX = 2**31 - 1  # Kubernetes' int32 fields
-_SECONDS = {"maximum": _INT32_MAX, "note": " (seconds)"}
+_SECONDS = " (seconds)"
 
 
 def _is_int(value: object) -> bool:
@@ -106,9 +106,17 @@ class RunPolicy:
                 f"{', '.join(repr(p) for p in CLEAN_POD_POLICIES)} or None"
             )
         if self.ttl_seconds_after_finished is not None:
-            int_at_least("ttl_seconds_after_finished", self.ttl_seconds_after_finished, 0, **_SECONDS)
+            int_at_least(
+                "ttl_seconds_after_finished",
+                self.ttl_seconds_after_finished,
+                0,
+                maximum=_INT32_MAX,
+                note=_SECONDS,
+            )
         if self.active_deadline_seconds is not None:
-            int_at_least("active_deadline_seconds", self.active_deadline_seconds, 1, **_SECONDS)
+            int_at_least(
+                "active_deadline_seconds", self.active_deadline_seconds, 1, maximum=_INT32_MAX, note=_SECONDS
+            )
         if self.backoff_limit is not None:
             int_at_least("backoff_limit", self.backoff_limit, 0, maximum=_INT32_MAX)
 

@@ -79,8 +79,8 @@ class TaskEnvironment:
 
     name: str
     resources: Resources | None = None
-    env_vars: Mapping[str, str] | None = None
-    retries: int | RetryStrategy = 0
+    env_vars: Mapping[str, str] | None = None  # a dict after __post_init__
+    retries: int | RetryStrategy = 0  # a RetryStrategy after __post_init__
     checkpoint_store: str | None = None
     image: str | None = None
     elastic: Elastic | None = None
@@ -121,9 +121,9 @@ class TaskEnvironment:
                 func=fn,
                 environment=self,
                 name=_check_name("task name", name or fn.__name__.strip("_") or "task"),
-                retries=self.retries if retries is None else as_retry_strategy(retries),
+                retries=as_retry_strategy(self.retries if retries is None else retries),
                 resources=_check_resources(resources) if resources is not None else self.resources,
-                env_vars={**self.env_vars, **_check_env_vars(env_vars)},
+                env_vars={**_check_env_vars(self.env_vars), **_check_env_vars(env_vars)},
                 checkpoint_store=_check_store(checkpoint_store) or self.checkpoint_store,
                 elastic=_check_elastic(elastic) if elastic is not None else self.elastic,
                 timeout=as_timeout(timeout),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from stalwart.accelerators import TPU_TOPOLOGIES, Device, _validate, lookup
 from stalwart.quantities import format_millicores, normalize_bytes, parse_bytes, parse_millicores
@@ -59,7 +59,7 @@ def parse_accelerator(spec: str, field: str = "gpu") -> Device:
     return Device(quantity, entry.device_class, device)
 
 
-def _pair(field: str, value: object) -> tuple[object, object] | None:
+def _pair(field: str, value: object) -> tuple[Any, Any] | None:
     """Split a ``(request, limit)`` pair; ``None`` for a scalar."""
     if isinstance(value, (tuple, list)):
         if len(value) != 2:
@@ -168,11 +168,11 @@ class Resources:
     def get_shared_memory(self) -> str | None:
         """``/dev/shm`` size as a quantity string, ``"auto"``, or ``None`` to leave the runtime default."""
         if self.shm is None or self.shm == "auto":
-            return self.shm  # type: ignore[return-value]
+            return self.shm
         return normalize_bytes(self.shm, "shm")
 
     @staticmethod
-    def _bytes(field: str, value: object) -> tuple[str, str] | None:
+    def _bytes(field: str, value: Any) -> tuple[str, str] | None:
         if value is None:
             return None
         pair = _pair(field, value)

@@ -193,6 +193,7 @@ def pack_directory(src: Path, dest: Path | BinaryIO, *, scan: DirectoryScan | No
         with tarfile.open(fileobj=counted, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
             _add_entries(tar, src, entries)
         return counted.size
+    assert isinstance(dest, Path)
     dest.parent.mkdir(parents=True, exist_ok=True)
     with (
         replacing(dest, fsync=True) as raw,

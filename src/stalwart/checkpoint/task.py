@@ -13,6 +13,7 @@ version of any attempt below n, even when attempt n-1 died before it saved anyth
 from __future__ import annotations
 
 import asyncio
+import builtins
 import json
 import logging
 import os
@@ -111,11 +112,11 @@ class Checkpoint:
 
     # listing
 
-    def list(self) -> list[CheckpointInfo]:
+    def list(self) -> builtins.list[CheckpointInfo]:
         """Committed versions, oldest first."""
         return self._scan()[0]
 
-    def _scan(self) -> tuple[list[CheckpointInfo], list[tuple[str, str]]]:
+    def _scan(self) -> tuple[builtins.list[CheckpointInfo], builtins.list[tuple[str, str]]]:
         """Committed versions, oldest first, and (version, why) of those whose marker is unreadable."""
         infos, unreadable = [], []
         for name in self.store.glob(f"*/{COMMIT}"):

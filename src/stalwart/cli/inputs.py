@@ -111,11 +111,11 @@ def parse_task_inputs(
             _join_bool_values(argv, bools), exit_on_error=False, print_error=False
         )
     except cyclopts.MissingArgumentError:  # cyclopts names the first; say every one
-        given = {token.split("=", 1)[0] for token in argv}
+        named = {token.split("=", 1)[0] for token in argv}
         missing = [
             f"{i.option} ({i.type_name})"
             for i in inputs
-            if i.required and _settable(i.annotation) and not {i.option, f"--{i.name}"} & given
+            if i.required and _settable(i.annotation) and not {i.option, f"--{i.name}"} & named
         ]
         plural = "s" * (len(missing) != 1)
         raise CliError(
@@ -203,8 +203,8 @@ def _task_app(task: Task, prog: str, options: Mapping[str, Option]) -> tuple[Any
     inputs_of.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
     epilogue = [SYNTAX]
     if hidden:
-        names = ", ".join(f"{i.name} ({i.type_name})" for i in hidden)
-        epilogue.insert(0, f"Inputs the command line cannot set (their defaults apply): {names}.")
+        listed = ", ".join(f"{i.name} ({i.type_name})" for i in hidden)
+        epilogue.insert(0, f"Inputs the command line cannot set (their defaults apply): {listed}.")
     app = App(
         name=prog,
         help=inspect.getdoc(task.func) or f"Task {task.name}.",

@@ -93,6 +93,7 @@ def _render(
     from ..runtime.runner import new_run_id
 
     with script_task(file, name, f"stalwart k8s {command} {{file}} TASK [--input value ...]") as task:
+        assert name is not None  # script_task refuses a missing TASK
         ours = {**_OPTIONS, **(_SUBMIT_OPTIONS if command == "submit" else {})}
         prog = f"stalwart k8s {command} {file} {name}"
         positional, inputs, after = parse_task_inputs(task, argv, prog=prog, options=ours)

@@ -166,7 +166,7 @@ class Acceptor:
                     except Exception:  # a bug here must not stop the server accepting peers
                         log.error("flash replication: internal error in the acceptor", exc_info=True)
                         if key.fileobj in self._pending:
-                            self._forget(key.fileobj)  # type: ignore[arg-type]
+                            self._forget(key.fileobj)
                 self._expire()
                 self.refusals.flush_due()
         finally:

@@ -45,14 +45,6 @@ __all__ = ["FlashCheckpointer"]
 log = logging.getLogger(__name__)
 
 
-def _step(value: object) -> int:
-    return int_at_least("step", value, 0)
-
-
-def _positive(name: str, value: object, *, optional: bool = False) -> int | None:
-    return int_at_least(name, value, 1, optional=optional)
-
-
 class FlashCheckpointer:
     """Memory-first checkpoints for a training loop, with a durable copy every so often.
 
@@ -98,14 +90,16 @@ class FlashCheckpointer:
             raise ValueError(
                 f"root={root!r} is not accepted; use a directory path (ideally on tmpfs) or None"
             )
-        self.every_n_steps = _positive("every_n_steps", every_n_steps)
-        self.durable_every_n_steps = _positive("durable_every_n_steps", durable_every_n_steps, optional=True)
+        self.every_n_steps = int_at_least("every_n_steps", every_n_steps, 1)
+        self.durable_every_n_steps = int_at_least(
+            "durable_every_n_steps", durable_every_n_steps, 1, optional=True
+        )
         if self.durable_every_n_steps and self.durable_every_n_steps % self.every_n_steps:
             raise ValueError(
                 f"durable_every_n_steps={durable_every_n_steps} is not a multiple of "
                 f"every_n_steps={every_n_steps}; a durable copy is taken of a flash save, so use a multiple"
             )
-        self.keep = _positive("keep", keep)
+        self.keep = int_at_least("keep", keep, 1)
         if not isinstance(async_save, bool):
             raise ValueError(f"async_save={async_save!r} is not accepted; use True or False")
         self.async_save = async_save
@@ -119,7 +113,7 @@ class FlashCheckpointer:
         if self.durable_every_n_steps and durable is None:
             raise ValueError("durable_every_n_steps needs durable= (an fsspec URL such as 's3://bucket/job')")
         self.durable_url = durable
-        self._durable_args = (storage_options, _positive("durable_keep", durable_keep))
+        self._durable_args = (storage_options, int_at_least("durable_keep", durable_keep, 1))
         self.layout = FlashLayout(root, self.job_id)
         self._rank, self._world_size, self._process_group = rank, world_size, process_group
         self._threads, self._chunk_size = threads, chunk_size
@@ -242,7 +236,7 @@ class FlashCheckpointer:
         steps this rank saved after it belong to an abandoned timeline, so they are forgotten in every tier
         (as ``restore`` forgets them), with a warning that names them. Returns the flash steps forgotten.
         With several nodes this is a collective: call it on every rank."""
-        _step(step)
+        int_at_least("step", step, 0)
         abandoned = self.engine.continue_from(step)
         self.last_saved_step = max(self.engine.shelf.own, default=None)
         return abandoned
@@ -255,7 +249,8 @@ class FlashCheckpointer:
         """Save now (async unless ``async_save=False``); a durable copy follows when ``durable`` or when
         ``step`` is a multiple of ``durable_every_n_steps``. Returns False if the step was already saved."""
         if durable is None:
-            durable = bool(self.durable_every_n_steps) and step % self.durable_every_n_steps == 0
+            every = self.durable_every_n_steps
+            durable = every is not None and step % every == 0
         self._seen_step = step
         if self.preempted(step):
             self._save_and_stop(step, state_dict)
@@ -285,7 +280,7 @@ class FlashCheckpointer:
         """Save if ``step`` is a multiple of ``every_n_steps`` (and not saved yet); True if it saved.
         Call it at every step boundary: after SIGTERM it saves this step whatever its number and raises
         ``Preempted`` (see ``save_on_preemption``)."""
-        _step(step)
+        int_at_least("step", step, 0)
         self._seen_step = step
         events.progress(step)
         if self.preempted(step):
@@ -318,8 +313,8 @@ class FlashCheckpointer:
         step (``save`` then saves it whatever its number, and raises ``Preempted``).
 
         ``world_size``: of the ranks that stop together, by default the engine's (``StopStep``)."""
-        _step(step)
-        _positive("world_size", world_size, optional=True)
+        int_at_least("step", step, 0)
+        int_at_least("world_size", world_size, 1, optional=True)
         if not self.save_on_preemption:
             return False
         return self._stop.reached(step, world_size if world_size is not None else self.engine.world_size)

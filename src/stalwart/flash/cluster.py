@@ -53,7 +53,9 @@ class Introduction:
 
     @classmethod
     def draw(cls, members: list[tuple[str, tuple[str, int]]]) -> Introduction:
-        return cls(secrets.token_bytes(32), secrets.token_hex(8), tuple((n, tuple(a)) for n, a in members))
+        return cls(
+            secrets.token_bytes(32), secrets.token_hex(8), tuple((n, (a[0], a[1])) for n, a in members)
+        )
 
 
 def listen() -> socket.socket:
@@ -138,7 +140,7 @@ class Cluster:
         try:
             import torch.distributed.distributed_c10d as c10d
 
-            store = c10d._get_default_store().clone()  # its own client: used off the main thread
+            store = c10d._get_default_store().clone()  # type: ignore[attr-defined]  # its own client: used off the main thread
             board = StoreBoard(
                 store,
                 layout.job_id,

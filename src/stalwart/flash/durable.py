@@ -140,7 +140,7 @@ class DurableTier:
         with self.store.open_read(self._object_name(record.step, record.rank)) as src:
             done = 0
             while done < size:
-                got = src.readinto(view[done : min(done + CHUNK, size)])
+                got = src.readinto(view[done : min(done + CHUNK, size)])  # type: ignore[attr-defined]
                 if not got:
                     raise EOFError(
                         f"{self.url}/{self._object_name(record.step, record.rank)} ends after {done} bytes; "

@@ -114,7 +114,7 @@ class FlashEngine:
         self._group = _Group(world_size, process_group)
         self.copier = Copier(threads)
         self.cluster: Cluster | None = None
-        self.shelf: RankShelf | None = None  # type: ignore[assignment]
+        self.shelf: RankShelf = None  # type: ignore[assignment]  # None only while construction fails
         self.uploader: DurableUploader | None = None
         self.visitor = False
         failure: BaseException | None = None
@@ -383,10 +383,11 @@ class FlashEngine:
             source=restored.source,
             seconds=round(took, 6),
             saved_by=restored.world,
-            lost=max(0, reached - step) if reached is not None else None,
+            lost=max(0, reached - (step or 0)) if reached is not None else None,  # nothing restored: all
         )
         self._cut_timeline(step, restored.durable_steps, durable_listed=restored.durable_steps is not None)
         if restored.landing is not None:
+            assert step is not None  # a landing is of a step
             self._start_reseed(step)
         return step
 

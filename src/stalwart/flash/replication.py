@@ -18,6 +18,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from ..checks import int_at_least
 from .acceptor import Acceptor, RefusalLog
@@ -425,8 +426,16 @@ def ask(
     return reply, record
 
 
+class Pool(Protocol):
+    """Where a pulled object lands: a rank's shelf, or a bare buffer pool."""
+
+    def acquire(self, size: int) -> Buffer: ...
+
+    def release(self, buffer: Buffer) -> None: ...
+
+
 def pull(
-    peer: Peer, step: int, rank: int, secret: bytes, pool: BufferPool, copier: Copier
+    peer: Peer, step: int, rank: int, secret: bytes, pool: Pool, copier: Copier
 ) -> tuple[CommitRecord, VerifiedObject]:
     """Fetch a committed object from a peer into a buffer of ``pool``, verified, not yet renamed."""
     conn = Connection.connect(peer.address, secret)

@@ -43,7 +43,7 @@ def check_reshard(value: object) -> str | None:
             "ranks is restored from saved rank 0's object on every rank). Sharded state reshards through "
             "DCP (FlashStorageReader)"
         )
-    return value  # type: ignore[return-value]
+    return value
 
 
 @dataclass(frozen=True)

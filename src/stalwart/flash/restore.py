@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -206,7 +207,7 @@ def restore_newest(
     return Restored(None, None, None, durable_steps)
 
 
-def _refuse_a_newer_world(found: Holdings, own: set[int], job: str) -> None:
+def _refuse_a_newer_world(found: Holdings, own: AbstractSet[int], job: str) -> None:
     """Without resharding, a step saved by another world size that is newer than every step of this
     one must not be passed over in silence: training would go back to an older state."""
     newer = {s: size for s, size in found.other.steps.items() if s > max(own, default=-1)}
@@ -349,9 +350,9 @@ def _obtain_other(
         for kind, message in problems:
             (corrupt if kind == "corrupt" else errors).append(message)
     if durable is not None and other.durable.get(step) == world:
-        kind, message, verified = _download(shelf, copier, durable, step, rank=0, adopt=False)
-        if verified is not None:
-            buffer = verified.buffer
+        kind, message, downloaded = _download(shelf, copier, durable, step, rank=0, adopt=False)
+        if downloaded is not None:
+            verified, buffer = downloaded, downloaded.buffer
             return _Attempt("ok", verified=verified, source="durable", dispose=lambda: shelf.release(buffer))
         (corrupt if kind == "corrupt" else errors).append(message)
     return _failed(corrupt, errors, f"no tier holds rank 0's object of the {world} ranks that saved it")

@@ -22,7 +22,7 @@ import socket
 import struct
 import time
 from collections.abc import Iterator
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeGuard
 
 from .layout import CommitRecord
 
@@ -136,7 +136,7 @@ def _typed(value: object, kinds: tuple[type, ...]) -> bool:
     return isinstance(value, kinds) and not isinstance(value, bool)
 
 
-def typed_int(value: object) -> bool:
+def typed_int(value: object) -> TypeGuard[int]:
     """An int that is not a bool (JSON true is not a size)."""
     return _typed(value, (int,))
 

@@ -169,14 +169,14 @@ def merge_into(
                 target[key] = merged
         return target
     if isinstance(skeleton, list):
-        target = (
+        items = (
             current if isinstance(current, list) and len(current) == len(skeleton) else [None] * len(skeleton)
         )
         for i, value in enumerate(skeleton):
-            merged = merge_into(value, target[i], entries, pairs, created, f"{path}[{i}]", write=write)
+            merged = merge_into(value, items[i], entries, pairs, created, f"{path}[{i}]", write=write)
             if write:
-                target[i] = merged
-        return target
+                items[i] = merged
+        return items
     if isinstance(skeleton, tuple):
         old = (
             current

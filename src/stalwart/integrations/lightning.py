@@ -121,7 +121,7 @@ class FlashCheckpointIO(_WrappingCheckpointIO):
     ) -> None:
         step = self.step_of(path)
         if step is None:
-            self._base().save_checkpoint(checkpoint, path, storage_options=storage_options)
+            self._base().save_checkpoint(checkpoint, os.fspath(path), storage_options=storage_options)
             return
         if storage_options is not None:
             raise TypeError(
@@ -146,7 +146,7 @@ class FlashCheckpointIO(_WrappingCheckpointIO):
             kwargs = {"map_location": map_location} if map_location is not None else {}
             if weights_only is not None:  # (Lightning before 2.4 has no weights_only)
                 kwargs["weights_only"] = weights_only
-            return self._base().load_checkpoint(path, **kwargs)
+            return self._base().load_checkpoint(os.fspath(path), **kwargs)
         if _distributed():  # DDP: rank 0 alone holds the flash state (Lightning saves from rank 0 only)
             checkpoint = from_rank_zero(lambda: self._load_flash(step, weights_only), f"flash step {step}")
         else:
@@ -174,7 +174,7 @@ class FlashCheckpointIO(_WrappingCheckpointIO):
 
     def remove_checkpoint(self, path: str | os.PathLike[str]) -> None:
         if self.step_of(path) is None:  # flash steps are retired by the flash tier's own retention
-            self._base().remove_checkpoint(path)
+            self._base().remove_checkpoint(os.fspath(path))
 
     def teardown(self) -> None:
         """Wait for every IO it wraps (an asynchronous IO's teardown waits only for its own thread, not
@@ -224,10 +224,6 @@ def _flush_files(trainer: Trainer) -> None:
 # the callbacks
 
 
-def _positive(name: str, value: object, *, optional: bool = False) -> int | None:
-    return int_at_least(name, value, 1, optional=optional)
-
-
 class FlashCheckpointCallback(Callback):
     """Save the full training state to the flash tier every ``every_n_steps`` optimizer steps.
 
@@ -262,8 +258,8 @@ class FlashCheckpointCallback(Callback):
                 )
         self.flash = flash
         default = flash.every_n_steps if flash else 1
-        self.every_n_steps = _positive("every_n_steps", every_n_steps or default)
-        self.skip_every_n_steps = _positive("skip_every_n_steps", skip_every_n_steps, optional=True)
+        self.every_n_steps = int_at_least("every_n_steps", every_n_steps or default, 1)
+        self.skip_every_n_steps = int_at_least("skip_every_n_steps", skip_every_n_steps, 1, optional=True)
         self._last_step: int | None = None
         self._pending_rng: dict[str, Any] | None = None
 

@@ -31,7 +31,6 @@ from . import ResumePoint, from_rank_zero
 from .lightning import (
     FlashCheckpointCallback,
     FlashCheckpointIO,
-    _positive,
     install_io,
     resume_checkpoint,
 )
@@ -85,7 +84,7 @@ def wrap_trainer(
     if not isinstance(trainer, Trainer):
         raise TypeError(f"trainer={trainer!r} is not accepted; use a lightning.pytorch.Trainer")
     _refuse_wrapped(trainer)
-    _positive("every_n_steps", every_n_steps)
+    int_at_least("every_n_steps", every_n_steps, 1)
     int_at_least("threads", threads, 1, optional=True, note=" (one per core, to 4)")
     unknown = sorted(set(flash_options) - set(_FLASH_OPTIONS))
     if unknown:
@@ -117,8 +116,9 @@ def wrap_trainer(
     if trainer.world_size > 1:
         trainer.strategy.setup_environment()  # the process group: the ranks must agree before fit
     checkpoints = trainer.checkpoint_callbacks  # Lightning runs them last: the flash save goes before
-    index = trainer.callbacks.index(checkpoints[0]) if checkpoints else len(trainer.callbacks)
-    trainer.callbacks.insert(index, callback)
+    callbacks = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning's connectors
+    index = callbacks.index(checkpoints[0]) if checkpoints else len(callbacks)
+    callbacks.insert(index, callback)
     install_io(trainer, flash)
     if trainer.world_size == 1:
         return resume_checkpoint(trainer, flash=flash, dirpath=dirpath)
@@ -127,7 +127,8 @@ def wrap_trainer(
 
 def _refuse_wrapped(trainer: Trainer) -> None:
     if isinstance(trainer.strategy.checkpoint_io, FlashCheckpointIO) or any(
-        isinstance(c, FlashCheckpointCallback) for c in trainer.callbacks
+        isinstance(c, FlashCheckpointCallback)
+        for c in trainer.callbacks  # type: ignore[attr-defined]
     ):
         raise RuntimeError(
             "this trainer has flash checkpoints already (wrap_trainer was called, or a "
@@ -175,7 +176,8 @@ def _check_processes(trainer: Trainer) -> None:
             f"strategy {type(strategy).__name__} is not accepted with {trainer.world_size} processes; "
             "wrap_trainer supports DDPStrategy ('ddp') or one process per trainer"
         )
-    if not strategy.cluster_environment.creates_processes_externally:
+    environment = strategy.cluster_environment
+    if environment is None or not environment.creates_processes_externally:
         raise ValueError(
             f"this trainer would start its {trainer.world_size} processes itself in fit(), after "
             "wrap_trainer: start them before (torchrun, a stalwart Elastic task, SLURM) and call "

@@ -496,6 +496,7 @@ class _PersistentCaller(_OnGroupDevice, async_utils.PersistentAsyncCaller):
 
 
 class AsyncCallsQueue(async_utils.AsyncCallsQueue):
+    persistent_caller: Any  # Megatron's, set in its __init__
     """Megatron's ``AsyncCallsQueue`` with its collectives on the process group's device.
 
     Megatron's own queue puts them on ``torch.cuda.current_device()``, so it cannot finalize any request

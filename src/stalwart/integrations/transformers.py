@@ -150,7 +150,7 @@ class CheckpointMirrorCallback(TrainerCallback):
                 _barrier(args)
                 raise Preempted(f"preempted by SIGTERM: step {step} saved by the main process", step)
             return
-        directory = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+        directory = Path(str(args.output_dir)) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
         stop: BaseException | None = None
         try:
             if directory.is_dir():
@@ -252,7 +252,7 @@ def _resume_here(
         point = _materialize(out, step, source, flash, task)
         if point is not None:
             for entry in out.iterdir():
-                if (m := _DIR.match(entry.name)) and int(m.group(1)) > point.step:
+                if (m := _DIR.match(entry.name)) and int(m.group(1)) > (point.step or 0):
                     shutil.rmtree(entry, ignore_errors=True)
             return point
     return None

@@ -44,7 +44,7 @@ class Submission:
 def plan(manifest: dict, namespace: str | None = None) -> Submission:
     """The call that creates ``manifest``; ``namespace`` wins over the manifest's own (then ``default``)."""
     kinds = {(f"{g}/{v}" if g else v, k): key for key, (g, v, _, k) in API.items()}
-    key = kinds.get((manifest.get("apiVersion"), manifest.get("kind")))
+    key = kinds.get((str(manifest.get("apiVersion")), str(manifest.get("kind"))))
     if key is None:
         known = ", ".join(f"{api} {kind}" for api, kind in kinds)
         raise ValueError(
@@ -100,8 +100,9 @@ def submit(manifest: dict, *, namespace: str | None = None, kubeconfig: str | No
 
     call = plan(manifest, namespace or (manifest.get("metadata") or {}).get("namespace") or context_namespace)
     if call.kind == "pod":
-        created = client.CoreV1Api().create_namespaced_pod(call.namespace, call.body)
+        # the client takes the manifest as a dict, though its annotations name V1Pod
+        created = client.CoreV1Api().create_namespaced_pod(call.namespace, call.body)  # type: ignore[arg-type]
         return client.ApiClient().sanitize_for_serialization(created)
-    return client.CustomObjectsApi().create_namespaced_custom_object(
+    return client.CustomObjectsApi().create_namespaced_custom_object(  # type: ignore[return-value]
         call.group, call.version, call.namespace, call.plural, call.body
     )

@@ -106,11 +106,11 @@ def _agent_watching_reports(attempt_dir: Path) -> Iterator[_Rounds]:
                     )
             return result
 
-    launcher.LocalElasticAgent = Agent
+    launcher.LocalElasticAgent = Agent  # type: ignore[misc]
     try:
         yield rounds
     finally:
-        launcher.LocalElasticAgent = base
+        launcher.LocalElasticAgent = base  # type: ignore[misc]
 
 
 # A node that joins a running elastic job waits forever for the rendezvous' MASTER_ADDR key when torch
@@ -247,7 +247,7 @@ def _separate_restart_rounds() -> None:
         return store
 
     create.stalwart_prefixed = True  # type: ignore[attr-defined]
-    rendezvous._create_c10d_store = create
+    rendezvous._create_c10d_store = create  # type: ignore[attr-defined]
 
 
 def _run(attempt_dir: str) -> None:

@@ -83,8 +83,9 @@ def dumps_output(output: Any) -> bytes:
 
 def failure_result(exc: BaseException) -> AttemptResult:
     """An exception as the runner reads it: type, message, traceback, the pickle if it round-trips."""
+    pickled: bytes | None
     try:
-        pickled: bytes | None = pickle.dumps(exc)
+        pickled = pickle.dumps(exc)
         pickle.loads(pickled)
     except Exception:
         pickled = None

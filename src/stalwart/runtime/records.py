@@ -285,5 +285,6 @@ class RunRecords:
 
 
 def _run(row: tuple) -> RunRecord:
-    *head, inputs, error = row
-    return RunRecord(*head, inputs=json.loads(inputs) if inputs else {}, error=error)
+    run_id, task, status, created, ended, max_attempts, checkpoint_uri, inputs, error = row
+    decoded = json.loads(inputs) if inputs else {}
+    return RunRecord(run_id, task, status, created, ended, max_attempts, checkpoint_uri, decoded, error)

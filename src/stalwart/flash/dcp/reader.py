@@ -133,7 +133,7 @@ class FlashStorageReader(StorageReader):
 
     # DCP's calls, in order
 
-    def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
+    def reset(self, checkpoint_id: str | os.PathLike | int | None = None) -> None:
         """Load the step ``checkpoint_id`` names, or the newest whole one. Called outside DCP's
         collectives, so it only checks the id: nothing a rank could disagree on."""
         self._close_opened()
@@ -144,7 +144,7 @@ class FlashStorageReader(StorageReader):
         requested, self._requested = self._requested, None  # a later load without an id: the newest
         self._close_opened()
         engine = self._met()
-        found = self._survey = survey_alone(self.layout, self.durable, engine and engine.cluster)
+        found = self._survey = survey_alone(self.layout, self.durable, engine.cluster if engine else None)
         whole = found.whole()
         step = self._choose(found, whole, requested)  # before opening anything for a job that is not there
         engine = self._open_engine()
@@ -209,6 +209,7 @@ class FlashStorageReader(StorageReader):
                         request, io.BytesIO(bytes(buffer.view[item.offset : item.offset + item.length]))
                     )
                     continue
+                assert item.dtype is not None and item.shape is not None  # a tensor item (bytes went above)
                 stored = torch.frombuffer(buffer.mm, dtype=torch.uint8, count=item.length, offset=item.offset)
                 tensor = stored.view(getattr(torch, item.dtype)).view(item.shape)
                 for dim, (start, length) in enumerate(
@@ -373,7 +374,9 @@ class FlashStorageReader(StorageReader):
             except (CorruptObjectError, OSError) as exc:
                 said.append(str(exc))
         cluster = engine.cluster
-        for holder in found.flash_holders(step, 0, self._world) if cluster is not None else []:
+        holders = found.flash_holders(step, 0, self._world) if cluster is not None else []
+        for holder in holders:
+            assert cluster is not None
             peer = cluster.peers[holder]
             if peer.node == cluster.node:
                 continue

@@ -201,7 +201,7 @@ class FlashStorageWriter(StorageWriter, AsyncStager):
 
     # DCP's calls, in order
 
-    def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
+    def reset(self, checkpoint_id: str | os.PathLike | int | None = None) -> None:
         """Start a save of the step ``checkpoint_id`` names; without one (``dcp.save_state_dict`` calls
         ``reset()``, ``dcp.save`` without checkpoint_id calls nothing) the step after the newest."""
         self._requested = None if checkpoint_id is None else step_of(checkpoint_id, self.layout)
@@ -598,7 +598,7 @@ def _signature(state_dict: dict[str, Any]) -> tuple:
     from torch.utils._pytree import tree_flatten
 
     leaves, spec = tree_flatten(state_dict)
-    kinds = []
+    kinds: list[Any] = []
     for leaf in leaves:
         if isinstance(leaf, torch.Tensor):
             local = getattr(leaf, "_local_tensor", leaf)  # a DTensor's shard
