@@ -75,6 +75,15 @@ class TaskEnvironment:
     """Settings shared by a group of tasks: name, resources, environment variables, checkpoint store.
 
     A task inherits them and can override each one in ``env.task(...)`` or ``task.override(...)``.
+
+    Args:
+        name: the environment's name (letters, digits, ``-``, ``_``, ``.``); tasks are named after it.
+        resources: what each task process needs (``Resources``); None: no requests.
+        env_vars: environment variables set in every attempt process (and pod).
+        retries: retries after a failed attempt: an int, or ``RetryStrategy(count, backoff=...)``.
+        checkpoint_store: fsspec URL under which runs keep their checkpoints; None: ``$STALWART_HOME``.
+        image: the container image for Kubernetes manifests.
+        elastic: run the tasks as torch elastic jobs (``Elastic``); None: one process.
     """
 
     name: str

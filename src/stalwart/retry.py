@@ -39,6 +39,11 @@ class Backoff:
     A delay gives a flaky dependency (a preempted node, a storage outage) time to come back before the
     next attempt spends its start-up cost. ``base`` and ``cap`` are seconds or ``datetime.timedelta``
     (kept as seconds).
+
+    Args:
+        base: the wait before the first retry.
+        factor: how much each wait grows over the previous one (>= 1).
+        cap: the longest wait.
     """
 
     base: float = 1.0
@@ -63,7 +68,12 @@ class Backoff:
 
 @dataclass(frozen=True)
 class RetryStrategy:
-    """``count`` retries after the first attempt, so at most ``count + 1`` attempts in all."""
+    """``count`` retries after the first attempt, so at most ``count + 1`` attempts in all.
+
+    Args:
+        count: retries after the first attempt (>= 0).
+        backoff: how long to wait before each retry; None: retry at once.
+    """
 
     count: int
     backoff: Backoff | None = None

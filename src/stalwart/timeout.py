@@ -41,7 +41,16 @@ def seconds(field: str, value: object) -> float | None:
 @dataclass(frozen=True)
 class Timeout:
     """Wall-clock bounds on a task: per attempt (``max_runtime``) and for the whole run
-    (``deadline``); see the module docstring."""
+    (``deadline``); see the module docstring.
+
+    Args:
+        max_runtime: an attempt running longer gets SIGTERM (a flash checkpointer saves its step), is
+            killed after a grace period and is retried.
+        max_queued_time: the longest a pod may wait to be scheduled (for Kubernetes manifests).
+        deadline: the whole run's bound: past it the attempt is stopped and no retry follows.
+
+    Each is seconds, a ``datetime.timedelta``, or None (0 too) for no bound.
+    """
 
     max_runtime: timedelta | int | float | None = None
     max_queued_time: timedelta | int | float | None = None

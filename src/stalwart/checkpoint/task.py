@@ -88,6 +88,14 @@ class Checkpoint:
         storage_options: dict | None = None,
         keep: int = 3,
     ) -> None:
+        """Args:
+        uri: the run's directory in the checkpoint store (an fsspec URL or a path).
+        attempt: this attempt's number; versions are named after it, and ``load`` reads those of
+            earlier attempts.
+        path: where ``load_sync`` puts what it restores; None: a directory of its own.
+        storage_options: fsspec options for ``uri`` (an S3 endpoint, credentials).
+        keep: committed versions kept per run; older ones are removed after a save.
+        """
         int_at_least("attempt", attempt, 0, maximum=99999)
         int_at_least("keep", keep, 1, note=" (versions kept per run)")
         self.store = DurableStore(uri, storage_options)

@@ -75,8 +75,36 @@ class FlashCheckpointer:
         grace_period: float = preemption.DEFAULT_GRACE_PERIOD,
         rng: bool = True,
     ) -> None:
-        """``rng``: save this rank's random generators (Python, NumPy, torch) with every step and set
-        them back on restore, so the draws after a resume are those of an uninterrupted run."""
+        """Set up the checkpointer; nothing is opened until the first save or restore.
+
+        Args:
+            job_id: names the job in the flash root and the durable store: unique to the job and the
+                same across its restarts. Inside a stalwart task, None means the run id.
+            root: the flash root, ideally a tmpfs directory; None means ``$STALWART_FLASH_ROOT``, else
+                ``/dev/shm/stalwart``.
+            durable: a directory or fsspec URL (``s3://...``) for the durable copy; None keeps flash only
+                (inside a task: the task's checkpoint store).
+            every_n_steps: ``maybe_save`` saves the steps that are multiples of it.
+            durable_every_n_steps: every this many steps (a multiple of ``every_n_steps``) the saved
+                step is copied to ``durable`` too; None: only what ``save(durable=True)`` asks for.
+            keep: complete steps kept in tmpfs; older ones are dropped once a newer one is safe.
+            async_save: return once the tensors are copied (checksums, commit, replicas and the durable
+                copy follow in the background); False: return once the step is committed.
+            replicas: copies of each rank's object on other nodes (a ring), so losing a node loses nothing.
+            storage_options: fsspec options for ``durable`` (an S3 endpoint, credentials).
+            durable_keep: complete steps kept in the durable store.
+            rank, world_size, process_group: this process's place in the job; None reads
+                torch.distributed (or one rank alone).
+            threads: copy threads per save; None: one per core, up to 4.
+            chunk_size: bytes per checksummed chunk (at least 4096).
+            on_durable_error: "warn" (a failed durable copy is a warning with the lag in steps, raised at
+                ``wait()``/``close()``) or "raise" (the next save raises it).
+            save_on_preemption: on SIGTERM, save the step reached and stop at the next step boundary.
+            grace_period: seconds that save may take before the process is killed anyway (Kubernetes'
+                default is 30 s); too short for one copy is refused at start-up.
+            rng: save this rank's random generators (Python, NumPy, torch) with every step and set them
+                back on restore, so the draws after a resume are those of an uninterrupted run.
+        """
         context = ctx()
         if job_id is None:
             if not context.in_task:

@@ -47,6 +47,17 @@ class LocalCluster:
         min_nodes: int | None = None,
         max_restarts: int = 0,
     ) -> None:
+        """Args:
+        directory: where each node's flash root, logs and the rendezvous live.
+        nnodes: the nodes to start (each a torch elastic agent).
+        nproc_per_node: workers per node.
+        script, args: the worker script and its arguments.
+        env: extra environment variables for every worker.
+        join_timeout: seconds the rendezvous waits for the other nodes.
+        min_nodes: with it, an elastic job of ``min_nodes:nnodes`` nodes, whose nodes may leave
+            (``kill``) and join (``join``); None: exactly ``nnodes``.
+        max_restarts: worker-group restarts each agent allows.
+        """
         if nnodes < 1 or nproc_per_node < 1:
             raise ValueError("nnodes and nproc_per_node must be >= 1")
         if min_nodes is not None and not 1 <= min_nodes <= nnodes:

@@ -89,6 +89,17 @@ class FlashStorageReader(StorageReader):
         no_dist: bool = False,
         threads: int | None = None,
     ) -> None:
+        """Set up the reader; nothing is read before ``read_metadata``.
+
+        Args:
+            job_id: the job the writer saved, as it named it.
+            root: the flash root; None means ``$STALWART_FLASH_ROOT``, else /dev/shm.
+            durable: where a step no node holds whole is read from (the writer's ``durable``).
+            storage_options: fsspec options for ``durable``.
+            process_group: the group DCP loads with, when not the default one.
+            no_dist: the load is ``dcp.load(..., no_dist=True)``: this node and the durable store only.
+            threads: verification threads; None: one per core, up to 4.
+        """
         super().__init__()
         self.layout = FlashLayout(root, job_id)
         if not isinstance(no_dist, bool):

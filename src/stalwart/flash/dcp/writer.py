@@ -131,8 +131,25 @@ class FlashStorageWriter(StorageWriter, AsyncStager):
         save_on_preemption: bool = True,
         grace_period: float = preemption.DEFAULT_GRACE_PERIOD,
     ) -> None:
-        """``save_on_preemption``: answer SIGTERM (``preempted``/``save_preempted``) and watch that the
-        preemption save comes within ``grace_period`` seconds, saying how much is lost if not."""
+        """Set up the writer; the flash tier is opened at the first save.
+
+        Args:
+            job_id: names the job in the flash root and the durable store (the same across restarts).
+            root: the flash root, ideally tmpfs; None means ``$STALWART_FLASH_ROOT``, else /dev/shm.
+            keep: complete steps kept in tmpfs.
+            replicas: copies of each rank's object on the next nodes of a ring.
+            durable: an fsspec URL or directory for the durable copy; None keeps flash only.
+            durable_every_n_steps: copy every this many steps to ``durable``; None: none.
+            durable_keep: complete steps kept in the durable store.
+            storage_options: fsspec options for ``durable``.
+            on_durable_error: "warn" (a failed copy is a warning with the lag) or "raise".
+            process_group: the group DCP saves with, when not the default one.
+            threads: copy threads per save; None: one per core, up to 4.
+            chunk_size: bytes per checksummed chunk (at least 4096).
+            save_on_preemption: answer SIGTERM (``preempted``/``save_preempted``).
+            grace_period: seconds the preemption save may take; if it cannot fit, the log says how many
+                steps will be lost.
+        """
         super().__init__()
         self.layout = FlashLayout(root, job_id)
         self.keep = int_at_least("keep", keep, 1)
