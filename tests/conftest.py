@@ -12,6 +12,12 @@ from pathlib import Path
 
 import pytest
 
+# Helper modules (task files, worker scripts, ``processes``) import by bare name, in the tests and in
+# the attempt processes they start (which inherit sys.path): they live in tests/support/.
+SUPPORT = Path(__file__).resolve().parent / "support"
+if str(SUPPORT) not in sys.path:
+    sys.path.insert(0, str(SUPPORT))
+
 
 @pytest.fixture
 def stalwart_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:

@@ -1,4 +1,4 @@
-"""Lightning trainings set up by ``wrap_trainer``, for tests/test_integration_lightning_wrap.py.
+"""Lightning trainings set up by ``wrap_trainer``, for tests/integrations/test_integration_lightning_wrap.py.
 
 ``main`` trains outside any stalwart task (as a script: ``python lightning_wrap_tasks.py BASE CKPT_DIR
 MAX_STEPS CRASH_AT OUT``); ``ddp_fit`` is a 2-process DDP task on torch elastic (inside a task).

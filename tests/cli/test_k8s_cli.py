@@ -316,7 +316,7 @@ def test_submit_through_the_real_client(
 def test_readme_shows_what_render_prints(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     section = readme.split("### Elastic training and clusters", 1)[1].split("\n## ", 1)[0]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     shown = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from stalwart.testing import LocalCluster
 
-WORKER = str(Path(__file__).with_name("elastic_reshard_worker.py"))
+WORKER = str(Path(__file__).resolve().parents[1] / "support" / "elastic_reshard_worker.py")
 
 
 def _progress(out: Path) -> dict | None:

@@ -23,7 +23,7 @@ from stalwart.testing import LocalCluster
 if importlib.util.find_spec("megatron") is None or importlib.util.find_spec("megatron.core") is None:
     pytest.skip("needs the megatron extra: pip install 'stalwart[megatron]'", allow_module_level=True)
 
-WORKER = Path(__file__).with_name("megatron_workers.py")
+WORKER = Path(__file__).resolve().parents[1] / "support" / "megatron_workers.py"
 NODES, PER_NODE = 2, 2
 
 

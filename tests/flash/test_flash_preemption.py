@@ -17,7 +17,7 @@ import pytest
 import stalwart as sw
 from stalwart.runtime.records import RunRecords
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parents[1] / "support"
 
 
 def _steps_done(progress: Path) -> int:

@@ -1,4 +1,4 @@
-"""A gloo rank for tests/test_integration_lightning_wrap.py (no framework import: quick to spawn)."""
+"""A gloo rank for tests/integrations/test_integration_lightning_wrap.py (no framework import: fast)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A small Lightning training run as a stalwart task by tests/test_integration_lightning.py."""
+"""A small Lightning training run as a stalwart task by tests/integrations/test_integration_lightning.py."""
 
 from __future__ import annotations
 

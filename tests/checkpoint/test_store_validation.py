@@ -132,7 +132,7 @@ def test_a_missing_backend_names_the_extra_to_install(tmp_path: Path) -> None:
         print("ATTEMPTS:", any(ran))
         """
     )
-    tests = Path(__file__).parent
+    tests = Path(__file__).resolve().parents[1] / "support"
     src = Path(sw.__file__).resolve().parents[1]
     env = {
         **os.environ,

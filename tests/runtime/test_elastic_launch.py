@@ -132,7 +132,7 @@ def test_two_nodes_of_one_job_train_together(tmp_path: Path) -> None:
     script = textwrap.dedent(
         f"""
         import sys
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        sys.path.insert(0, {str(Path(__file__).resolve().parents[1] / "support")!r})
         import elastic_tasks, stalwart as sw
         run = sw.with_runcontext(run_id="two-nodes").run(elastic_tasks.two_nodes)
         print("OUTPUT", run.output)

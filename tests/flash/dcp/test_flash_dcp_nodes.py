@@ -13,7 +13,7 @@ import pytest
 
 from stalwart.testing import LocalCluster
 
-WORKER = Path(__file__).with_name("dcp_node_worker.py")
+WORKER = Path(__file__).resolve().parents[2] / "support" / "dcp_node_worker.py"
 STEPS = 10
 # Steps a node may hold at the end, by the documented memory bound: the writer's keep=2, the step being
 # written, 2 while replication lags and 2 while the durable copy does. A rank's retention runs at its own
@@ -113,7 +113,7 @@ def test_every_node_lost_falls_back_to_the_durable_copy(tmp_path: Path) -> None:
     assert "durable" in sources and sources <= {"durable", "flash"}, found  # flash: fetched by a node-mate
 
 
-RESHARD = Path(__file__).with_name("dcp_reshard_worker.py")
+RESHARD = Path(__file__).resolve().parents[2] / "support" / "dcp_reshard_worker.py"
 
 
 def _round(tmp_path: Path, nnodes: int, nproc: int, mode: str) -> list[dict]:

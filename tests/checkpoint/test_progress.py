@@ -125,5 +125,5 @@ def test_importing_progress_does_not_import_rich_or_fsspec() -> None:
         "bad = [m for m in ('rich', 'fsspec', 'torch') if m in sys.modules];"
         "assert not bad, bad"
     )
-    src = str(Path(__file__).resolve().parents[1] / "src")
+    src = str(Path(__file__).resolve().parents[2] / "src")
     subprocess.run([sys.executable, "-c", code], check=True, env={"PYTHONPATH": src})

@@ -11,7 +11,7 @@ import pytest
 
 from stalwart.testing import LocalCluster
 
-WORKER = Path(__file__).with_name("replication_worker.py")
+WORKER = Path(__file__).resolve().parents[1] / "support" / "replication_worker.py"
 STEPS = 3
 
 
@@ -92,7 +92,11 @@ def test_a_replica_sent_right_after_a_restore_survives_a_slow_peer(tmp_path: Pat
     out = tmp_path / "out"
     out.mkdir()
     cluster = LocalCluster(
-        tmp_path / "cluster", 2, 1, Path(__file__).with_name("replica_race_worker.py"), str(out)
+        tmp_path / "cluster",
+        2,
+        1,
+        (Path(__file__).resolve().parents[1] / "support" / "replica_race_worker.py"),
+        str(out),
     )
     cluster.start()
     codes = cluster.wait(180)

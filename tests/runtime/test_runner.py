@@ -153,7 +153,7 @@ def test_attempt_dies_with_its_runner(stalwart_home: Path, tmp_path: Path) -> No
     script = textwrap.dedent(
         f"""
         import sys
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        sys.path.insert(0, {str(Path(__file__).resolve().parents[1] / "support")!r})
         import stalwart, runner_tasks
         stalwart.run(runner_tasks.sleeps, marker={str(marker)!r})
         """

@@ -25,7 +25,7 @@ from stalwart.kubernetes.manifests import (
     render,
 )
 
-K8S = Path(__file__).resolve().parents[2] / "shared" / "k8s"
+K8S = Path(__file__).resolve().parents[3] / "shared" / "k8s"
 K8S_VERSION = kubernetes_validate.latest_version()
 pytestmark = pytest.mark.skipif(
     not K8S.is_dir(), reason=f"the CRD schemas are not beside the repository ({K8S} is missing)"
@@ -387,6 +387,6 @@ def test_default_script_is_the_tasks_file_relative_to_the_current_directory(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     here = Path(__file__).resolve()
-    monkeypatch.chdir(here.parents[1])
+    monkeypatch.chdir(here.parents[2])
     command = render(evaluate, run_id="x-1")["spec"]["containers"][0]["command"]
-    assert command[6:8] == [f"tests/{here.name}", "evaluate"]
+    assert command[6:8] == [f"tests/kubernetes/{here.name}", "evaluate"]
