@@ -16,7 +16,7 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any
 
 HOME_ENV = "STALWART_HOME"
 CHECKPOINT_STORE_ENV = "STALWART_CHECKPOINT_STORE"
@@ -83,17 +83,6 @@ def local_checkpoint_store(home_dir: Path) -> str:
     return (home_dir / "checkpoints").resolve().as_uri()
 
 
-class TaskIdentity(NamedTuple):
-    """What the runner tells an attempt about itself (``ctx()`` builds on it)."""
-
-    run_id: str | None
-    attempt: int
-    max_attempts: int
-    task_name: str | None
-    checkpoint_uri: str | None
-    checkpoint_path: Path | None
-
-
 def int_variable(name: str, default: int) -> int:
     """An integer variable (ours or torch elastic's, e.g. ``RANK``), ``default`` when unset or not one."""
     raw = _get(name)
@@ -103,16 +92,22 @@ def int_variable(name: str, default: int) -> int:
         return default
 
 
-def task_identity() -> TaskIdentity:
+def run_id() -> str | None:
+    """The run this process belongs to (None outside a task)."""
+    return _get(RUN_ID_ENV)
+
+
+def task_identity() -> dict[str, Any]:
+    """What the runner tells an attempt about itself, as ``TaskContext``'s fields (``ctx()``)."""
     path = _get(CHECKPOINT_PATH_ENV)
-    return TaskIdentity(
-        run_id=_get(RUN_ID_ENV),
-        attempt=int_variable(ATTEMPT_ENV, 0),
-        max_attempts=int_variable(MAX_ATTEMPTS_ENV, 1),
-        task_name=_get(TASK_ENV),
-        checkpoint_uri=_get(CHECKPOINT_URI_ENV),
-        checkpoint_path=Path(path) if path else None,
-    )
+    return {
+        "run_id": _get(RUN_ID_ENV),
+        "attempt": int_variable(ATTEMPT_ENV, 0),
+        "max_attempts": int_variable(MAX_ATTEMPTS_ENV, 1),
+        "task_name": _get(TASK_ENV),
+        "checkpoint_uri": _get(CHECKPOINT_URI_ENV),
+        "checkpoint_path": Path(path) if path else None,
+    }
 
 
 def variables(names: tuple[str, ...]) -> tuple[str | None, ...]:

@@ -96,9 +96,8 @@ def ctx() -> TaskContext:
 
 
 def _build() -> TaskContext:
-    identity = config.task_identity()
     return TaskContext(
-        *identity,
+        **config.task_identity(),
         rank=config.int_variable("RANK", 0),
         local_rank=config.int_variable("LOCAL_RANK", 0),
         world_size=config.int_variable("WORLD_SIZE", 1),

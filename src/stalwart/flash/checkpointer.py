@@ -33,8 +33,7 @@ from ..checks import int_at_least
 from ..context import ctx
 from ..runtime import events
 from . import preemption, stateful
-from .durable import DurableTier
-from .engine import FlashEngine
+from .engine import EngineSettings, FlashEngine
 from .layout import FlashLayout, check_job_id
 from .objects import DEFAULT_CHUNK
 from .reshard import check_reshard
@@ -186,22 +185,18 @@ class FlashCheckpointer:
                     )
                 else:
                     rank, world_size = rank or 0, world_size or 1
-            durable = None
-            if self.durable_url is not None:
-                options, keep = self._durable_args
-                durable = DurableTier(self.durable_url, options, keep=keep)
-            self._engine = FlashEngine(
-                self.layout,
-                rank=rank,
-                world_size=world_size,
-                keep=self.keep,
-                durable=durable,
-                chunk_size=self._chunk_size,
-                threads=self._threads,
-                process_group=self._process_group,
-                replicas=self.replicas,
-                on_durable_error=self.on_durable_error,
+            options, durable_keep = self._durable_args
+            settings = EngineSettings(
+                self.keep,
+                self.replicas,
+                self.durable_url,
+                options,
+                durable_keep,
+                self.on_durable_error,
+                self._chunk_size,
+                self._threads,
             )
+            self._engine = settings.build(self.layout, rank, world_size, process_group=self._process_group)
         return self._engine
 
     def as_one_rank(self) -> FlashCheckpointer:

@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import MutableMapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from ..checks import int_at_least
@@ -70,6 +71,38 @@ class _Group:
         out: list[Any] = [None] * self.world_size
         dist.all_gather_object(out, value, group=self.process_group)
         return out
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How a rank's engine is built: what ``FlashCheckpointer`` and ``FlashStorageWriter`` are given."""
+
+    keep: int = 2
+    replicas: int = 1
+    durable: str | None = None  # an fsspec URL; None: flash only
+    storage_options: dict | None = None
+    durable_keep: int = 2
+    on_durable_error: str = "warn"
+    chunk_size: int = DEFAULT_CHUNK
+    threads: int | None = None
+
+    def build(self, layout: FlashLayout, rank: int, world_size: int, **more: Any) -> FlashEngine:
+        """The engine of ``rank`` of ``world_size`` (``more``: process_group, introduction, listener)."""
+        durable = None
+        if self.durable is not None:
+            durable = DurableTier(self.durable, self.storage_options, keep=self.durable_keep)
+        return FlashEngine(
+            layout,
+            rank=rank,
+            world_size=world_size,
+            keep=self.keep,
+            durable=durable,
+            chunk_size=self.chunk_size,
+            threads=self.threads,
+            replicas=self.replicas,
+            on_durable_error=self.on_durable_error,
+            **more,
+        )
 
 
 class FlashEngine:

@@ -440,17 +440,21 @@ def load(
 
     Returns what ``dist_checkpointing.load`` returns and where it came from: source "flash", "peer" or
     "durable" (the farthest tier this rank read from) with the step, or "checkpoint" with step None."""
-    point = latest_complete_checkpoint(reader)
-    if point is not None:
-        sharded, common = FlashLoadStrategy(reader), FlashCommonLoadStrategy(reader)
-        loaded = dist_checkpointing.load(
+
+    def load_from(directory: Path, sharded: Any, common: Any) -> Any:
+        return dist_checkpointing.load(
             sharded_state_dict,
-            str(point),
+            str(directory),
             sharded_strategy=sharded,
             common_strategy=common,
             validate_access_integrity=validate_access_integrity,
             strict=strict,
         )
+
+    point = latest_complete_checkpoint(reader)
+    if point is not None:
+        sharded, common = FlashLoadStrategy(reader), FlashCommonLoadStrategy(reader)
+        loaded = load_from(Path(point), sharded, common)
         tiers = [*sharded.restored_from.values(), *common.restored_from.values()]
         source = max(tiers, key=SOURCES.index, default="flash")
         return loaded, ResumePoint(point, source, point.step)
@@ -459,14 +463,7 @@ def load(
     directory = Path(long_term_dir)
     if not directory.exists() or (directory.is_dir() and not any(directory.iterdir())):
         return None
-    loaded = dist_checkpointing.load(
-        sharded_state_dict,
-        str(directory),
-        sharded_strategy=long_term_sharded_strategy,
-        common_strategy=long_term_common_strategy,
-        validate_access_integrity=validate_access_integrity,
-        strict=strict,
-    )
+    loaded = load_from(directory, long_term_sharded_strategy, long_term_common_strategy)
     return loaded, ResumePoint(directory, "checkpoint", None)
 
 

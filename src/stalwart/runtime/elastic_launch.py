@@ -133,7 +133,7 @@ def launch(spec: AttemptSpec, attempt_dir: Path) -> bytes | None:
         os.environ.setdefault("OMP_NUM_THREADS", "1")  # as torchrun: workers share the cores
     if elastic.min_nodes != elastic.max_nodes:
         os.environ.setdefault(SHARED_STORE_OFF, "1")
-    run_id = config.task_identity().run_id or "stalwart"
+    run_id = config.run_id() or "stalwart"
     launch_config = LaunchConfig(
         min_nodes=elastic.min_nodes,
         max_nodes=elastic.max_nodes,

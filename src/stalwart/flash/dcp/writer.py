@@ -49,8 +49,7 @@ from torch.futures import Future
 from ...checks import int_at_least
 from .. import preemption, shared
 from ..cluster import Introduction
-from ..durable import DurableTier
-from ..engine import FlashEngine
+from ..engine import EngineSettings, FlashEngine
 from ..layout import FlashLayout, RankLockedError
 from ..objects import DEFAULT_CHUNK, plan_tensors
 from ..placement import node_key
@@ -514,22 +513,17 @@ class FlashStorageWriter(StorageWriter, AsyncStager):
 
         def build() -> FlashEngine:
             options, durable_keep, on_error = self._durable
-            durable = None
-            if self.durable_url is not None:
-                durable = DurableTier(self.durable_url, options, keep=durable_keep)
+            settings = EngineSettings(
+                self.keep, self.replicas, self.durable_url, options, durable_keep, on_error, self.chunk_size
+            )
+            settings = dataclasses.replace(settings, threads=self._threads)
             listener = shared.take_listener(self.layout, rank) if introduction is not None else None
             try:
-                return FlashEngine(
+                return settings.build(
                     self.layout,
-                    rank=rank,
-                    world_size=world_size,
-                    keep=self.keep,
-                    durable=durable,
-                    chunk_size=self.chunk_size,
-                    threads=self._threads,
+                    rank,
+                    world_size,
                     process_group=group,
-                    replicas=self.replicas,
-                    on_durable_error=on_error,
                     introduction=introduction,
                     listener=listener,
                 )
