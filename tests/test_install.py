@@ -49,3 +49,27 @@ def test_the_test_extra_resolves_from_scratch_without_backtracking(tmp_path: Pat
     aws = backtracked & {"aiobotocore", "botocore", "s3fs", "moto"}
     assert not aws, f"pip backtracked through {sorted(aws)}:\n{output[-3000:]}"
     assert "Would install" in output and re.search(r"\bkubernetes-\d", output), output[-2000:]
+
+
+def test_ci_installs_exactly_the_declared_floors() -> None:
+    """.ci/floors.txt pins every dependency of the package and its extras (but gcs, which no test
+    uses) at its floor in pyproject.toml, and the README's test command installs with it, so the
+    suite runs at the floors: a floor is a version that was tested."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    requirements = project["dependencies"] + [
+        r for name, group in extras.items() if name != "gcs" for r in group
+    ]
+    floors = {}
+    for requirement in requirements:
+        match = re.match(r"^([A-Za-z0-9_.-]+)(\[[^\]]*\])?>=([^,;\s]+)", requirement)
+        assert match, f"{requirement!r} has no floor"
+        floors[match.group(1).lower()] = match.group(3)
+    pinned = dict(
+        line.split("==", 1) for line in (ROOT / ".ci" / "floors.txt").read_text().splitlines() if "==" in line
+    )
+    assert pinned == floors
+    assert "-c .ci/floors.txt" in " ".join(_readme_pip_args())
+    assert "-c .ci/floors.txt" in (ROOT / ".ci" / "run").read_text()

@@ -67,3 +67,16 @@ def test_ci_runs_the_readme_test_command() -> None:
     demo, tests = commands
     assert "examples/quickstart.py" in demo and "pytest" in tests
     assert tests in (ROOT / ".ci" / "run").read_text()
+
+
+def test_the_readme_names_every_module_where_things_are() -> None:
+    """README's "Where things are" matches the tree: every module of the package is named there."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Where things are", 1)[1]
+    modules = sorted(
+        path.relative_to(ROOT / "src" / "stalwart")
+        for path in (ROOT / "src" / "stalwart").rglob("*.py")
+        if path.name not in ("__init__.py", "__main__.py", "_version.py")
+    )
+    missing = [str(m) for m in modules if f"`{m.name}`" not in section]
+    assert not missing, f"not named in README's 'Where things are': {missing}"
