@@ -123,3 +123,20 @@ def test_timeouts_and_backoffs_take_timedelta_and_bad_values_say_what_is_accepte
         tasks.env.task(timeout="1h")(train)
     with pytest.raises(ValueError, match=r"Backoff.base=.* is not accepted; use a finite number of seconds"):
         sw.Backoff(base=float("nan"))
+
+
+def test_a_misspelt_task_setting_is_refused_naming_what_is_accepted() -> None:
+    env = sw.TaskEnvironment(name="settings")
+
+    def work() -> int:
+        return 1
+
+    with pytest.raises(
+        TypeError, match="task\\(\\) got an unexpected keyword argument 'retry'; it takes retries"
+    ):
+        env.task(retry=3)(work)  # type: ignore[call-arg]
+    declared = env.task(retries=2, env_vars={"A": "1"})(work)
+    with pytest.raises(TypeError, match="override\\(\\) got an unexpected keyword argument 'image'"):
+        declared.override(image="x")  # type: ignore[call-arg]
+    assert declared.override(retries=None).retries.count == 2  # None leaves it as it is
+    assert dict(declared.override(env_vars={"B": "2"}).env_vars) == {"A": "1", "B": "2"}

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
-from typing import Any, Generic, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypedDict, TypeVar
 
 from . import config
 from .elastic import Elastic
@@ -17,12 +17,34 @@ from .resources import Resources
 from .retry import RetryStrategy, as_retry_strategy
 from .timeout import Timeout, as_timeout
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
 log = logging.getLogger(__name__)
 
-__all__ = ["Task", "TaskEnvironment"]
+__all__ = ["Task", "TaskEnvironment", "TaskSettings"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+
+class TaskSettings(TypedDict, total=False):
+    """What ``env.task(...)`` and ``task.override(...)`` may set for one task (None: as it is)."""
+
+    retries: int | RetryStrategy | None
+    resources: Resources | None
+    env_vars: Mapping[str, str] | None
+    checkpoint_store: str | None
+    elastic: Elastic | None
+    timeout: Timeout | int | float | timedelta | None
+
+
+def _check_settings(method: str, settings: Mapping[str, Any]) -> None:
+    unknown = sorted(set(settings) - set(TaskSettings.__annotations__))
+    if unknown:
+        accepted = ", ".join(TaskSettings.__annotations__)
+        raise TypeError(f"{method}() got an unexpected keyword argument {unknown[0]!r}; it takes {accepted}")
+
 
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9_.-]{0,61}[a-z0-9])?$", re.IGNORECASE)
 
@@ -105,38 +127,32 @@ class TaskEnvironment:
             raise ValueError(f"image={self.image!r} is not accepted; use a container image name or None")
 
     def task(
-        self,
-        func: Callable[P, R] | None = None,
-        *,
-        name: str | None = None,
-        retries: int | RetryStrategy | None = None,
-        resources: Resources | None = None,
-        env_vars: Mapping[str, str] | None = None,
-        checkpoint_store: str | None = None,
-        elastic: Elastic | None = None,
-        timeout: Timeout | int | float | timedelta | None = None,
+        self, func: Callable[P, R] | None = None, *, name: str | None = None, **settings: Unpack[TaskSettings]
     ) -> Any:
         """Declare a task; usable as ``@env.task`` or ``@env.task(retries=3, ...)``.
 
-        Arguments given here override the environment's for this task (env_vars are merged).
-        ``timeout``: seconds or a ``timedelta`` per attempt, or ``Timeout(max_runtime=, deadline=)``
-        (``stalwart.timeout``).
+        ``settings`` (``TaskSettings``: retries, resources, env_vars, checkpoint_store, elastic,
+        timeout) override the environment's for this task, as ``Task.override`` does (env_vars are
+        merged). ``timeout``: seconds or a ``timedelta`` per attempt, or ``Timeout(max_runtime=,
+        deadline=)`` (``stalwart.timeout``).
         """
+        _check_settings("task", settings)
 
         def wrap(fn: Callable[P, R]) -> Task[P, R]:
             if not callable(fn) or not inspect.isfunction(fn):
                 raise TypeError(f"@env.task decorates a function; got {fn!r}")
-            return Task(
+            inherited: Task[P, R] = Task(
                 func=fn,
                 environment=self,
                 name=_check_name("task name", name or fn.__name__.strip("_") or "task"),
-                retries=as_retry_strategy(self.retries if retries is None else retries),
-                resources=_check_resources(resources) if resources is not None else self.resources,
-                env_vars={**_check_env_vars(self.env_vars), **_check_env_vars(env_vars)},
-                checkpoint_store=_check_store(checkpoint_store) or self.checkpoint_store,
-                elastic=_check_elastic(elastic) if elastic is not None else self.elastic,
-                timeout=as_timeout(timeout),
+                retries=as_retry_strategy(self.retries),
+                resources=self.resources,
+                env_vars=_check_env_vars(self.env_vars),
+                checkpoint_store=self.checkpoint_store,
+                elastic=self.elastic,
+                timeout=as_timeout(None),
             )
+            return inherited.override(**settings)
 
         return wrap(func) if func is not None else wrap
 
@@ -185,30 +201,24 @@ class Task(Generic[P, R]):
                 _give_up_or_log(self, retry, exc)
         raise AssertionError("unreachable")  # the last retry returned or raised
 
-    def override(
-        self,
-        *,
-        retries: int | RetryStrategy | None = None,
-        resources: Resources | None = None,
-        env_vars: Mapping[str, str] | None = None,
-        checkpoint_store: str | None = None,
-        elastic: Elastic | None = None,
-        timeout: Timeout | int | float | timedelta | None = None,
-    ) -> Task[P, R]:
-        """A copy of this task with some settings replaced (env_vars are merged)."""
+    def override(self, **settings: Unpack[TaskSettings]) -> Task[P, R]:
+        """A copy of this task with some settings replaced (``TaskSettings``; env_vars are merged;
+        None leaves a setting as it is)."""
+        _check_settings("override", settings)
+        given: dict[str, Any] = {key: value for key, value in settings.items() if value is not None}
         changes: dict[str, Any] = {}
-        if retries is not None:
-            changes["retries"] = as_retry_strategy(retries)
-        if resources is not None:
-            changes["resources"] = _check_resources(resources)
-        if env_vars is not None:
-            changes["env_vars"] = {**self.env_vars, **_check_env_vars(env_vars)}
-        if checkpoint_store is not None:
-            changes["checkpoint_store"] = _check_store(checkpoint_store)
-        if elastic is not None:
-            changes["elastic"] = _check_elastic(elastic)
-        if timeout is not None:
-            changes["timeout"] = as_timeout(timeout)
+        if "retries" in given:
+            changes["retries"] = as_retry_strategy(given["retries"])
+        if "resources" in given:
+            changes["resources"] = _check_resources(given["resources"])
+        if "env_vars" in given:
+            changes["env_vars"] = {**self.env_vars, **_check_env_vars(given["env_vars"])}
+        if "checkpoint_store" in given:
+            changes["checkpoint_store"] = _check_store(given["checkpoint_store"])
+        if "elastic" in given:
+            changes["elastic"] = _check_elastic(given["elastic"])
+        if "timeout" in given:
+            changes["timeout"] = as_timeout(given["timeout"])
         return replace(self, **changes)
 
     @property
