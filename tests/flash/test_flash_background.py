@@ -116,3 +116,40 @@ def test_leftovers_of_an_unfinished_save_are_adopted_and_never_loaded(
     step, state, _ = restore(layout)
     assert step == 3
     assert_state(state, 3)
+
+
+def test_a_commit_record_write_killed_midway_leaves_what_the_next_start_removes(tmp_path: Path) -> None:
+    """kill -9 between writing a commit record's scratch file and renaming it (here: the process exits
+    in place of the rename) leaves a scratch name the next start recognises and removes."""
+    import subprocess
+    import sys
+    import textwrap
+
+    import torch
+
+    root = tmp_path / "flash"
+    code = textwrap.dedent(
+        f"""
+        import os
+        import torch
+        from stalwart import atomic
+        from stalwart.flash.engine import FlashEngine
+        from stalwart.flash.layout import FlashLayout
+
+        engine = FlashEngine(FlashLayout({str(root)!r}, "job"))
+        engine.save(1, {{"w": torch.ones(10)}})
+        atomic.os.replace = lambda *args: os._exit(9)  # killed before the commit record's rename
+        engine.save(2, {{"w": torch.ones(10)}})
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 9, proc.stderr
+    layout = FlashLayout(root, "job")
+    leftovers = [p.name for p in layout.step_dir(2).iterdir() if p.name.endswith(".tmp")]
+    # the names _clean_stale removes even while other ranks' objects keep the step directory alive
+    assert leftovers and all(name.startswith("rank-00000.commit.") for name in leftovers), leftovers
+    with engine_on(layout) as engine:
+        assert engine.load({"w": torch.zeros(10)}) == 1  # step 2 never committed
+    assert not layout.step_dir(2).exists() or not any(
+        p.name.endswith(".tmp") for p in layout.step_dir(2).iterdir()
+    )

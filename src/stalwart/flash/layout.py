@@ -195,7 +195,8 @@ class FlashLayout:
         """Atomic: the record is whole or absent, so a step is never half-committed by a rank."""
         path = self.commit_path(record.step, record.rank)
         try:
-            write_atomic(path, record.to_json())
+            # the scratch name ``_clean_stale`` knows: a kill -9 mid-write leaves nothing it misses
+            write_atomic(path, record.to_json(), scratch=path.with_name(f"{path.name}.{os.getpid()}.tmp"))
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise FlashSpaceError(
