@@ -2,10 +2,12 @@
 back out into the training tensors after verifying every chunk.
 
 Copies of contiguous CPU tensors are ``memmove`` calls through ctypes, which release the GIL, spread over
-a few threads that take chunks from a shared counter. Copying in 4 MiB pieces and hashing each piece
-right after it lands keeps the hash reading from cache, not from memory: on the 2-core development
-machine copy+hash in two threads runs at ~0.8x of a plain two-thread copy, where copy-then-hash costs
-~1.5x. Other tensors (non-contiguous, conjugate views, CUDA) go through ``Tensor.copy_`` first.
+a few threads that take chunks from a shared counter. Each chunk's hash is fed 512 KiB at a time, right
+after those bytes land, so it reads them from the core's own cache (L2 is 2 MiB a core on the development
+machine) rather than from memory. There, copying and hashing 1 GiB on one thread takes 0.071 s, about
+what a bare memmove of it takes (0.065-0.082 s); hashing each whole 4 MiB chunk after its copy took
+0.082 s, and copy-then-hash ~1.5x the copy. Other tensors (non-contiguous, conjugate views, CUDA) go
+through ``Tensor.copy_`` first.
 
 CUDA (untested here: no GPU on the development machines): the device-to-host copy lands straight in
 the tmpfs buffer, which is registered with ``cudaHostRegister`` so the DMA engine can reach it.
@@ -37,6 +39,8 @@ log = logging.getLogger(__name__)
 
 _memmove = ctypes.memmove
 _xxh3 = xxhash.xxh3_64_intdigest
+_xxh3_state = xxhash.xxh3_64
+HOT_PIECE = 512 * 2**10  # hashed right after it is copied, while it is still in the core's cache
 
 
 class Copier:
@@ -79,15 +83,29 @@ class Copier:
         others = [(t, e) for t, e, d in zip(tensors, entries, direct, strict=True) if not d and e.nbytes]
         if others:
             self._copy_with_torch(others, buffer)
-        view = buffer.view
+        view, base = buffer.view, buffer.address
         hashes = [0] * len(pieces)
 
         def chunk(i: int) -> None:
-            for dst, src, n in pieces[i]:
-                _memmove(dst, src, n)
-            if hash_chunks:
-                start = HEADER_SIZE + i * chunk_size
-                hashes[i] = _xxh3(view[start : start + min(chunk_size, data_size - i * chunk_size)])
+            if not hash_chunks:
+                for dst, src, n in pieces[i]:
+                    _memmove(dst, src, n)
+                return
+            start = HEADER_SIZE + i * chunk_size
+            end = start + min(chunk_size, data_size - i * chunk_size)
+            moves = iter(pieces[i])  # in buffer order, as plan_tensors lays the tensors out
+            move = next(moves, None)
+            state = _xxh3_state()
+            for at in range(start, end, HOT_PIECE):
+                upto = min(at + HOT_PIECE, end)
+                limit = base + upto
+                while move is not None and move[0] < limit:  # the copies that land before upto
+                    dst, src, n = move
+                    part = min(n, limit - dst)
+                    _memmove(dst, src, part)
+                    move = (dst + part, src + part, n - part) if part < n else next(moves, None)
+                state.update(view[at:upto])
+            hashes[i] = state.intdigest()
 
         self._parallel(len(pieces), chunk)
         return hashes if hash_chunks else None
