@@ -53,11 +53,15 @@ def _digest(path: Path) -> str:
 
 
 def _job_bytes(flash: sw.FlashCheckpointer) -> int:
-    """tmpfs pages this job holds on this node (every buffer, free or committed)."""
+    """tmpfs pages this job holds on this node (every buffer, free or committed). Retention and the
+    background commit go on meanwhile: a file listed, then dropped before its lstat, holds nothing."""
     total = 0
     for folder, _, files in os.walk(flash.job_dir):
         for name in files:
-            total += os.lstat(os.path.join(folder, name)).st_blocks * 512
+            try:
+                total += os.lstat(os.path.join(folder, name)).st_blocks * 512
+            except FileNotFoundError:
+                continue
     return total
 
 
