@@ -18,7 +18,13 @@ def test_maybe_save_follows_every_n_steps_and_durable_every_n_steps(tmp_path: Pa
         "policy", root=tmp_path / "flash", durable=durable, every_n_steps=3, durable_every_n_steps=6, keep=10
     )
     state = {"w": torch.zeros(10)}
-    saved = [step for step in range(1, 13) if flash.maybe_save(step, state)]
+    saved = []
+    for step in range(1, 13):
+        if flash.maybe_save(step, state):
+            saved.append(step)
+        # the upload of step 6 ends before step 12 comes: a durable step still waiting when a newer one
+        # comes is dropped for it by design (tests/flash/test_flash_durable.py), as on a busy machine here
+        flash.wait()
     assert saved == [3, 6, 9, 12]
     assert flash.maybe_save(12, state) is False  # not twice
     flash.wait()
