@@ -189,13 +189,15 @@ def ddp_train_preempted(max_steps: int = 30, term_at: int = 13) -> dict:
 
 
 class CrashAfter(TrainerCallback):
-    """SIGKILL at the end of step ``at`` (not a saved step), once its progress is on disk."""
+    """SIGKILL at the end of step ``at`` (not a saved step), once the newest save has committed and the
+    progress is on disk (see the Lightning twin in lightning_tasks.py)."""
 
-    def __init__(self, at: int) -> None:
-        self.at = at
+    def __init__(self, at: int, flash: sw.FlashCheckpointer) -> None:
+        self.at, self.flash = at, flash
 
     def on_step_end(self, args: TrainingArguments, state: object, control: object, **kwargs: object) -> None:
         if state.global_step == self.at:  # type: ignore[attr-defined]
+            self.flash.wait()
             sigkill_after_events()
 
 
@@ -209,7 +211,7 @@ def train_logged(max_steps: int = 40, crash_at: int = 24) -> list:
     output_dir = Path(os.environ["STALWART_HOME"]) / "hf-out" / str(context.run_id)
     callbacks: list = [CheckpointMirrorCallback(checkpoint=False, flash=flash)]
     if context.attempt == 0:
-        callbacks.append(CrashAfter(crash_at))
+        callbacks.append(CrashAfter(crash_at, flash))
     trainer = make_trainer(output_dir, max_steps, callbacks, logging_steps=5)
     trainer.train(resume_from_checkpoint=resume_checkpoint(output_dir, flash=flash, checkpoint=False))
     flash.close()

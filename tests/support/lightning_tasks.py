@@ -183,14 +183,17 @@ def fit_preempted(max_steps: int = 30, term_at: int = 12) -> dict:
 
 
 class CrashAfter(pl.Callback):
-    """SIGKILL after global step ``at`` (not a saved step), once its progress is on disk: the steps
-    since the newest save are the work the failure throws away."""
+    """SIGKILL after global step ``at`` (not a saved step), once the newest save has committed and the
+    progress is on disk: the steps since that save are the work the failure throws away. (Without the
+    wait, a busy machine still commits the save in the background at the kill, and the retry restores
+    the save before it, as it should.)"""
 
-    def __init__(self, at: int) -> None:
-        self.at = at
+    def __init__(self, at: int, flash: sw.FlashCheckpointer) -> None:
+        self.at, self.flash = at, flash
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
         if trainer.global_step == self.at:
+            self.flash.wait()
             sigkill_after_events()
 
 
@@ -202,7 +205,7 @@ def fit_logged(max_steps: int = 30, crash_at: int = 23) -> str:
 
     context, flash, model, callbacks = _flash_every_5()
     if context.attempt == 0:
-        callbacks.append(CrashAfter(crash_at))
+        callbacks.append(CrashAfter(crash_at, flash))
     logs = Path(os.environ["STALWART_HOME"]) / "lightning-logs" / str(context.run_id)
     logger = CSVLogger(logs, name="run", version=context.attempt)
     trainer = make_trainer(max_steps, callbacks, enable_checkpointing=False, logger=logger)
