@@ -7,6 +7,8 @@ tensors copied by torch first, chunks smaller than a hot piece, and padding the 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import xxhash
@@ -25,14 +27,16 @@ def _layout() -> list[torch.Tensor]:
         big,  # crosses several hot pieces and, at small chunk sizes, several chunks
         torch.randn(300, 700, generator=g).t(),  # not contiguous: copied by torch first
         torch.randint(0, 2**31, (1,), dtype=torch.int64, generator=g),
-        torch.randn(HOT_PIECE // 4 - 1, generator=g),  # ends 4 bytes short of a hot piece
+        torch.randn(HOT_PIECE // 4 - 1, generator=g),  # 4 bytes shorter than a hot piece
         torch.arange(17, dtype=torch.int16),
     ]
 
 
 @pytest.mark.parametrize("chunk_size", [4096, 65536 + 64, HOT_PIECE, HOT_PIECE + 4096, 4 * 2**20])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_copy_in_hashes_are_the_hashes_of_the_finished_buffer(tmp_path, chunk_size, threads):
+def test_copy_in_hashes_are_the_hashes_of_the_finished_buffer(
+    tmp_path: Path, chunk_size: int, threads: int
+) -> None:
     tensors = _layout()
     entries, direct, data_end = plan_tensors(tensors)
     data_size = data_end - HEADER_SIZE
@@ -58,7 +62,7 @@ def test_copy_in_hashes_are_the_hashes_of_the_finished_buffer(tmp_path, chunk_si
         del buffer
 
 
-def test_copy_in_without_hashing_copies_the_same_bytes(tmp_path):
+def test_copy_in_without_hashing_copies_the_same_bytes(tmp_path: Path) -> None:
     tensors = _layout()
     entries, direct, data_end = plan_tensors(tensors)
     buffers = [Buffer.allocate(tmp_path / name, data_end) for name in ("hashed", "plain")]
