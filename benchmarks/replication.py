@@ -5,6 +5,11 @@ step time with and without replication, and recovering an empty node from its pe
 
 Two processes stand for two nodes on this machine: a peer (its replication server) and this one (the
 rank whose objects are replicated, or the replaced node that pulls them back).
+
+Recovery is also shown against its transport alone: a plain ``sendfile`` of the same object over as many
+connections as recovery opens, into pre-faulted memory, with no checks, measured in turn with each
+recovery, with the CPU time both processes spend on it: over loopback, TCP's work on both ends shares the
+same cores.
 """
 
 from __future__ import annotations
@@ -12,9 +17,11 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import resource
 import shutil
 import socket
 import statistics
+import struct
 import sys
 import threading
 import time
@@ -28,11 +35,12 @@ from stalwart.flash.copier import Copier
 from stalwart.flash.durable import DurableTier
 from stalwart.flash.engine import FlashEngine
 from stalwart.flash.layout import FlashLayout
-from stalwart.flash.recovery import fetch_head, receive
+from stalwart.flash.recovery import STREAMS, fetch_head, receive
 from stalwart.flash.replication import Peer, ReplicaKeeper, ReplicationServer, Replicator
 from stalwart.quantities import parse_bytes
 
 SECRET = b"k" * 32
+SHARE = struct.Struct("<QQ")  # a plain connection's first bytes: the offset and length it carries
 
 
 def make_state(total: int) -> dict[str, torch.Tensor]:
@@ -41,19 +49,70 @@ def make_state(total: int) -> dict[str, torch.Tensor]:
     return {f"t{i}": torch.randn(total // count // 4, generator=generator) for i in range(count)}
 
 
-def plain_receiver(port_queue: mp.Queue, size: int, repeats: int, root: str) -> None:
-    """The limit's other end: receive ``size`` bytes into a mapped, pre-faulted buffer, ``repeats`` times."""
-    buffer = Buffer.allocate(Path(root) / "plain-receive.buf", size)
-    with socket.create_server(("127.0.0.1", 0)) as server:
+def cpu_seconds() -> float:
+    """User and system CPU time of this process so far, all its threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def parts(size: int, streams: int) -> list[tuple[int, int]]:
+    """(offset, length) of each connection's share of ``size`` bytes."""
+    share = -(-size // streams)
+    return [(at, min(share, size - at)) for at in range(0, size, share)]
+
+
+def plain_receiver(port_queue: mp.Queue, size: int, repeats: int, root: str, streams: int = 1) -> None:
+    """The limit's other end: receive ``size`` bytes into a mapped, pre-faulted buffer, ``repeats`` times,
+    over ``streams`` connections at once; then put the CPU seconds this process spent on the queue."""
+    buffer = Buffer.allocate(Path(root) / f"plain-receive-{streams}.buf", size)
+
+    def take(conn: socket.socket) -> None:
+        with conn:
+            preamble = b""
+            while len(preamble) < SHARE.size:
+                preamble += conn.recv(SHARE.size - len(preamble))
+            offset, length = SHARE.unpack(preamble)
+            view, done = buffer.view[offset : offset + length], 0
+            while done < length:
+                done += conn.recv_into(view[done:], min(length - done, 8 * 2**20))
+            conn.sendall(b"k")
+
+    with socket.create_server(("127.0.0.1", 0), backlog=streams) as server:
         port_queue.put(server.getsockname()[1])
+        spent = cpu_seconds()
         for _ in range(repeats):
-            conn, _ = server.accept()
-            with conn:
-                view, done = buffer.view, 0
-                while done < size:
-                    done += conn.recv_into(view[done:], min(size - done, 8 * 2**20))
-                conn.sendall(b"k")
+            threads = [threading.Thread(target=take, args=(server.accept()[0],)) for _ in range(streams)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        port_queue.put(cpu_seconds() - spent)
     buffer.close()
+
+
+def plain_send(port: int, path: Path, size: int, streams: int = 1) -> float:
+    """Seconds to ``sendfile`` the first ``size`` bytes of ``path`` to ``plain_receiver`` over ``streams``
+    connections at once, each its share."""
+
+    def send(offset: int, length: int) -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                sock.sendall(SHARE.pack(offset, length))
+                done = 0
+                while done < length:
+                    done += os.sendfile(sock.fileno(), fd, offset + done, length - done)
+                sock.recv(1)
+        finally:
+            os.close(fd)
+
+    threads = [threading.Thread(target=send, args=share) for share in parts(size, streams)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - started
 
 
 def peer_server(address_queue: mp.Queue, root: str, stop: mp.Event) -> None:
@@ -97,18 +156,8 @@ def main() -> int:
     receiver = context.Process(target=plain_receiver, args=(ports, object_size, args.repeats + 1, str(root)))
     receiver.start()
     port = ports.get(timeout=60)
-    plain = []
-    for i in range(args.repeats + 1):
-        fd = os.open(layout.object_path(1, 0), os.O_RDONLY)
-        started = time.perf_counter()
-        with socket.create_connection(("127.0.0.1", port)) as sock:
-            offset = 0
-            while offset < object_size:
-                offset += os.sendfile(sock.fileno(), fd, offset, object_size - offset)
-            sock.recv(1)
-        os.close(fd)
-        if i:
-            plain.append(time.perf_counter() - started)
+    plain = [plain_send(port, layout.object_path(1, 0), object_size) for _ in range(args.repeats + 1)][1:]
+    ports.get(timeout=60)  # its CPU seconds
     receiver.join()
 
     # 2. replication to a peer process (PUT: sendfile, received into its pool buffer, verified, committed)
@@ -187,8 +236,17 @@ def main() -> int:
     replica.wait()
     replica.close()
     engine.close()
-    from_peer, from_durable = [], []
-    for i in range(args.repeats):
+    newest_path, newest_size = layout.object_path(newest, 0), layout.read_commit(newest, 0).objects[0]["size"]
+    receiver = context.Process(
+        target=plain_receiver, args=(ports, newest_size, args.repeats, str(root), STREAMS)
+    )
+    receiver.start()
+    port = ports.get(timeout=60)
+    floor, floor_cpu, from_peer, from_durable = [], 0.0, [], []
+    for i in range(args.repeats):  # the transport alone, then the two recoveries, in turn
+        spent = cpu_seconds()
+        floor.append(plain_send(port, newest_path, newest_size, STREAMS))
+        floor_cpu += cpu_seconds() - spent
         empty = FlashLayout(root / f"empty-{i}", "bench")  # a replaced node: nothing in tmpfs
         started = time.perf_counter()
         with FlashEngine(empty, keep=2) as replaced:  # the steps of Cluster.recover, then of load
@@ -203,6 +261,8 @@ def main() -> int:
             assert fresh.load(targets) == newest and fresh.restored_from == "durable"
         from_durable.append(time.perf_counter() - started)
     assert all(torch.equal(targets[k], state[k]) for k in state), "recovered state is not bit-exact"
+    floor_cpu += ports.get(timeout=60)
+    receiver.join()
     stop.set()
     peer.join()
     shutil.rmtree(root, ignore_errors=True)
@@ -215,6 +275,7 @@ def main() -> int:
         ("training step, while replicating", during),
         ("restore from local flash", median(local)),
         ("recover an empty node from its peer", median(from_peer)),
+        (f"plain sendfile over {STREAMS} connections (recovery's transport)", median(floor)),
         ("recover an empty node from the durable store (local disk)", median(from_durable)),
     ]
     print()
@@ -245,6 +306,16 @@ def main() -> int:
         ok = measured >= bound if at_least else measured < bound if bound == 1.0 else measured <= bound
         missed += not ok
         print(f"{'PASS' if ok else 'MISS'}  {label}: measured {measured:.3g}")
+    # what the transport allows: recovery's ratio is the transport's own plus what recovery adds to it
+    restore, transport = median(local), median(floor)
+    cores = os.cpu_count() or 1
+    print()
+    print(
+        f"the transport alone ({STREAMS} connections, no checks): {transport / restore:.3g} x restore from "
+        f"local flash; recovery took {median(from_peer) / transport:.3g} x the transport alone"
+    )
+    spent = floor_cpu / args.repeats
+    print(f"CPU of the transport alone, both ends (mean of {args.repeats}): {spent:.3g} s, {cores} cores")
     return 1 if missed else 0
 
 
