@@ -36,7 +36,8 @@ from stalwart.flash.durable import DurableTier
 from stalwart.flash.engine import FlashEngine
 from stalwart.flash.layout import FlashLayout
 from stalwart.flash.recovery import STREAMS, fetch_head, receive
-from stalwart.flash.replication import Peer, ReplicaKeeper, ReplicationServer, Replicator
+from stalwart.flash.replica_server import ReplicaKeeper, ReplicationServer
+from stalwart.flash.replication import Peer, Replicator
 from stalwart.quantities import parse_bytes
 
 SECRET = b"k" * 32

@@ -34,7 +34,8 @@ from stalwart.flash.buffers import BufferPool
 from stalwart.flash.copier import Copier
 from stalwart.flash.engine import FlashEngine
 from stalwart.flash.layout import FlashLayout
-from stalwart.flash.replication import Peer, ReplicationServer, pull
+from stalwart.flash.replica_server import ReplicationServer
+from stalwart.flash.replication import Peer, pull
 from stalwart.flash.transport import Connection
 from stalwart.quantities import parse_bytes
 

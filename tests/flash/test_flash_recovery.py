@@ -22,7 +22,8 @@ from stalwart.flash.engine import FlashEngine
 from stalwart.flash.layout import FlashLayout
 from stalwart.flash.objects import CorruptObjectError, Header, load_meta
 from stalwart.flash.recovery import Head, Landing, fetch_head, plan_landing, receive
-from stalwart.flash.replication import Peer, ReplicationServer, ask
+from stalwart.flash.replica_server import ReplicationServer
+from stalwart.flash.replication import Peer, ask
 from stalwart.flash.transport import Connection
 from stalwart.flash.tree import TensorRef
 

@@ -19,14 +19,8 @@ from stalwart.flash.engine import FlashEngine
 from stalwart.flash.layout import FlashLayout
 from stalwart.flash.objects import PACKED_HEADER_SIZE, CorruptObjectError, Header, load_meta, read_head
 from stalwart.flash.recovery import pull_head
-from stalwart.flash.replication import (
-    Peer,
-    ReplicaKeeper,
-    ReplicationServer,
-    RingPlacement,
-    held_by,
-    pull,
-)
+from stalwart.flash.replica_server import ReplicaKeeper, ReplicationServer
+from stalwart.flash.replication import Peer, RingPlacement, held_by, pull
 from stalwart.flash.shelf import RankShelf
 from stalwart.flash.transport import AuthError, Connection, ServerHandshake
 from stalwart.flash.tree import TensorRef

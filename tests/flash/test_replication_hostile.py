@@ -31,7 +31,8 @@ from stalwart.flash.buffers import BufferPool
 from stalwart.flash.copier import Copier
 from stalwart.flash.engine import FlashEngine
 from stalwart.flash.layout import CommitRecord, FlashLayout
-from stalwart.flash.replication import Peer, ReplicaKeeper, ReplicationServer, pull
+from stalwart.flash.replica_server import ReplicaKeeper, ReplicationServer
+from stalwart.flash.replication import Peer, pull
 from stalwart.flash.shelf import RankShelf
 from stalwart.flash.transport import HANDSHAKE_DEADLINE, AuthError, Connection, record_from_wire
 from stalwart.flash.tree import TensorRef

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 import stalwart as sw
-from stalwart.flash.replication import ReplicaKeeper
+from stalwart.flash.replica_server import ReplicaKeeper
 
 
 def main() -> None:

@@ -6,8 +6,9 @@ background commit) -> ``shelf`` (one rank's objects in tmpfs: commit order, rete
 on disk); ``tree`` turns a state dict into tensors and a skeleton, ``objects`` is the byte format
 (sizes, sealing, verification), ``board`` says which steps are safe, ``capacity`` what a
 configuration needs, ``errors`` what is raised. A restore: ``restore`` (the newest step any tier holds
-intact). Several nodes: ``cluster`` (joining, pulls) over ``placement`` (the ring), ``replication``
-(keeper, server, sender), ``transport`` (the authenticated wire) and ``acceptor`` (handshakes of
-unknown clients). The durable copy: ``uploader`` (one at a time, failures as lag) over ``durable``
-(the fsspec format). ``dcp`` is the torch.distributed.checkpoint adapter.
+intact). Several nodes: ``cluster`` (joining, pulls) over ``placement`` (the ring),
+``replica_server`` (what a node keeps and serves for its peers), ``replication`` (the sender, pulls),
+``transport`` (the authenticated wire) and ``acceptor`` (handshakes of unknown clients). The durable
+copy: ``uploader`` (one at a time, failures as lag) over ``durable`` (the fsspec format). ``dcp`` is the
+torch.distributed.checkpoint adapter.
 """

@@ -28,7 +28,8 @@ from .layout import FlashLayout
 from .objects import CorruptObjectError
 from .placement import Peer, RingPlacement, node_key, replica_host
 from .recovery import Head, Landing, fetch_head, receive
-from .replication import ReplicaKeeper, ReplicationServer, Replicator, lower_priority, pull
+from .replica_server import ReplicaKeeper, ReplicationServer
+from .replication import Replicator, lower_priority, pull
 from .shelf import RankShelf
 
 __all__ = ["Cluster", "Introduction", "listen"]

@@ -43,8 +43,8 @@ from .objects import (
     verify_meta,
 )
 from .placement import Peer
-from .replication import ask, object_name
-from .transport import TIMEOUT, Connection, short, typed_int
+from .replication import ask
+from .transport import TIMEOUT, Connection, object_name, short, typed_int
 
 if TYPE_CHECKING:
     import torch

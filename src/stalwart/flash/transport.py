@@ -17,6 +17,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import secrets
 import socket
 import struct
@@ -30,12 +31,14 @@ __all__ = [
     "ANSWER_SIZE",
     "HANDSHAKE_DEADLINE",
     "HANDSHAKE_SLOTS",
+    "OBJECT_NAME",
     "TIMEOUT",
     "AuthError",
     "Connection",
     "PeerClosed",
     "ProtocolError",
     "ServerHandshake",
+    "object_name",
     "record_from_wire",
 ]
 
@@ -111,6 +114,14 @@ def parse_header(body: bytes, peer: str) -> dict[str, Any]:
 
 
 # messages
+
+OBJECT_NAME = re.compile(r"^steps/step-(\d{12})/rank-(\d{5})\.obj$")  # step, rank
+
+
+def object_name(step: int, rank: int) -> str:
+    """How a request names the object of (``step``, ``rank``): its path under the job's flash root."""
+    return f"steps/step-{step:012d}/rank-{rank:05d}.obj"
+
 
 _MAX_OBJECT = 1 << 50  # bytes: larger than any flash object (a sanity bound; free space is the real one)
 _RECORD_FIELDS: dict[str, tuple[type, ...]] = {
