@@ -26,7 +26,7 @@ from .placement import Peer, RingPlacement
 from .shelf import VerifiedObject, verify_mapped
 from .transport import Connection, object_name, record_from_wire, short, typed_int
 
-__all__ = ["Peer", "Replicator", "RingPlacement", "ask", "held_by", "lower_priority", "object_name", "pull"]
+__all__ = ["Peer", "Replicator", "RingPlacement", "ask", "held_by", "lower_priority", "pull"]
 
 log = logging.getLogger(__name__)
 
